@@ -1,0 +1,224 @@
+//! The error type every trait in this crate returns.
+//!
+//! [`MigratableError`] is an enum a caller can match on. Variants that concern one
+//! component carry that component's path in the snapshot tree (`vm/devices/serial0`):
+//! a component reports its own id, and every parent that forwards the error prepends
+//! its id with [`MigratableError::within`].
+
+use std::io;
+
+use crate::codec::CodecError;
+use crate::memory::MemoryError;
+
+/// A boxed error from a component or a transport: typed at its origin, erased here so
+/// the traits stay object safe. Downcast it to recover the concrete type.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Errors of pausing, snapshotting, restoring, sending and receiving components.
+///
+/// `path` fields hold the component path (`vm/devices/serial0`) where the error arose;
+/// an empty path means the root.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MigratableError {
+    /// A component failed to pause.
+    #[error("pause failed at `{path}`: {source}")]
+    Pause {
+        /// Path of the component.
+        path: String,
+        /// What went wrong.
+        #[source]
+        source: BoxError,
+    },
+    /// A component failed to resume.
+    #[error("resume failed at `{path}`: {source}")]
+    Resume {
+        /// Path of the component.
+        path: String,
+        /// What went wrong.
+        #[source]
+        source: BoxError,
+    },
+    /// A component failed to produce its snapshot.
+    #[error("snapshot failed at `{path}`: {source}")]
+    Snapshot {
+        /// Path of the component.
+        path: String,
+        /// What went wrong.
+        #[source]
+        source: BoxError,
+    },
+    /// A component failed to restore from its snapshot.
+    #[error("restore failed at `{path}`: {source}")]
+    Restore {
+        /// Path of the component.
+        path: String,
+        /// What went wrong.
+        #[source]
+        source: BoxError,
+    },
+    /// Sending a snapshot or a migration stream failed.
+    #[error("send to `{url}` failed: {source}")]
+    Send {
+        /// Destination.
+        url: String,
+        /// What went wrong.
+        #[source]
+        source: BoxError,
+    },
+    /// Receiving a snapshot or a migration stream failed.
+    #[error("receive from `{url}` failed: {source}")]
+    Receive {
+        /// Source.
+        url: String,
+        /// What went wrong.
+        #[source]
+        source: BoxError,
+    },
+    /// A section could not be encoded or decoded.
+    #[error("section `{section}` of `{path}`: {source}")]
+    Codec {
+        /// Path of the component that owns the section.
+        path: String,
+        /// Section id.
+        section: String,
+        /// The codec's error.
+        #[source]
+        source: CodecError,
+    },
+    /// A section has a version this reader does not accept.
+    #[error(
+        "section `{section}` of `{path}` has version {found}; this reader accepts versions {min} to {max}"
+    )]
+    Version {
+        /// Path of the component that owns the section.
+        path: String,
+        /// Section id.
+        section: String,
+        /// Version recorded in the snapshot.
+        found: u32,
+        /// Oldest version the reader can upgrade from.
+        min: u32,
+        /// Current version of the reader's state type.
+        max: u32,
+    },
+    /// A section a component needs is not in its snapshot.
+    #[error("`{path}` has no section `{section}`")]
+    MissingSection {
+        /// Path of the component.
+        path: String,
+        /// Section id.
+        section: String,
+    },
+    /// A child snapshot a component needs is not in its snapshot.
+    #[error("`{path}` has no child snapshot `{child}`")]
+    MissingChild {
+        /// Path of the parent component.
+        path: String,
+        /// Id of the missing child.
+        child: String,
+    },
+    /// A snapshot was offered to a component with another id.
+    #[error("snapshot `{found}` offered to component `{path}`")]
+    IdMismatch {
+        /// Path (id) of the component.
+        path: String,
+        /// Id of the snapshot it was given.
+        found: String,
+    },
+    /// A checksum or structural check failed.
+    #[error("integrity check failed: {0}")]
+    Integrity(String),
+    /// No transport handles this URL's scheme.
+    #[error("no transport for scheme `{scheme}` (in `{url}`)")]
+    UnsupportedScheme {
+        /// The whole URL.
+        url: String,
+        /// Its scheme.
+        scheme: String,
+    },
+    /// A URL could not be parsed or lacks a part its scheme needs.
+    #[error("invalid URL `{url}`: {reason}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Guest memory access failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// An I/O error outside any transport.
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl MigratableError {
+    /// Prepends `id` to the component path of this error, if it has one.
+    ///
+    /// A parent calls this on errors from its children, so the error that reaches
+    /// the caller names the full path (`vm/devices/serial0`).
+    pub fn within(mut self, id: &str) -> Self {
+        if let Some(path) = self.path_mut() {
+            *path = if path.is_empty() {
+                id.to_owned()
+            } else {
+                format!("{id}/{path}")
+            };
+        }
+        self
+    }
+
+    /// The component path this error concerns, where known.
+    pub fn path(&self) -> Option<&str> {
+        match self {
+            Self::Pause { path, .. }
+            | Self::Resume { path, .. }
+            | Self::Snapshot { path, .. }
+            | Self::Restore { path, .. }
+            | Self::Codec { path, .. }
+            | Self::Version { path, .. }
+            | Self::MissingSection { path, .. }
+            | Self::MissingChild { path, .. }
+            | Self::IdMismatch { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+
+    fn path_mut(&mut self) -> Option<&mut String> {
+        match self {
+            Self::Pause { path, .. }
+            | Self::Resume { path, .. }
+            | Self::Snapshot { path, .. }
+            | Self::Restore { path, .. }
+            | Self::Codec { path, .. }
+            | Self::Version { path, .. }
+            | Self::MissingSection { path, .. }
+            | Self::MissingChild { path, .. }
+            | Self::IdMismatch { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn within_builds_the_path_from_the_leaf_up() {
+        let e = MigratableError::Restore {
+            path: "serial0".into(),
+            source: "bad register".into(),
+        };
+        let e = e.within("devices").within("vm");
+        assert_eq!(e.path(), Some("vm/devices/serial0"));
+        assert!(e.to_string().contains("vm/devices/serial0"), "{e}");
+    }
+
+    #[test]
+    fn within_leaves_pathless_errors_alone() {
+        let e = MigratableError::Integrity("crc".into()).within("vm");
+        assert_eq!(e.path(), None);
+    }
+}

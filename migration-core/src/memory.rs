@@ -1,0 +1,400 @@
+//! Guest memory as the migration code sees it: ranges, range tables, and the
+//! source/sink traits through which snapshots and migrations move memory.
+//!
+//! Core knows no memory backend. A hypervisor crate implements [`MemorySource`] and
+//! [`MemorySink`] for its guest memory (`migration-kvm` does for vm-memory's
+//! `GuestMemoryMmap`); `migration-testkit` does for its fake memory.
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::BoxError;
+
+/// Guest page size used by dirty bitmaps and zero-page detection.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Size of the bounce buffer the default streaming methods use.
+const BOUNCE: usize = 1 << 20;
+
+/// A contiguous range of guest-physical memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct MemoryRange {
+    /// Guest-physical address of the first byte.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub length: u64,
+}
+
+impl MemoryRange {
+    /// A range of `length` bytes at `gpa`.
+    pub const fn new(gpa: u64, length: u64) -> Self {
+        Self { gpa, length }
+    }
+
+    /// One past the last byte, or `None` if that overflows `u64`.
+    pub fn end(&self) -> Option<u64> {
+        self.gpa.checked_add(self.length)
+    }
+
+    /// Whether `other` lies entirely inside this range.
+    pub fn contains(&self, other: &MemoryRange) -> bool {
+        match (self.end(), other.end()) {
+            (Some(end), Some(other_end)) => other.gpa >= self.gpa && other_end <= end,
+            _ => false,
+        }
+    }
+}
+
+/// Errors of guest memory access.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MemoryError {
+    /// The range is not entirely inside one region of guest RAM.
+    #[error("range [{gpa:#x}, +{length:#x}) is outside guest RAM")]
+    OutOfRange {
+        /// Start of the offending range.
+        gpa: u64,
+        /// Its length.
+        length: u64,
+    },
+    /// Ranges overlap where they must not.
+    #[error("ranges overlap at {gpa:#x}")]
+    Overlap {
+        /// An address covered twice.
+        gpa: u64,
+    },
+    /// Reading or writing the stream failed.
+    #[error("memory stream I/O: {0}")]
+    Io(#[from] io::Error),
+    /// The memory backend failed.
+    #[error("memory backend: {0}")]
+    Backend(#[source] BoxError),
+}
+
+/// A set of guest memory ranges, kept sorted and coalesced: adjacent or overlapping
+/// ranges merge. This is what dirty tracking returns and what a migration round sends.
+///
+/// ```
+/// use migration_core::{MemoryRange, MemoryRangeTable};
+///
+/// // Pages 0, 1 and 3 dirty, 4 KiB pages, region at 1 MiB.
+/// let table = MemoryRangeTable::from_bitmap(&[0b1011], 0x10_0000, 4096);
+/// assert_eq!(table.ranges(), &[MemoryRange::new(0x10_0000, 0x2000), MemoryRange::new(0x10_3000, 0x1000)]);
+/// assert_eq!(table.total_bytes(), 0x3000);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRangeTable {
+    ranges: Vec<MemoryRange>,
+}
+
+impl MemoryRangeTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Builds a table from a dirty bitmap: bit `i` of word `i / 64` set means page
+    /// `i` at `start_gpa + i * page_size` is in the table. Runs of set bits become one
+    /// range each.
+    pub fn from_bitmap(bitmap: &[u64], start_gpa: u64, page_size: u64) -> Self {
+        let mut table = Self::new();
+        let mut run_start: Option<u64> = None;
+        let mut page = 0u64;
+        for &word in bitmap {
+            if word == 0 || word == u64::MAX {
+                // Whole word: extend or close the current run without looking at bits.
+                match (word, run_start) {
+                    (0, Some(s)) => {
+                        table.push_pages(start_gpa, page_size, s, page);
+                        run_start = None;
+                    }
+                    (u64::MAX, None) => run_start = Some(page),
+                    _ => {}
+                }
+                page += 64;
+                continue;
+            }
+            let mut w = word;
+            let mut bit = 0u64;
+            while bit < 64 {
+                if run_start.is_none() {
+                    // Skip to the next set bit.
+                    let zeros = u64::from(w.trailing_zeros());
+                    if zeros >= 64 - bit {
+                        break;
+                    }
+                    bit += zeros;
+                    w >>= zeros;
+                    run_start = Some(page + bit);
+                } else {
+                    // Skip to the next clear bit.
+                    let ones = u64::from((!w).trailing_zeros());
+                    if ones >= 64 - bit {
+                        break;
+                    }
+                    bit += ones;
+                    w >>= ones;
+                    if let Some(s) = run_start.take() {
+                        table.push_pages(start_gpa, page_size, s, page + bit);
+                    }
+                }
+            }
+            page += 64;
+        }
+        if let Some(s) = run_start {
+            table.push_pages(start_gpa, page_size, s, page);
+        }
+        table
+    }
+
+    fn push_pages(&mut self, start_gpa: u64, page_size: u64, first: u64, end: u64) {
+        self.push(MemoryRange::new(
+            start_gpa + first * page_size,
+            (end - first) * page_size,
+        ));
+    }
+
+    /// Adds a range, merging it with the ranges it touches.
+    pub fn push(&mut self, range: MemoryRange) {
+        if range.length == 0 {
+            return;
+        }
+        match self.ranges.last_mut() {
+            Some(last) if last.gpa <= range.gpa => {
+                let last_end = last.gpa.saturating_add(last.length);
+                if range.gpa <= last_end {
+                    let end = last_end.max(range.gpa.saturating_add(range.length));
+                    last.length = end - last.gpa;
+                } else {
+                    self.ranges.push(range);
+                }
+            }
+            None => self.ranges.push(range),
+            Some(_) => {
+                // Out of order: insert and re-coalesce.
+                self.ranges.push(range);
+                self.normalize();
+            }
+        }
+    }
+
+    /// Adds every range of `other`.
+    pub fn extend(&mut self, other: &MemoryRangeTable) {
+        for r in &other.ranges {
+            self.push(*r);
+        }
+    }
+
+    fn normalize(&mut self) {
+        self.ranges.sort_unstable();
+        let mut out: Vec<MemoryRange> = Vec::with_capacity(self.ranges.len());
+        for r in self.ranges.drain(..) {
+            match out.last_mut() {
+                Some(last) if r.gpa <= last.gpa.saturating_add(last.length) => {
+                    let end = last
+                        .gpa
+                        .saturating_add(last.length)
+                        .max(r.gpa.saturating_add(r.length));
+                    last.length = end - last.gpa;
+                }
+                _ => out.push(r),
+            }
+        }
+        self.ranges = out;
+    }
+
+    /// The ranges, sorted by address, none adjacent or overlapping.
+    pub fn ranges(&self) -> &[MemoryRange] {
+        &self.ranges
+    }
+
+    /// Number of ranges.
+    pub fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Total bytes covered.
+    pub fn total_bytes(&self) -> u64 {
+        self.ranges.iter().map(|r| r.length).sum()
+    }
+
+    /// The ranges cut into pieces of at most `max_len` bytes (for framing).
+    pub fn chunks(&self, max_len: u64) -> impl Iterator<Item = MemoryRange> + '_ {
+        let max_len = max_len.max(1);
+        self.ranges.iter().flat_map(move |r| {
+            let mut offset = 0;
+            std::iter::from_fn(move || {
+                (offset < r.length).then(|| {
+                    let len = (r.length - offset).min(max_len);
+                    let piece = MemoryRange::new(r.gpa + offset, len);
+                    offset += len;
+                    piece
+                })
+            })
+        })
+    }
+}
+
+/// Checks that `range` lies entirely inside one of `regions`.
+pub fn check_range(regions: &[MemoryRange], range: MemoryRange) -> Result<(), MemoryError> {
+    if regions.iter().any(|r| r.contains(&range)) {
+        Ok(())
+    } else {
+        Err(MemoryError::OutOfRange {
+            gpa: range.gpa,
+            length: range.length,
+        })
+    }
+}
+
+/// Guest memory that snapshots and migrations read from.
+///
+/// Implementations must check every range against their layout and return
+/// [`MemoryError::OutOfRange`] rather than touch memory outside it.
+pub trait MemorySource {
+    /// The guest RAM regions, sorted by address, non-overlapping.
+    fn regions(&self) -> Vec<MemoryRange>;
+
+    /// Copies guest memory at `gpa` into `buf` (all of it).
+    fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError>;
+
+    /// Writes `length` bytes of guest memory at `gpa` to `out`, streamed through a
+    /// bounded buffer. Backends that can write straight from guest memory override it.
+    fn write_memory_to(
+        &self,
+        gpa: u64,
+        length: u64,
+        out: &mut dyn Write,
+    ) -> Result<(), MemoryError> {
+        check_range(&self.regions(), MemoryRange::new(gpa, length))?;
+        let mut buf = vec![0u8; bounce_len(length)];
+        let mut done = 0u64;
+        while done < length {
+            let n = bounce_step(length - done, buf.len());
+            self.read_memory(gpa + done, &mut buf[..n])?;
+            out.write_all(&buf[..n])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Guest memory that restores and migrations write into.
+///
+/// Implementations must check every range against their layout and return
+/// [`MemoryError::OutOfRange`] rather than touch memory outside it.
+pub trait MemorySink {
+    /// The guest RAM regions, sorted by address, non-overlapping.
+    fn regions(&self) -> Vec<MemoryRange>;
+
+    /// Copies `data` into guest memory at `gpa`.
+    fn write_memory(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError>;
+
+    /// Reads exactly `length` bytes from `input` into guest memory at `gpa`, streamed
+    /// through a bounded buffer. The range is checked before any byte is read.
+    /// Backends that can read straight into guest memory override it.
+    fn read_memory_from(
+        &self,
+        gpa: u64,
+        length: u64,
+        input: &mut dyn Read,
+    ) -> Result<(), MemoryError> {
+        check_range(&self.regions(), MemoryRange::new(gpa, length))?;
+        let mut buf = vec![0u8; bounce_len(length)];
+        let mut done = 0u64;
+        while done < length {
+            let n = bounce_step(length - done, buf.len());
+            input.read_exact(&mut buf[..n])?;
+            self.write_memory(gpa + done, &buf[..n])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Zero-fills `length` bytes at `gpa` (a zero page received or a hole restored).
+    fn zero_memory(&self, gpa: u64, length: u64) -> Result<(), MemoryError> {
+        check_range(&self.regions(), MemoryRange::new(gpa, length))?;
+        let buf = vec![0u8; bounce_len(length)];
+        let mut done = 0u64;
+        while done < length {
+            let n = bounce_step(length - done, buf.len());
+            self.write_memory(gpa + done, &buf[..n])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn bounce_len(length: u64) -> usize {
+    usize::try_from(length).map_or(BOUNCE, |l| l.min(BOUNCE))
+}
+
+fn bounce_step(remaining: u64, buf_len: usize) -> usize {
+    usize::try_from(remaining).map_or(buf_len, |r| r.min(buf_len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(bitmap: &[u64], start: u64, page: u64) -> Vec<MemoryRange> {
+        let mut t = MemoryRangeTable::new();
+        for (w, word) in bitmap.iter().enumerate() {
+            for b in 0..64 {
+                if word >> b & 1 == 1 {
+                    t.push(MemoryRange::new(start + (w as u64 * 64 + b) * page, page));
+                }
+            }
+        }
+        t.ranges
+    }
+
+    #[test]
+    fn from_bitmap_matches_bit_by_bit() {
+        let cases: &[&[u64]] = &[
+            &[],
+            &[0],
+            &[u64::MAX],
+            &[u64::MAX, u64::MAX, 0, 1],
+            &[1 << 63, 1, 0x0ff0_00ff_f0f0_0001],
+            &[0x8000_0000_0000_0001, u64::MAX, 0x7fff_ffff_ffff_fffe],
+        ];
+        for bitmap in cases {
+            let t = MemoryRangeTable::from_bitmap(bitmap, 0x1000_0000, 4096);
+            assert_eq!(t.ranges(), naive(bitmap, 0x1000_0000, 4096), "{bitmap:x?}");
+        }
+    }
+
+    #[test]
+    fn push_coalesces_out_of_order_and_overlapping() {
+        let mut t = MemoryRangeTable::new();
+        t.push(MemoryRange::new(0x5000, 0x1000));
+        t.push(MemoryRange::new(0x1000, 0x1000));
+        t.push(MemoryRange::new(0x2000, 0x3000));
+        t.push(MemoryRange::new(0x9000, 0));
+        assert_eq!(t.ranges(), &[MemoryRange::new(0x1000, 0x5000)]);
+    }
+
+    #[test]
+    fn chunks_cut_ranges() {
+        let mut t = MemoryRangeTable::new();
+        t.push(MemoryRange::new(0, 0x2800));
+        let c: Vec<_> = t.chunks(0x1000).collect();
+        assert_eq!(c.len(), 3);
+        assert_eq!(c[2], MemoryRange::new(0x2000, 0x800));
+    }
+
+    #[test]
+    fn check_range_rejects_straddling_and_overflowing_ranges() {
+        let regions = [MemoryRange::new(0, 0x1000), MemoryRange::new(0x1000, 0x1000)];
+        assert!(check_range(&regions, MemoryRange::new(0x800, 0x800)).is_ok());
+        assert!(check_range(&regions, MemoryRange::new(0x800, 0x1000)).is_err());
+        assert!(check_range(&regions, MemoryRange::new(u64::MAX, 2)).is_err());
+    }
+}

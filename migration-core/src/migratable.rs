@@ -1,0 +1,44 @@
+//! [`Migratable`]: a component (normally a whole VM) that can be live-migrated.
+
+use crate::memory::{MemoryRangeTable, MemorySink, MemorySource};
+use crate::{MigratableError, Transportable};
+
+/// A component that can be moved while it runs: the precopy driver sends its memory
+/// while it runs, then pauses it and sends what changed plus its device state.
+///
+/// The driver's calls, in order, on the source: [`start_migration`], 
+/// [`start_dirty_log`], rounds of [`dirty_log`] with reads through
+/// [`memory_source`], then `pause`, a last [`dirty_log`], `snapshot`,
+/// [`stop_dirty_log`] and [`complete_migration`]. On any failure the source gets
+/// [`stop_dirty_log`] and `resume`, and keeps running.
+///
+/// [`start_migration`]: Migratable::start_migration
+/// [`start_dirty_log`]: Migratable::start_dirty_log
+/// [`dirty_log`]: Migratable::dirty_log
+/// [`memory_source`]: Migratable::memory_source
+/// [`stop_dirty_log`]: Migratable::stop_dirty_log
+/// [`complete_migration`]: Migratable::complete_migration
+pub trait Migratable: Send + Transportable {
+    /// Starts tracking which guest pages change.
+    fn start_dirty_log(&mut self) -> Result<(), MigratableError>;
+
+    /// Stops tracking dirty pages.
+    fn stop_dirty_log(&mut self) -> Result<(), MigratableError>;
+
+    /// The pages dirtied since dirty logging started or since the previous call
+    /// (reading clears the log).
+    fn dirty_log(&mut self) -> Result<MemoryRangeTable, MigratableError>;
+
+    /// Called before the first byte of a migration is sent (source) or received
+    /// (destination).
+    fn start_migration(&mut self) -> Result<(), MigratableError>;
+
+    /// Called when a migration has succeeded, on both sides.
+    fn complete_migration(&mut self) -> Result<(), MigratableError>;
+
+    /// Guest memory to read from while migrating out.
+    fn memory_source(&self) -> &dyn MemorySource;
+
+    /// Guest memory to write into while migrating in.
+    fn memory_sink(&self) -> &dyn MemorySink;
+}
