@@ -1,0 +1,235 @@
+//! The receiving side of a live migration: accept a HELLO, build the VM, write memory
+//! rounds into it, restore its state and resume it on GO.
+//!
+//! Every address is checked against the destination VM's own layout before a byte is
+//! written. On any error the destination sends ABORT with the reason and drops the VM
+//! it built.
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use crate::codec::{self, Codec, CodecRegistry};
+use crate::memory::{check_range, MemoryRange};
+use crate::protocol::{
+    Arch, Channel, Hello, Message, MigrationError, MAX_STATE, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+};
+use crate::{Migratable, MigratableError, Snapshot};
+
+/// What the destination learns from the source's HELLO: enough to build the VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IncomingVm {
+    /// Protocol version both sides will speak.
+    pub version: u32,
+    /// Architecture of the VM.
+    pub arch: Arch,
+    /// Guest RAM layout the new VM must have.
+    pub layout: Vec<MemoryRange>,
+    /// The source's opaque VMM configuration.
+    pub config: Vec<u8>,
+    /// The source's producer string.
+    pub producer: String,
+}
+
+/// Options of [`receive_migration_over`].
+#[derive(Clone)]
+pub struct ReceiveOptions {
+    /// Architecture this destination runs (a HELLO for another one is rejected).
+    pub arch: Arch,
+    /// Codecs this destination can decode state with.
+    pub codecs: CodecRegistry,
+}
+
+impl fmt::Debug for ReceiveOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReceiveOptions")
+            .field("arch", &self.arch)
+            .field("codecs", &self.codecs)
+            .finish()
+    }
+}
+
+/// What the destination received.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReceiveReport {
+    /// Memory rounds received.
+    pub rounds: u32,
+    /// Bytes of guest memory written from MEMORY frames.
+    pub memory_bytes: u64,
+    /// Bytes covered by ZERO ranges.
+    pub zero_bytes: u64,
+    /// Size of the encoded device state.
+    pub state_bytes: u64,
+}
+
+/// Receives a migration over a connected `stream`. `build` makes the VM from what the
+/// HELLO announced (its memory must read as zero); its error is sent to the source
+/// as the ABORT reason. Returns the running VM.
+pub fn receive_migration_over<M, S, F>(
+    stream: S,
+    options: &ReceiveOptions,
+    build: F,
+) -> Result<(M, ReceiveReport), MigrationError>
+where
+    M: Migratable,
+    S: Read + Write,
+    F: FnOnce(&IncomingVm) -> Result<M, MigratableError>,
+{
+    let mut ch = Channel::new(stream);
+    match receive(&mut ch, options, build) {
+        Ok(done) => Ok(done),
+        Err(e) => {
+            if !matches!(e, MigrationError::PeerAborted(_)) {
+                ch.abort(&format!("destination: {e}"));
+            }
+            Err(e)
+        }
+    }
+}
+
+fn negotiate(hello: &Hello, options: &ReceiveOptions) -> Result<(u32, Arc<dyn Codec>), MigrationError> {
+    let version = hello.version.min(PROTOCOL_VERSION);
+    if version < hello.min_version.max(MIN_PROTOCOL_VERSION) {
+        return Err(MigrationError::Rejected(format!(
+            "protocol versions do not overlap: source speaks {} to {}, destination {} to {}",
+            hello.min_version, hello.version, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
+        )));
+    }
+    if hello.arch != options.arch {
+        return Err(MigrationError::Rejected(format!(
+            "architecture mismatch: source VM is {:?}, destination runs {:?}",
+            hello.arch, options.arch
+        )));
+    }
+    let codec = hello
+        .codecs
+        .iter()
+        .find_map(|id| options.codecs.get(*id))
+        .cloned()
+        .ok_or_else(|| {
+            let ours: Vec<String> = options.codecs.iter().map(|c| c.id().to_string()).collect();
+            let theirs: Vec<String> = hello.codecs.iter().map(|c| c.to_string()).collect();
+            MigrationError::Rejected(format!(
+                "no common codec: source offers [{}], destination has [{}]",
+                theirs.join(", "),
+                ours.join(", ")
+            ))
+        })?;
+    let mut end = 0u64;
+    for r in &hello.layout {
+        if r.gpa < end || r.length == 0 {
+            return Err(MigrationError::Rejected("memory layout regions overlap or are empty".into()));
+        }
+        end = r.end().ok_or_else(|| MigrationError::Rejected("memory region overflows".into()))?;
+    }
+    Ok((version, codec))
+}
+
+fn receive<M, S, F>(
+    ch: &mut Channel<S>,
+    options: &ReceiveOptions,
+    build: F,
+) -> Result<(M, ReceiveReport), MigrationError>
+where
+    M: Migratable,
+    S: Read + Write,
+    F: FnOnce(&IncomingVm) -> Result<M, MigratableError>,
+{
+    let hello = match ch.recv()? {
+        Message::Hello(h) => h,
+        Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
+        other => {
+            return Err(MigrationError::Unexpected {
+                got: other.message_type(),
+                state: "waiting for HELLO",
+            })
+        }
+    };
+    let (version, codec) = negotiate(&hello, options)?;
+    let incoming = IncomingVm {
+        version,
+        arch: hello.arch,
+        layout: hello.layout,
+        config: hello.config,
+        producer: hello.producer,
+    };
+    let mut vm = build(&incoming).map_err(|e| MigrationError::Rejected(format!("cannot build the VM: {e}")))?;
+    let layout = vm.memory_sink().regions();
+    if layout != incoming.layout {
+        return Err(MigrationError::Rejected(format!(
+            "memory layout mismatch: source {:x?}, destination built {:x?}",
+            incoming.layout, layout
+        )));
+    }
+    vm.start_migration()?;
+    ch.send(&Message::HelloAck { version, codec: codec.id() })?;
+    ch.flush()?;
+
+    let mut report = ReceiveReport::default();
+    let mut fresh = true; // round 0: memory is still all zero
+    let mut state: Vec<u8> = Vec::new();
+    loop {
+        match ch.recv()? {
+            Message::Memory { gpa, data } => {
+                let range = MemoryRange::new(gpa, data.len() as u64);
+                check_range(&layout, range)?;
+                vm.memory_sink().write_memory(gpa, data)?;
+                report.memory_bytes += range.length;
+            }
+            Message::Zero(ranges) => {
+                if version < 2 {
+                    return Err(MigrationError::Malformed("ZERO frame in protocol version 1".into()));
+                }
+                for r in ranges {
+                    check_range(&layout, r)?;
+                    if !fresh {
+                        vm.memory_sink().zero_memory(r.gpa, r.length)?;
+                    }
+                    report.zero_bytes += r.length;
+                }
+            }
+            Message::RoundEnd { round, .. } => {
+                fresh = false;
+                report.rounds = round + 1;
+            }
+            Message::State { last, data } => {
+                if state.len() + data.len() > MAX_STATE {
+                    return Err(MigrationError::Malformed(format!(
+                        "device state over the limit of {MAX_STATE} bytes"
+                    )));
+                }
+                state.extend_from_slice(data);
+                if last {
+                    report.state_bytes = state.len() as u64;
+                    let mut snapshot: Snapshot = codec::decode(codec.as_ref(), &state).map_err(|source| {
+                        MigratableError::Codec {
+                            path: String::new(),
+                            section: "<state tree>".into(),
+                            source,
+                        }
+                    })?;
+                    snapshot.resolve_codecs(&options.codecs);
+                    vm.restore(&snapshot)?;
+                    ch.send(&Message::Ready)?;
+                    ch.flush()?;
+                }
+            }
+            Message::Go => {
+                vm.resume()?;
+                vm.complete_migration()?;
+                ch.send(&Message::Done)?;
+                // The VM runs here now, whether or not DONE reaches the source.
+                let _ = ch.flush();
+                return Ok((vm, report));
+            }
+            Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
+            other => {
+                return Err(MigrationError::Unexpected {
+                    got: other.message_type(),
+                    state: "receiving memory and state",
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,540 @@
+//! The precopy driver, source side: send a running VM's memory in rounds of dirty
+//! pages, pause it when the rest fits the downtime limit, send the rest and the
+//! device state, and hand over. Generic over [`Migratable`], so a fake VM migrates
+//! the same way a KVM VM does.
+//!
+//! The source VM survives every failure before the commit point (the GO message):
+//! dirty logging is stopped, the VM is resumed if it was paused, and the destination
+//! is sent an ABORT with the reason.
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use crate::codec::{self, Codec, CodecId};
+use crate::memory::{MemoryRange, MemoryRangeTable, PAGE_SIZE};
+use crate::protocol::{
+    Arch, Channel, Hello, Message, MessageType, MigrationError, MAX_MEMORY_CHUNK, MAX_PAYLOAD,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+use crate::{Migratable, MigratableError};
+
+/// What to do when precopy does not converge within the round or time cap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvergencePolicy {
+    /// Give up: abort the migration; the source keeps running.
+    Cancel,
+    /// Pause anyway and send the rest, accepting a longer downtime.
+    Force,
+}
+
+/// Where a migration is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Sending memory while the VM runs.
+    Precopy,
+    /// The VM is paused; sending the last dirty pages.
+    FinalRound,
+    /// Sending device state.
+    State,
+    /// Waiting for the destination to resume.
+    Handover,
+}
+
+/// Progress reported to [`MigrationOptions::progress`].
+#[derive(Clone, Debug)]
+pub struct Progress {
+    /// Current phase.
+    pub phase: Phase,
+    /// Current round, from 0.
+    pub round: u32,
+    /// Bytes of guest memory this round will cover.
+    pub round_total: u64,
+    /// Bytes of guest memory covered so far this round.
+    pub round_done: u64,
+    /// Bytes put on the wire so far.
+    pub bytes_sent: u64,
+}
+
+/// Options of [`send_migration_over`].
+pub struct MigrationOptions {
+    /// Longest acceptable pause of the guest (estimated from the measured bandwidth).
+    pub downtime_limit: Duration,
+    /// Most precopy rounds after round 0.
+    pub max_rounds: u32,
+    /// Longest time to spend in precopy.
+    pub max_time: Duration,
+    /// What to do when the caps are hit before convergence.
+    pub policy: ConvergencePolicy,
+    /// Highest protocol version to speak (tests use older ones).
+    pub protocol_version: u32,
+    /// Architecture announced to the destination.
+    pub arch: Arch,
+    /// Opaque VMM configuration the destination needs to build the VM.
+    pub config: Vec<u8>,
+    /// Producer name announced in the handshake.
+    pub producer: String,
+    /// Called as memory goes out, at least once per chunk.
+    pub progress: Option<Box<dyn FnMut(&Progress) + Send>>,
+}
+
+impl Default for MigrationOptions {
+    fn default() -> Self {
+        Self {
+            downtime_limit: Duration::from_millis(300),
+            max_rounds: 30,
+            max_time: Duration::from_secs(120),
+            policy: ConvergencePolicy::Cancel,
+            protocol_version: PROTOCOL_VERSION,
+            arch: Arch::host(),
+            config: Vec::new(),
+            producer: concat!(env!("CARGO_PKG_NAME"), " ", env!("CARGO_PKG_VERSION")).to_owned(),
+            progress: None,
+        }
+    }
+}
+
+impl fmt::Debug for MigrationOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MigrationOptions")
+            .field("downtime_limit", &self.downtime_limit)
+            .field("max_rounds", &self.max_rounds)
+            .field("max_time", &self.max_time)
+            .field("policy", &self.policy)
+            .field("protocol_version", &self.protocol_version)
+            .field("arch", &self.arch)
+            .field("config_len", &self.config.len())
+            .field("producer", &self.producer)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
+}
+
+/// One memory round.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RoundReport {
+    /// Round number (0 sends all memory).
+    pub round: u32,
+    /// Guest bytes the round covered (dirty bytes; all RAM in round 0).
+    pub guest_bytes: u64,
+    /// Pages sent as data.
+    pub pages: u64,
+    /// Pages sent as zero ranges (a few bytes each).
+    pub zero_pages: u64,
+    /// Bytes put on the wire.
+    pub wire_bytes: u64,
+    /// How long the round took.
+    pub duration: Duration,
+}
+
+/// How long the guest was paused, by phase.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Downtime {
+    /// Pause, last dirty log and last round of pages.
+    pub final_round: Duration,
+    /// Snapshot of device state and its encoding.
+    pub state_capture: Duration,
+    /// Sending the state and the destination restoring it (until READY).
+    pub state_send: Duration,
+    /// GO until the destination reports it resumed (DONE).
+    pub resume: Duration,
+    /// From pause to DONE.
+    pub total: Duration,
+}
+
+/// What a migration did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MigrationReport {
+    /// Every round, the last one sent while paused.
+    pub rounds: Vec<RoundReport>,
+    /// Bytes put on the wire in all.
+    pub bytes_sent: u64,
+    /// Bandwidth measured over the memory rounds, bytes per second.
+    pub bandwidth: f64,
+    /// From connect to DONE.
+    pub total_time: Duration,
+    /// The guest's pause, by phase.
+    pub downtime: Downtime,
+    /// Whether the estimate fell under the limit (false: forced by policy).
+    pub converged: bool,
+    /// Protocol version used.
+    pub protocol_version: u32,
+    /// Codec the state was encoded with.
+    pub codec: CodecId,
+}
+
+/// Migrates `vm` over a connected `stream` to a destination running
+/// [`receive_migration_over`](crate::destination::receive_migration_over).
+///
+/// On success the source VM is paused with dirty logging stopped and
+/// `complete_migration` called: the guest runs on the destination. On any error
+/// before the commit point the source VM is running again; the error says why.
+pub fn send_migration_over<M, S>(
+    vm: &mut M,
+    stream: S,
+    options: &mut MigrationOptions,
+) -> Result<MigrationReport, MigrationError>
+where
+    M: Migratable + ?Sized,
+    S: Read + Write,
+{
+    let mut source = Source {
+        ch: Channel::new(stream),
+        paused: false,
+        dirty_logging: false,
+        committed: false,
+        started: Instant::now(),
+    };
+    match source.run(vm, options) {
+        Ok(report) => Ok(report),
+        Err(e) => Err(source.recover(vm, e)),
+    }
+}
+
+struct Source<S: Read + Write> {
+    ch: Channel<S>,
+    paused: bool,
+    dirty_logging: bool,
+    committed: bool,
+    started: Instant,
+}
+
+impl<S: Read + Write> Source<S> {
+    fn run<M: Migratable + ?Sized>(
+        &mut self,
+        vm: &mut M,
+        options: &mut MigrationOptions,
+    ) -> Result<MigrationReport, MigrationError> {
+        let (version, codec) = self.handshake(vm, options)?;
+        vm.start_migration()?;
+        vm.start_dirty_log()?;
+        self.dirty_logging = true;
+
+        let mut rounds = Vec::new();
+        let mut buf = vec![0u8; MAX_MEMORY_CHUNK.min(2 << 20)];
+        let mut all = MemoryRangeTable::new();
+        for r in vm.memory_source().regions() {
+            all.push(r);
+        }
+        let r0 = self.send_round(vm, &all, 0, false, version, &mut buf, options)?;
+        let mut bandwidth = r0.bandwidth();
+        rounds.push(r0);
+
+        // Precopy rounds until the estimate fits the limit or a cap is hit.
+        let (pending, converged) = loop {
+            let dirty = vm.dirty_log()?;
+            let estimated = Duration::from_secs_f64(dirty.total_bytes() as f64 / bandwidth);
+            if estimated <= options.downtime_limit {
+                break (dirty, true);
+            }
+            let round = rounds.len() as u32;
+            if round > options.max_rounds || self.started.elapsed() >= options.max_time {
+                match options.policy {
+                    ConvergencePolicy::Force => break (dirty, false),
+                    ConvergencePolicy::Cancel => {
+                        return Err(MigrationError::NotConverged {
+                            rounds: round,
+                            remaining: dirty.total_bytes(),
+                            estimated,
+                            limit: options.downtime_limit,
+                        })
+                    }
+                }
+            }
+            let report = self.send_round(vm, &dirty, round, false, version, &mut buf, options)?;
+            if report.duration >= Duration::from_millis(1) {
+                bandwidth = report.bandwidth();
+            }
+            rounds.push(report);
+        };
+
+        // Downtime starts here.
+        let paused_at = Instant::now();
+        vm.pause()?;
+        self.paused = true;
+        let mut last = pending;
+        last.extend(&vm.dirty_log()?);
+        let round = rounds.len() as u32;
+        rounds.push(self.send_round(vm, &last, round, true, version, &mut buf, options)?);
+        let final_round = paused_at.elapsed();
+
+        report_progress(options, Phase::State, round, 0, 0, self.ch.bytes_sent());
+        let t = Instant::now();
+        let mut snapshot = vm.snapshot()?;
+        snapshot.encode(&codec)?;
+        let state = codec::encode(codec.as_ref(), &snapshot).map_err(|source| {
+            MigratableError::Codec {
+                path: snapshot.id().to_owned(),
+                section: String::new(),
+                source,
+            }
+        })?;
+        let state_capture = t.elapsed();
+
+        let t = Instant::now();
+        let piece = MAX_PAYLOAD as usize - 1;
+        let mut chunks = state.chunks(piece).peekable();
+        if chunks.peek().is_none() {
+            self.ch.send(&Message::State { last: true, data: &[] })?;
+        }
+        while let Some(data) = chunks.next() {
+            let last = chunks.peek().is_none();
+            self.ch.send(&Message::State { last, data })?;
+        }
+        self.expect(MessageType::Ready, "waiting for the destination to restore state")?;
+        let state_send = t.elapsed();
+
+        report_progress(options, Phase::Handover, round, 0, 0, self.ch.bytes_sent());
+        let t = Instant::now();
+        self.ch.send(&Message::Go)?;
+        self.ch.flush()?;
+        self.committed = true;
+        self.expect(MessageType::Done, "waiting for the destination to resume")?;
+        let resume = t.elapsed();
+        let total = paused_at.elapsed();
+
+        self.dirty_logging = false;
+        vm.stop_dirty_log()?;
+        vm.complete_migration()?;
+
+        let memory_time: Duration = rounds.iter().map(|r| r.duration).sum();
+        let memory_bytes: u64 = rounds.iter().map(|r| r.wire_bytes).sum();
+        Ok(MigrationReport {
+            rounds,
+            bytes_sent: self.ch.bytes_sent(),
+            bandwidth: memory_bytes as f64 / memory_time.as_secs_f64().max(1e-9),
+            total_time: self.started.elapsed(),
+            downtime: Downtime {
+                final_round,
+                state_capture,
+                state_send,
+                resume,
+                total,
+            },
+            converged,
+            protocol_version: version,
+            codec: codec.id(),
+        })
+    }
+
+    fn handshake<M: Migratable + ?Sized>(
+        &mut self,
+        vm: &M,
+        options: &MigrationOptions,
+    ) -> Result<(u32, std::sync::Arc<dyn Codec>), MigrationError> {
+        let registry = vm.codecs();
+        let mut codecs: Vec<CodecId> = registry.preferred().map(|c| c.id()).into_iter().collect();
+        for id in registry.iter().map(|c| c.id()) {
+            if !codecs.contains(&id) {
+                codecs.push(id);
+            }
+        }
+        if codecs.is_empty() {
+            return Err(MigrationError::Rejected("the source VM has no codec registered".into()));
+        }
+        let version = options.protocol_version.clamp(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION);
+        self.ch.send(&Message::Hello(Hello {
+            version,
+            min_version: MIN_PROTOCOL_VERSION,
+            arch: options.arch,
+            codecs,
+            layout: vm.memory_source().regions(),
+            config: options.config.clone(),
+            producer: options.producer.clone(),
+        }))?;
+        match self.ch.recv()? {
+            Message::HelloAck { version: v, codec } => {
+                if !(MIN_PROTOCOL_VERSION..=version).contains(&v) {
+                    return Err(MigrationError::Rejected(format!(
+                        "destination chose protocol version {v}, this source speaks {MIN_PROTOCOL_VERSION} to {version}"
+                    )));
+                }
+                let codec = registry.get(codec).cloned().ok_or_else(|| {
+                    MigrationError::Rejected(format!("destination chose codec `{codec}`, which was not offered"))
+                })?;
+                Ok((v, codec))
+            }
+            Message::Abort(reason) => Err(MigrationError::Rejected(reason)),
+            other => Err(MigrationError::Unexpected {
+                got: other.message_type(),
+                state: "waiting for HELLO_ACK",
+            }),
+        }
+    }
+
+    /// Sends the pages of `table`: non-zero pages as MEMORY, zero pages as ZERO ranges
+    /// (protocol ≥ 2), then ROUND_END.
+    #[allow(clippy::too_many_arguments)]
+    fn send_round<M: Migratable + ?Sized>(
+        &mut self,
+        vm: &M,
+        table: &MemoryRangeTable,
+        round: u32,
+        last: bool,
+        version: u32,
+        buf: &mut [u8],
+        options: &mut MigrationOptions,
+    ) -> Result<RoundReport, MigrationError> {
+        let start = Instant::now();
+        let wire_start = self.ch.bytes_sent();
+        let phase = if last { Phase::FinalRound } else { Phase::Precopy };
+        let total = table.total_bytes();
+        let mut report = RoundReport {
+            round,
+            guest_bytes: total,
+            ..RoundReport::default()
+        };
+        let mut zeros: Vec<MemoryRange> = Vec::new();
+        let mut done = 0u64;
+        let memory = vm.memory_source();
+        for piece in table.chunks(buf.len() as u64) {
+            let chunk = &mut buf[..piece.length as usize];
+            memory
+                .read_memory(piece.gpa, chunk)
+                .map_err(MigratableError::from)?;
+            if version >= 2 {
+                for (offset, len, zero) in page_runs(chunk) {
+                    let gpa = piece.gpa + offset as u64;
+                    let pages = (len as u64).div_ceil(PAGE_SIZE);
+                    if zero {
+                        report.zero_pages += pages;
+                        match zeros.last_mut() {
+                            Some(z) if z.gpa + z.length == gpa => z.length += len as u64,
+                            _ => zeros.push(MemoryRange::new(gpa, len as u64)),
+                        }
+                        if zeros.len() >= 4096 {
+                            self.ch.send(&Message::Zero(std::mem::take(&mut zeros)))?;
+                        }
+                    } else {
+                        report.pages += pages;
+                        self.ch.send(&Message::Memory {
+                            gpa,
+                            data: &chunk[offset..offset + len],
+                        })?;
+                    }
+                }
+            } else {
+                report.pages += piece.length.div_ceil(PAGE_SIZE);
+                self.ch.send(&Message::Memory { gpa: piece.gpa, data: chunk })?;
+            }
+            done += piece.length;
+            report_progress(options, phase, round, total, done, self.ch.bytes_sent());
+        }
+        if !zeros.is_empty() {
+            self.ch.send(&Message::Zero(zeros))?;
+        }
+        self.ch.send(&Message::RoundEnd { round, last })?;
+        self.ch.flush()?;
+        report.wire_bytes = self.ch.bytes_sent() - wire_start;
+        report.duration = start.elapsed();
+        Ok(report)
+    }
+
+    fn expect(&mut self, want: MessageType, state: &'static str) -> Result<(), MigrationError> {
+        match self.ch.recv()? {
+            m if m.message_type() == want => Ok(()),
+            Message::Abort(reason) => Err(MigrationError::PeerAborted(reason)),
+            other => Err(MigrationError::Unexpected {
+                got: other.message_type(),
+                state,
+            }),
+        }
+    }
+
+    /// Puts the source back to running after `error`, tells the destination why, and
+    /// returns the most useful error.
+    fn recover<M: Migratable + ?Sized>(&mut self, vm: &mut M, error: MigrationError) -> MigrationError {
+        if self.committed {
+            // GO is out: the destination may be running. Never run two copies.
+            return MigrationError::CommitUncertain;
+        }
+        let mut error = error;
+        match &error {
+            MigrationError::PeerAborted(_) | MigrationError::Rejected(_) => {}
+            MigrationError::Io(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                // The destination may have closed after an ABORT: fetch its reason.
+                if let Ok(Message::Abort(reason)) = self.ch.recv() {
+                    error = MigrationError::PeerAborted(reason);
+                }
+            }
+            other => self.ch.abort(&format!("source: {other}")),
+        }
+        if self.dirty_logging {
+            let _ = vm.stop_dirty_log();
+        }
+        if self.paused {
+            if let Err(e) = vm.resume() {
+                return MigrationError::Vm(e);
+            }
+        }
+        error
+    }
+}
+
+impl RoundReport {
+    fn bandwidth(&self) -> f64 {
+        (self.wire_bytes.max(1) as f64 / self.duration.as_secs_f64().max(1e-6)).max(1.0)
+    }
+}
+
+fn report_progress(options: &mut MigrationOptions, phase: Phase, round: u32, total: u64, done: u64, sent: u64) {
+    if let Some(cb) = options.progress.as_mut() {
+        cb(&Progress {
+            phase,
+            round,
+            round_total: total,
+            round_done: done,
+            bytes_sent: sent,
+        });
+    }
+}
+
+/// Whether `bytes` are all zero. Checks 64-byte blocks and stops at the first
+/// non-zero one, so random data costs a few bytes per page.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let mut blocks = bytes.chunks_exact(64);
+    for b in &mut blocks {
+        if b.iter().fold(0u8, |a, &x| a | x) != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|&b| b == 0)
+}
+
+/// Splits `chunk` into runs of whole pages that are all zero or not: `(offset, len,
+/// zero)`. A partial last page is its own page.
+fn page_runs(chunk: &[u8]) -> Vec<(usize, usize, bool)> {
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    for (i, page) in chunk.chunks(PAGE_SIZE as usize).enumerate() {
+        let zero = is_zero(page);
+        let offset = i * PAGE_SIZE as usize;
+        match runs.last_mut() {
+            Some(r) if r.2 == zero => r.1 += page.len(),
+            _ => runs.push((offset, page.len(), zero)),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_runs_split_zero_and_data_pages() {
+        let mut chunk = vec![0u8; 4 * 4096 + 100];
+        chunk[4096 + 7] = 1;
+        chunk[4 * 4096 + 99] = 1;
+        assert_eq!(
+            page_runs(&chunk),
+            vec![(0, 4096, true), (4096, 4096, false), (8192, 8192, true), (16384, 100, false)]
+        );
+        assert!(is_zero(&[0; 200]));
+        assert!(!is_zero(&[0, 0, 0, 1]));
+    }
+}

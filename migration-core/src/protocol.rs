@@ -1,0 +1,640 @@
+//! The live-migration wire protocol: frames, messages, and their errors.
+//!
+//! [`docs/protocol.md`](https://github.com/rust-vmm/vm-migration/blob/main/docs/protocol.md)
+//! specifies it byte by byte. In short: every message is a frame
+//!
+//! ```text
+//! offset  size  field
+//! 0       2     message type (u16 LE)
+//! 2       2     flags (u16 LE, must be 0)
+//! 4       4     payload length n (u32 LE), at most MAX_PAYLOAD
+//! 8       n     payload
+//! 8+n     8     CRC-64/NVME of bytes [0, 8+n)
+//! ```
+//!
+//! [`Message::decode`] turns a checked frame into a typed message; it reads untrusted
+//! bytes and bounds every count before allocating.
+
+use std::io::{self, BufReader, Read, Write};
+use std::time::Duration;
+
+use crate::codec::CodecId;
+use crate::memory::{MemoryError, MemoryRange};
+use crate::MigratableError;
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The oldest protocol version this crate still speaks (version 1 has no zero-page
+/// message: zero pages travel as data).
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+/// Magic at the start of the HELLO payload.
+pub const MAGIC: [u8; 8] = *b"VMMIGRT\0";
+/// Largest frame payload.
+pub const MAX_PAYLOAD: u32 = 8 << 20;
+/// Largest memory chunk in one MEMORY frame.
+pub const MAX_MEMORY_CHUNK: usize = 4 << 20;
+/// Largest serialized device-state tree (sent in several STATE frames).
+pub const MAX_STATE: usize = 256 << 20;
+/// Most memory regions a layout may have.
+pub const MAX_REGIONS: usize = 1024;
+/// Most codecs a HELLO may offer.
+pub const MAX_CODECS: usize = 64;
+/// Largest opaque VM configuration in a HELLO.
+pub const MAX_CONFIG: usize = 1 << 20;
+/// Longest ABORT reason, producer name.
+pub const MAX_TEXT: usize = 4096;
+/// Most ranges in one ZERO frame.
+pub const MAX_ZERO_RANGES: usize = 65536;
+
+const HEADER: usize = 8;
+const TRAILER: usize = 8;
+
+/// Target architecture of a migrating VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Arch(pub u32);
+
+impl Arch {
+    /// No real architecture (fake VMs in tests).
+    pub const NONE: Arch = Arch(0);
+    /// x86_64.
+    pub const X86_64: Arch = Arch(1);
+    /// aarch64.
+    pub const AARCH64: Arch = Arch(2);
+
+    /// The architecture this process runs on.
+    pub fn host() -> Arch {
+        match std::env::consts::ARCH {
+            "x86_64" => Arch::X86_64,
+            "aarch64" => Arch::AARCH64,
+            _ => Arch::NONE,
+        }
+    }
+}
+
+/// Message types (the u16 at offset 0 of a frame).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum MessageType {
+    /// Source → destination: versions, architecture, codecs, layout, config.
+    Hello = 1,
+    /// Destination → source: chosen version and codec.
+    HelloAck = 2,
+    /// Source → destination: guest memory bytes at an address.
+    Memory = 3,
+    /// Source → destination: ranges that are all zero (protocol ≥ 2).
+    Zero = 4,
+    /// Source → destination: end of a memory round.
+    RoundEnd = 5,
+    /// Source → destination: a piece of the encoded device-state tree.
+    State = 6,
+    /// Destination → source: state restored, ready to resume.
+    Ready = 7,
+    /// Source → destination: resume now (the commit point).
+    Go = 8,
+    /// Destination → source: resumed.
+    Done = 9,
+    /// Either way: the sender gives up, with a reason.
+    Abort = 10,
+}
+
+impl MessageType {
+    fn from_u16(v: u16) -> Option<Self> {
+        use MessageType::*;
+        Some(match v {
+            1 => Hello,
+            2 => HelloAck,
+            3 => Memory,
+            4 => Zero,
+            5 => RoundEnd,
+            6 => State,
+            7 => Ready,
+            8 => Go,
+            9 => Done,
+            10 => Abort,
+            _ => return None,
+        })
+    }
+}
+
+/// What the source announces in its HELLO.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// Highest protocol version the source speaks.
+    pub version: u32,
+    /// Lowest protocol version the source speaks.
+    pub min_version: u32,
+    /// Architecture of the VM.
+    pub arch: Arch,
+    /// Codecs the source can encode state with, preferred first.
+    pub codecs: Vec<CodecId>,
+    /// Guest RAM layout.
+    pub layout: Vec<MemoryRange>,
+    /// Opaque VMM configuration the destination needs to build the VM (vCPU count…).
+    pub config: Vec<u8>,
+    /// Name and version of the producing software.
+    pub producer: String,
+}
+
+/// A decoded message. Memory and state payloads borrow the frame buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Message<'a> {
+    /// See [`MessageType::Hello`].
+    Hello(Hello),
+    /// See [`MessageType::HelloAck`].
+    HelloAck {
+        /// Version both sides speak from now on.
+        version: u32,
+        /// Codec the source must encode state with.
+        codec: CodecId,
+    },
+    /// See [`MessageType::Memory`].
+    Memory {
+        /// Guest address of `data[0]`.
+        gpa: u64,
+        /// The bytes.
+        data: &'a [u8],
+    },
+    /// See [`MessageType::Zero`].
+    Zero(Vec<MemoryRange>),
+    /// See [`MessageType::RoundEnd`].
+    RoundEnd {
+        /// Round number, from 0.
+        round: u32,
+        /// Whether this was the last round (the source is paused).
+        last: bool,
+    },
+    /// See [`MessageType::State`].
+    State {
+        /// Whether this piece is the last.
+        last: bool,
+        /// The bytes.
+        data: &'a [u8],
+    },
+    /// See [`MessageType::Ready`].
+    Ready,
+    /// See [`MessageType::Go`].
+    Go,
+    /// See [`MessageType::Done`].
+    Done,
+    /// See [`MessageType::Abort`].
+    Abort(String),
+}
+
+/// Errors of the migration protocol and its drivers.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MigrationError {
+    /// The connection failed (includes connect refused and early close).
+    #[error("connection: {0}")]
+    Io(#[from] io::Error),
+    /// A frame is malformed: bad header, length over the limit, bad field.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// A frame's checksum does not match.
+    #[error("checksum mismatch in a {0:?} frame")]
+    Checksum(MessageType),
+    /// The peer sent a message the state machine does not allow here.
+    #[error("unexpected {got:?} message while {state}")]
+    Unexpected {
+        /// What arrived.
+        got: MessageType,
+        /// What this side was doing.
+        state: &'static str,
+    },
+    /// The peer aborted, with its reason.
+    #[error("peer aborted: {0}")]
+    PeerAborted(String),
+    /// The destination rejected the handshake (this side's own reason).
+    #[error("handshake rejected: {0}")]
+    Rejected(String),
+    /// Memory in a message lies outside the destination's RAM.
+    #[error("memory: {0}")]
+    Memory(#[from] MemoryError),
+    /// A component failed (pause, snapshot, restore, dirty log…).
+    #[error("VM: {0}")]
+    Vm(#[from] MigratableError),
+    /// Precopy did not converge and the policy is to cancel.
+    #[error(
+        "did not converge after {rounds} rounds: {remaining} bytes dirty, estimated downtime {estimated:?} over the limit {limit:?}"
+    )]
+    NotConverged {
+        /// Rounds sent.
+        rounds: u32,
+        /// Dirty bytes left.
+        remaining: u64,
+        /// Estimated downtime for them.
+        estimated: Duration,
+        /// The caller's limit.
+        limit: Duration,
+    },
+    /// The connection broke after the source sent GO: the destination may or may not
+    /// have resumed. The source stays paused; the caller decides.
+    #[error("connection lost at the commit point: the destination may be running; the source stays paused")]
+    CommitUncertain,
+}
+
+impl MigrationError {
+    fn malformed(msg: impl Into<String>) -> Self {
+        Self::Malformed(msg.into())
+    }
+}
+
+fn crc64(parts: &[&[u8]]) -> u64 {
+    let mut d = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
+    for p in parts {
+        d.update(p);
+    }
+    d.finalize()
+}
+
+/// A little-endian cursor over an untrusted payload.
+struct Cursor<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], MigrationError> {
+        if self.buf.len() < n {
+            return Err(MigrationError::malformed("payload shorter than its fields"));
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], MigrationError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, MigrationError> {
+        Ok(self.array::<1>()?[0])
+    }
+    fn u16(&mut self) -> Result<u16, MigrationError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> Result<u32, MigrationError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, MigrationError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    /// A count, checked against `max` and against the bytes left (`item` bytes each)
+    /// before anything is allocated.
+    fn count(&mut self, n: usize, max: usize, item: usize, what: &str) -> Result<usize, MigrationError> {
+        if n > max {
+            return Err(MigrationError::malformed(format!("{n} {what}: over the limit {max}")));
+        }
+        if n.saturating_mul(item) > self.buf.len() {
+            return Err(MigrationError::malformed(format!("{n} {what} do not fit the payload")));
+        }
+        Ok(n)
+    }
+    fn text(&mut self, len: usize) -> Result<String, MigrationError> {
+        let n = self.count(len, MAX_TEXT, 1, "text bytes")?;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| MigrationError::malformed("text is not UTF-8"))
+    }
+    fn end(&self) -> Result<(), MigrationError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(MigrationError::malformed(format!("{} trailing bytes in payload", self.buf.len())))
+        }
+    }
+}
+
+fn range(c: &mut Cursor<'_>) -> Result<MemoryRange, MigrationError> {
+    let r = MemoryRange::new(c.u64()?, c.u64()?);
+    if r.end().is_none() {
+        return Err(MigrationError::malformed("memory range overflows u64"));
+    }
+    Ok(r)
+}
+
+impl<'a> Message<'a> {
+    /// The message's type.
+    pub fn message_type(&self) -> MessageType {
+        match self {
+            Message::Hello(_) => MessageType::Hello,
+            Message::HelloAck { .. } => MessageType::HelloAck,
+            Message::Memory { .. } => MessageType::Memory,
+            Message::Zero(_) => MessageType::Zero,
+            Message::RoundEnd { .. } => MessageType::RoundEnd,
+            Message::State { .. } => MessageType::State,
+            Message::Ready => MessageType::Ready,
+            Message::Go => MessageType::Go,
+            Message::Done => MessageType::Done,
+            Message::Abort(_) => MessageType::Abort,
+        }
+    }
+
+    /// Decodes the payload of a frame of type `ty`. The payload is untrusted.
+    pub fn decode(ty: MessageType, payload: &'a [u8]) -> Result<Self, MigrationError> {
+        let mut c = Cursor { buf: payload };
+        let msg = match ty {
+            MessageType::Hello => {
+                if c.array::<8>()? != MAGIC {
+                    return Err(MigrationError::malformed("bad HELLO magic: not a migration stream"));
+                }
+                let version = c.u32()?;
+                let min_version = c.u32()?;
+                let arch = Arch(c.u32()?);
+                let n = c.u16()? as usize;
+                let n = c.count(n, MAX_CODECS, 4, "codecs")?;
+                let codecs = (0..n).map(|_| c.array::<4>().map(CodecId)).collect::<Result<_, _>>()?;
+                let n = c.u32()? as usize;
+                let n = c.count(n, MAX_REGIONS, 16, "regions")?;
+                let layout = (0..n).map(|_| range(&mut c)).collect::<Result<_, _>>()?;
+                let n = c.u32()? as usize;
+                let n = c.count(n, MAX_CONFIG, 1, "config bytes")?;
+                let config = c.take(n)?.to_vec();
+                let n = c.u16()? as usize;
+                let producer = c.text(n)?;
+                Message::Hello(Hello { version, min_version, arch, codecs, layout, config, producer })
+            }
+            MessageType::HelloAck => Message::HelloAck { version: c.u32()?, codec: CodecId(c.array()?) },
+            MessageType::Memory => {
+                let gpa = c.u64()?;
+                let data = c.take(c.buf.len())?;
+                if data.is_empty() || data.len() > MAX_MEMORY_CHUNK {
+                    return Err(MigrationError::malformed(format!("memory chunk of {} bytes", data.len())));
+                }
+                if gpa.checked_add(data.len() as u64).is_none() {
+                    return Err(MigrationError::malformed("memory chunk overflows u64"));
+                }
+                Message::Memory { gpa, data }
+            }
+            MessageType::Zero => {
+                let n = c.u32()? as usize;
+                let n = c.count(n, MAX_ZERO_RANGES, 16, "zero ranges")?;
+                Message::Zero((0..n).map(|_| range(&mut c)).collect::<Result<_, _>>()?)
+            }
+            MessageType::RoundEnd => {
+                let round = c.u32()?;
+                let last = match c.u8()? {
+                    0 => false,
+                    1 => true,
+                    v => return Err(MigrationError::malformed(format!("ROUND_END last = {v}"))),
+                };
+                Message::RoundEnd { round, last }
+            }
+            MessageType::State => {
+                let last = match c.u8()? {
+                    0 => false,
+                    1 => true,
+                    v => return Err(MigrationError::malformed(format!("STATE last = {v}"))),
+                };
+                Message::State { last, data: c.take(c.buf.len())? }
+            }
+            MessageType::Ready => Message::Ready,
+            MessageType::Go => Message::Go,
+            MessageType::Done => Message::Done,
+            MessageType::Abort => {
+                let n = c.u16()? as usize;
+                Message::Abort(c.text(n)?)
+            }
+        };
+        c.end()?;
+        Ok(msg)
+    }
+
+    /// Appends the payload encoding to `out` (for MEMORY and STATE, only the part
+    /// before the data: the data follows separately, see [`Channel::send`]).
+    fn encode_head(&self, out: &mut Vec<u8>) {
+        match self {
+            Message::Hello(h) => {
+                out.extend_from_slice(&MAGIC);
+                out.extend_from_slice(&h.version.to_le_bytes());
+                out.extend_from_slice(&h.min_version.to_le_bytes());
+                out.extend_from_slice(&h.arch.0.to_le_bytes());
+                out.extend_from_slice(&(h.codecs.len() as u16).to_le_bytes());
+                for c in &h.codecs {
+                    out.extend_from_slice(&c.0);
+                }
+                out.extend_from_slice(&(h.layout.len() as u32).to_le_bytes());
+                for r in &h.layout {
+                    out.extend_from_slice(&r.gpa.to_le_bytes());
+                    out.extend_from_slice(&r.length.to_le_bytes());
+                }
+                out.extend_from_slice(&(h.config.len() as u32).to_le_bytes());
+                out.extend_from_slice(&h.config);
+                out.extend_from_slice(&(h.producer.len() as u16).to_le_bytes());
+                out.extend_from_slice(h.producer.as_bytes());
+            }
+            Message::HelloAck { version, codec } => {
+                out.extend_from_slice(&version.to_le_bytes());
+                out.extend_from_slice(&codec.0);
+            }
+            Message::Memory { gpa, .. } => out.extend_from_slice(&gpa.to_le_bytes()),
+            Message::Zero(ranges) => {
+                out.extend_from_slice(&(ranges.len() as u32).to_le_bytes());
+                for r in ranges {
+                    out.extend_from_slice(&r.gpa.to_le_bytes());
+                    out.extend_from_slice(&r.length.to_le_bytes());
+                }
+            }
+            Message::RoundEnd { round, last } => {
+                out.extend_from_slice(&round.to_le_bytes());
+                out.push(u8::from(*last));
+            }
+            Message::State { last, .. } => out.push(u8::from(*last)),
+            Message::Ready | Message::Go | Message::Done => {}
+            Message::Abort(reason) => {
+                let mut end = reason.len().min(MAX_TEXT);
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                out.extend_from_slice(&(end as u16).to_le_bytes());
+                out.extend_from_slice(&reason.as_bytes()[..end]);
+            }
+        }
+    }
+
+    fn data(&self) -> &[u8] {
+        match self {
+            Message::Memory { data, .. } | Message::State { data, .. } => data,
+            _ => &[],
+        }
+    }
+}
+
+/// One end of a migration connection: frames messages out, checks and decodes
+/// messages in. Small frames are buffered until [`flush`](Channel::flush) or until a
+/// reply is awaited.
+#[derive(Debug)]
+pub struct Channel<S: Read + Write> {
+    io: BufReader<S>,
+    out: Vec<u8>,
+    frame: Vec<u8>,
+    bytes_sent: u64,
+}
+
+const OUT_FLUSH: usize = 256 << 10;
+
+impl<S: Read + Write> Channel<S> {
+    /// A channel over a connected stream.
+    pub fn new(stream: S) -> Self {
+        Self {
+            io: BufReader::with_capacity(256 << 10, stream),
+            out: Vec::with_capacity(OUT_FLUSH + 4096),
+            frame: Vec::new(),
+            bytes_sent: 0,
+        }
+    }
+
+    /// The underlying stream.
+    pub fn get_ref(&self) -> &S {
+        self.io.get_ref()
+    }
+
+    /// Bytes framed so far (headers, payloads, checksums).
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent
+    }
+
+    /// Frames and queues `msg`; large payloads are written straight through.
+    pub fn send(&mut self, msg: &Message<'_>) -> Result<(), MigrationError> {
+        let start = self.out.len();
+        self.out.extend_from_slice(&[0u8; HEADER]);
+        msg.encode_head(&mut self.out);
+        let data = msg.data();
+        let len = self.out.len() - start - HEADER + data.len();
+        if len > MAX_PAYLOAD as usize {
+            self.out.truncate(start);
+            return Err(MigrationError::malformed(format!("payload of {len} bytes over MAX_PAYLOAD")));
+        }
+        let ty = msg.message_type() as u16;
+        self.out[start..start + 2].copy_from_slice(&ty.to_le_bytes());
+        self.out[start + 4..start + 8].copy_from_slice(&(len as u32).to_le_bytes());
+        let crc = crc64(&[&self.out[start..], data]);
+        if data.len() > 64 << 10 {
+            self.flush_buffer()?;
+            self.io.get_mut().write_all(data)?;
+        } else {
+            self.out.extend_from_slice(data);
+        }
+        self.out.extend_from_slice(&crc.to_le_bytes());
+        self.bytes_sent += (HEADER + len + TRAILER) as u64;
+        if self.out.len() >= OUT_FLUSH {
+            self.flush_buffer()?;
+        }
+        Ok(())
+    }
+
+    fn flush_buffer(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            self.io.get_mut().write_all(&self.out)?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes out everything queued.
+    pub fn flush(&mut self) -> Result<(), MigrationError> {
+        self.flush_buffer()?;
+        self.io.get_mut().flush()?;
+        Ok(())
+    }
+
+    /// Reads, checks and decodes the next message. An ABORT from the peer is returned
+    /// as a message; the caller turns it into [`MigrationError::PeerAborted`].
+    pub fn recv(&mut self) -> Result<Message<'_>, MigrationError> {
+        self.flush()?;
+        let mut header = [0u8; HEADER];
+        self.io.read_exact(&mut header)?;
+        let ty_raw = u16::from_le_bytes([header[0], header[1]]);
+        let flags = u16::from_le_bytes([header[2], header[3]]);
+        let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let ty = MessageType::from_u16(ty_raw)
+            .ok_or_else(|| MigrationError::malformed(format!("unknown message type {ty_raw}")))?;
+        if flags != 0 {
+            return Err(MigrationError::malformed(format!("flags {flags:#x} set in a {ty:?} frame")));
+        }
+        if len > MAX_PAYLOAD {
+            return Err(MigrationError::malformed(format!("{ty:?} payload of {len} bytes over MAX_PAYLOAD")));
+        }
+        // Bounded by MAX_PAYLOAD above; the buffer is reused across frames.
+        self.frame.resize(len as usize + TRAILER, 0);
+        self.io.read_exact(&mut self.frame)?;
+        let (payload, trailer) = self.frame.split_at(len as usize);
+        let mut crc = [0u8; 8];
+        crc.copy_from_slice(trailer);
+        if crc64(&[&header, payload]) != u64::from_le_bytes(crc) {
+            return Err(MigrationError::Checksum(ty));
+        }
+        Message::decode(ty, payload)
+    }
+
+    /// Sends ABORT with `reason`, ignoring failures (the connection may be gone).
+    pub fn abort(&mut self, reason: &str) {
+        let _ = self.send(&Message::Abort(reason.to_owned())).and_then(|_| self.flush());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(msg: Message<'_>) {
+        let mut ch = Channel::new(io::Cursor::new(Vec::new()));
+        ch.send(&msg).unwrap();
+        ch.flush().unwrap();
+        let bytes = ch.io.into_inner().into_inner();
+        let mut rx = Channel::new(io::Cursor::new(bytes));
+        assert_eq!(rx.recv().unwrap(), msg);
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let data = vec![7u8; 100_000];
+        round_trip(Message::Hello(Hello {
+            version: 2,
+            min_version: 1,
+            arch: Arch::X86_64,
+            codecs: vec![CodecId::new(b"pcd1"), CodecId::new(b"json")],
+            layout: vec![MemoryRange::new(0, 1 << 20), MemoryRange::new(1 << 32, 4096)],
+            config: b"vcpus=2".to_vec(),
+            producer: "test 1.0".into(),
+        }));
+        round_trip(Message::HelloAck { version: 2, codec: CodecId::new(b"json") });
+        round_trip(Message::Memory { gpa: 0x1000, data: &data });
+        round_trip(Message::Zero(vec![MemoryRange::new(0, 4096)]));
+        round_trip(Message::RoundEnd { round: 3, last: true });
+        round_trip(Message::State { last: false, data: b"abc" });
+        round_trip(Message::Ready);
+        round_trip(Message::Go);
+        round_trip(Message::Done);
+        round_trip(Message::Abort("no room".into()));
+    }
+
+    #[test]
+    fn forged_counts_are_rejected_before_allocation() {
+        // A ZERO frame claiming 4 billion ranges in 4 bytes.
+        let payload = u32::MAX.to_le_bytes();
+        assert!(matches!(
+            Message::decode(MessageType::Zero, &payload),
+            Err(MigrationError::Malformed(_))
+        ));
+        let mut hello = MAGIC.to_vec();
+        hello.extend_from_slice(&[2, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0]);
+        hello.extend_from_slice(&u16::MAX.to_le_bytes());
+        assert!(Message::decode(MessageType::Hello, &hello).is_err());
+    }
+
+    #[test]
+    fn corrupt_frames_are_typed_errors() {
+        let mut ch = Channel::new(io::Cursor::new(Vec::new()));
+        ch.send(&Message::RoundEnd { round: 1, last: false }).unwrap();
+        ch.flush().unwrap();
+        let good = ch.io.into_inner().into_inner();
+        for bit in 0..good.len() * 8 {
+            let mut bad = good.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            let mut rx = Channel::new(io::Cursor::new(bad));
+            assert!(rx.recv().is_err(), "bit {bit} flip accepted");
+        }
+        for cut in 0..good.len() {
+            let mut rx = Channel::new(io::Cursor::new(good[..cut].to_vec()));
+            assert!(rx.recv().is_err(), "truncation at {cut} accepted");
+        }
+    }
+}
