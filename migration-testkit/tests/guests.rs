@@ -299,3 +299,33 @@ fn memory_pattern_above_4g() -> Result<()> {
     ensure!(hole == 0);
     Ok(())
 }
+
+/// The memory_pattern guest keeps dirtying pages: KVM's dirty log sees them.
+#[test]
+fn memory_pattern_dirties_pages_continuously() -> Result<()> {
+    if !kvm_usable() {
+        return Ok(());
+    }
+    let ram = 16usize << 20;
+    let mut vm = TestVm::<vm_memory::bitmap::AtomicBitmap>::with_config(
+        migration_testkit::guest::VmConfig {
+            ram_size: ram,
+            dirty_log: true,
+        },
+    )?;
+    vm.boot(Guest::MemoryPattern.image(), 0)?;
+    let mut m = PortMonitor::new(2);
+    ensure!(vm.run_until(&mut m, TIMEOUT)? == Verdict::Pass);
+    vm.vm.get_dirty_log(0, ram)?; // clears
+    let mut m2 = PortMonitor::with_baseline(9, m.last_progress().unwrap());
+    ensure!(vm.run_until(&mut m2, TIMEOUT)? == Verdict::Pass);
+    let dirty: u32 = vm
+        .vm
+        .get_dirty_log(0, ram)?
+        .iter()
+        .map(|w| w.count_ones())
+        .sum();
+    // 9 passes rewrite every page of [1 MiB, 16 MiB) at least once.
+    ensure!(dirty >= 15 * 256, "only {dirty} dirty pages");
+    Ok(())
+}
