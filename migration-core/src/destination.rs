@@ -8,8 +8,10 @@
 use std::fmt;
 use std::io::{Read, Write};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::codec::{self, Codec, CodecRegistry};
+use crate::endpoint::Endpoint;
 use crate::memory::{check_range, MemoryRange};
 use crate::protocol::{
     Arch, Channel, Hello, Message, MigrationError, MAX_STATE, MIN_PROTOCOL_VERSION,
@@ -88,7 +90,33 @@ where
     }
 }
 
-fn negotiate(hello: &Hello, options: &ReceiveOptions) -> Result<(u32, Arc<dyn Codec>), MigrationError> {
+/// Listens at `url` (`tcp://host:port` or `unix:///path`), accepts one source and
+/// receives its VM. See [`receive_migration_over`]. `on_listen` is called with the
+/// URL to connect to once the socket listens (with the real port for `tcp://…:0`).
+pub fn receive_migration<M, F>(
+    url: &str,
+    options: &ReceiveOptions,
+    io_timeout: Duration,
+    on_listen: impl FnOnce(&str),
+    build: F,
+) -> Result<(M, ReceiveReport), MigrationError>
+where
+    M: Migratable,
+    F: FnOnce(&IncomingVm) -> Result<M, MigratableError>,
+{
+    let listener = Endpoint::parse(url)
+        .map_err(MigrationError::endpoint)?
+        .bind()?;
+    on_listen(&listener.url()?);
+    let stream = listener.accept()?;
+    stream.set_read_timeout(Some(io_timeout))?;
+    receive_migration_over(stream, options, build)
+}
+
+fn negotiate(
+    hello: &Hello,
+    options: &ReceiveOptions,
+) -> Result<(u32, Arc<dyn Codec>), MigrationError> {
     let version = hello.version.min(PROTOCOL_VERSION);
     if version < hello.min_version.max(MIN_PROTOCOL_VERSION) {
         return Err(MigrationError::Rejected(format!(
@@ -119,9 +147,13 @@ fn negotiate(hello: &Hello, options: &ReceiveOptions) -> Result<(u32, Arc<dyn Co
     let mut end = 0u64;
     for r in &hello.layout {
         if r.gpa < end || r.length == 0 {
-            return Err(MigrationError::Rejected("memory layout regions overlap or are empty".into()));
+            return Err(MigrationError::Rejected(
+                "memory layout regions overlap or are empty".into(),
+            ));
         }
-        end = r.end().ok_or_else(|| MigrationError::Rejected("memory region overflows".into()))?;
+        end = r
+            .end()
+            .ok_or_else(|| MigrationError::Rejected("memory region overflows".into()))?;
     }
     Ok((version, codec))
 }
@@ -154,7 +186,8 @@ where
         config: hello.config,
         producer: hello.producer,
     };
-    let mut vm = build(&incoming).map_err(|e| MigrationError::Rejected(format!("cannot build the VM: {e}")))?;
+    let mut vm = build(&incoming)
+        .map_err(|e| MigrationError::Rejected(format!("cannot build the VM: {e}")))?;
     let layout = vm.memory_sink().regions();
     if layout != incoming.layout {
         return Err(MigrationError::Rejected(format!(
@@ -163,7 +196,10 @@ where
         )));
     }
     vm.start_migration()?;
-    ch.send(&Message::HelloAck { version, codec: codec.id() })?;
+    ch.send(&Message::HelloAck {
+        version,
+        codec: codec.id(),
+    })?;
     ch.flush()?;
 
     let mut report = ReceiveReport::default();
@@ -179,7 +215,9 @@ where
             }
             Message::Zero(ranges) => {
                 if version < 2 {
-                    return Err(MigrationError::Malformed("ZERO frame in protocol version 1".into()));
+                    return Err(MigrationError::Malformed(
+                        "ZERO frame in protocol version 1".into(),
+                    ));
                 }
                 for r in ranges {
                     check_range(&layout, r)?;
@@ -202,13 +240,14 @@ where
                 state.extend_from_slice(data);
                 if last {
                     report.state_bytes = state.len() as u64;
-                    let mut snapshot: Snapshot = codec::decode(codec.as_ref(), &state).map_err(|source| {
-                        MigratableError::Codec {
-                            path: String::new(),
-                            section: "<state tree>".into(),
-                            source,
-                        }
-                    })?;
+                    let mut snapshot: Snapshot =
+                        codec::decode(codec.as_ref(), &state).map_err(|source| {
+                            MigratableError::Codec {
+                                path: String::new(),
+                                section: "<state tree>".into(),
+                                source,
+                            }
+                        })?;
                     snapshot.resolve_codecs(&options.codecs);
                     vm.restore(&snapshot)?;
                     ch.send(&Message::Ready)?;

@@ -12,6 +12,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use crate::codec::{self, Codec, CodecId};
+use crate::endpoint::Endpoint;
 use crate::memory::{MemoryRange, MemoryRangeTable, PAGE_SIZE};
 use crate::protocol::{
     Arch, Channel, Hello, Message, MessageType, MigrationError, MAX_MEMORY_CHUNK, MAX_PAYLOAD,
@@ -56,6 +57,9 @@ pub struct Progress {
     pub bytes_sent: u64,
 }
 
+/// A progress callback.
+pub type ProgressFn = Box<dyn FnMut(&Progress) + Send>;
+
 /// Options of [`send_migration_over`].
 pub struct MigrationOptions {
     /// Longest acceptable pause of the guest (estimated from the measured bandwidth).
@@ -75,7 +79,7 @@ pub struct MigrationOptions {
     /// Producer name announced in the handshake.
     pub producer: String,
     /// Called as memory goes out, at least once per chunk.
-    pub progress: Option<Box<dyn FnMut(&Progress) + Send>>,
+    pub progress: Option<ProgressFn>,
 }
 
 impl Default for MigrationOptions {
@@ -191,6 +195,22 @@ where
     }
 }
 
+/// Migrates `vm` to the destination listening at `url` (`tcp://host:port` or
+/// `unix:///path`). See [`send_migration_over`]. A destination silent for longer than
+/// `io_timeout` is an error (and the source resumes).
+pub fn send_migration<M: Migratable + ?Sized>(
+    vm: &mut M,
+    url: &str,
+    options: &mut MigrationOptions,
+    io_timeout: Duration,
+) -> Result<MigrationReport, MigrationError> {
+    let stream = Endpoint::parse(url)
+        .map_err(MigrationError::endpoint)?
+        .connect()?;
+    stream.set_read_timeout(Some(io_timeout))?;
+    send_migration_over(vm, stream, options)
+}
+
 struct Source<S: Read + Write> {
     ch: Channel<S>,
     paused: bool,
@@ -262,26 +282,31 @@ impl<S: Read + Write> Source<S> {
         let t = Instant::now();
         let mut snapshot = vm.snapshot()?;
         snapshot.encode(&codec)?;
-        let state = codec::encode(codec.as_ref(), &snapshot).map_err(|source| {
-            MigratableError::Codec {
+        let state =
+            codec::encode(codec.as_ref(), &snapshot).map_err(|source| MigratableError::Codec {
                 path: snapshot.id().to_owned(),
                 section: String::new(),
                 source,
-            }
-        })?;
+            })?;
         let state_capture = t.elapsed();
 
         let t = Instant::now();
         let piece = MAX_PAYLOAD as usize - 1;
         let mut chunks = state.chunks(piece).peekable();
         if chunks.peek().is_none() {
-            self.ch.send(&Message::State { last: true, data: &[] })?;
+            self.ch.send(&Message::State {
+                last: true,
+                data: &[],
+            })?;
         }
         while let Some(data) = chunks.next() {
             let last = chunks.peek().is_none();
             self.ch.send(&Message::State { last, data })?;
         }
-        self.expect(MessageType::Ready, "waiting for the destination to restore state")?;
+        self.expect(
+            MessageType::Ready,
+            "waiting for the destination to restore state",
+        )?;
         let state_send = t.elapsed();
 
         report_progress(options, Phase::Handover, round, 0, 0, self.ch.bytes_sent());
@@ -330,9 +355,13 @@ impl<S: Read + Write> Source<S> {
             }
         }
         if codecs.is_empty() {
-            return Err(MigrationError::Rejected("the source VM has no codec registered".into()));
+            return Err(MigrationError::Rejected(
+                "the source VM has no codec registered".into(),
+            ));
         }
-        let version = options.protocol_version.clamp(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION);
+        let version = options
+            .protocol_version
+            .clamp(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION);
         self.ch.send(&Message::Hello(Hello {
             version,
             min_version: MIN_PROTOCOL_VERSION,
@@ -350,7 +379,9 @@ impl<S: Read + Write> Source<S> {
                     )));
                 }
                 let codec = registry.get(codec).cloned().ok_or_else(|| {
-                    MigrationError::Rejected(format!("destination chose codec `{codec}`, which was not offered"))
+                    MigrationError::Rejected(format!(
+                        "destination chose codec `{codec}`, which was not offered"
+                    ))
                 })?;
                 Ok((v, codec))
             }
@@ -377,7 +408,11 @@ impl<S: Read + Write> Source<S> {
     ) -> Result<RoundReport, MigrationError> {
         let start = Instant::now();
         let wire_start = self.ch.bytes_sent();
-        let phase = if last { Phase::FinalRound } else { Phase::Precopy };
+        let phase = if last {
+            Phase::FinalRound
+        } else {
+            Phase::Precopy
+        };
         let total = table.total_bytes();
         let mut report = RoundReport {
             round,
@@ -415,7 +450,10 @@ impl<S: Read + Write> Source<S> {
                 }
             } else {
                 report.pages += piece.length.div_ceil(PAGE_SIZE);
-                self.ch.send(&Message::Memory { gpa: piece.gpa, data: chunk })?;
+                self.ch.send(&Message::Memory {
+                    gpa: piece.gpa,
+                    data: chunk,
+                })?;
             }
             done += piece.length;
             report_progress(options, phase, round, total, done, self.ch.bytes_sent());
@@ -443,7 +481,11 @@ impl<S: Read + Write> Source<S> {
 
     /// Puts the source back to running after `error`, tells the destination why, and
     /// returns the most useful error.
-    fn recover<M: Migratable + ?Sized>(&mut self, vm: &mut M, error: MigrationError) -> MigrationError {
+    fn recover<M: Migratable + ?Sized>(
+        &mut self,
+        vm: &mut M,
+        error: MigrationError,
+    ) -> MigrationError {
         if self.committed {
             // GO is out: the destination may be running. Never run two copies.
             return MigrationError::CommitUncertain;
@@ -482,7 +524,14 @@ impl RoundReport {
     }
 }
 
-fn report_progress(options: &mut MigrationOptions, phase: Phase, round: u32, total: u64, done: u64, sent: u64) {
+fn report_progress(
+    options: &mut MigrationOptions,
+    phase: Phase,
+    round: u32,
+    total: u64,
+    done: u64,
+    sent: u64,
+) {
     if let Some(cb) = options.progress.as_mut() {
         cb(&Progress {
             phase,
@@ -532,7 +581,12 @@ mod tests {
         chunk[4 * 4096 + 99] = 1;
         assert_eq!(
             page_runs(&chunk),
-            vec![(0, 4096, true), (4096, 4096, false), (8192, 8192, true), (16384, 100, false)]
+            vec![
+                (0, 4096, true),
+                (4096, 4096, false),
+                (8192, 8192, true),
+                (16384, 100, false)
+            ]
         );
         assert!(is_zero(&[0; 200]));
         assert!(!is_zero(&[0, 0, 0, 1]));

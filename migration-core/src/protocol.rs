@@ -213,6 +213,9 @@ pub enum MigrationError {
     /// A component failed (pause, snapshot, restore, dirty log…).
     #[error("VM: {0}")]
     Vm(#[from] MigratableError),
+    /// The URL names no usable endpoint.
+    #[error("endpoint: {0}")]
+    Endpoint(#[source] Box<MigratableError>),
     /// Precopy did not converge and the policy is to cancel.
     #[error(
         "did not converge after {rounds} rounds: {remaining} bytes dirty, estimated downtime {estimated:?} over the limit {limit:?}"
@@ -234,6 +237,10 @@ pub enum MigrationError {
 }
 
 impl MigrationError {
+    pub(crate) fn endpoint(e: MigratableError) -> Self {
+        Self::Endpoint(Box::new(e))
+    }
+
     fn malformed(msg: impl Into<String>) -> Self {
         Self::Malformed(msg.into())
     }
@@ -280,24 +287,38 @@ impl<'a> Cursor<'a> {
     }
     /// A count, checked against `max` and against the bytes left (`item` bytes each)
     /// before anything is allocated.
-    fn count(&mut self, n: usize, max: usize, item: usize, what: &str) -> Result<usize, MigrationError> {
+    fn count(
+        &mut self,
+        n: usize,
+        max: usize,
+        item: usize,
+        what: &str,
+    ) -> Result<usize, MigrationError> {
         if n > max {
-            return Err(MigrationError::malformed(format!("{n} {what}: over the limit {max}")));
+            return Err(MigrationError::malformed(format!(
+                "{n} {what}: over the limit {max}"
+            )));
         }
         if n.saturating_mul(item) > self.buf.len() {
-            return Err(MigrationError::malformed(format!("{n} {what} do not fit the payload")));
+            return Err(MigrationError::malformed(format!(
+                "{n} {what} do not fit the payload"
+            )));
         }
         Ok(n)
     }
     fn text(&mut self, len: usize) -> Result<String, MigrationError> {
         let n = self.count(len, MAX_TEXT, 1, "text bytes")?;
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| MigrationError::malformed("text is not UTF-8"))
+        String::from_utf8(self.take(n)?.to_vec())
+            .map_err(|_| MigrationError::malformed("text is not UTF-8"))
     }
     fn end(&self) -> Result<(), MigrationError> {
         if self.buf.is_empty() {
             Ok(())
         } else {
-            Err(MigrationError::malformed(format!("{} trailing bytes in payload", self.buf.len())))
+            Err(MigrationError::malformed(format!(
+                "{} trailing bytes in payload",
+                self.buf.len()
+            )))
         }
     }
 }
@@ -333,14 +354,18 @@ impl<'a> Message<'a> {
         let msg = match ty {
             MessageType::Hello => {
                 if c.array::<8>()? != MAGIC {
-                    return Err(MigrationError::malformed("bad HELLO magic: not a migration stream"));
+                    return Err(MigrationError::malformed(
+                        "bad HELLO magic: not a migration stream",
+                    ));
                 }
                 let version = c.u32()?;
                 let min_version = c.u32()?;
                 let arch = Arch(c.u32()?);
                 let n = c.u16()? as usize;
                 let n = c.count(n, MAX_CODECS, 4, "codecs")?;
-                let codecs = (0..n).map(|_| c.array::<4>().map(CodecId)).collect::<Result<_, _>>()?;
+                let codecs = (0..n)
+                    .map(|_| c.array::<4>().map(CodecId))
+                    .collect::<Result<_, _>>()?;
                 let n = c.u32()? as usize;
                 let n = c.count(n, MAX_REGIONS, 16, "regions")?;
                 let layout = (0..n).map(|_| range(&mut c)).collect::<Result<_, _>>()?;
@@ -349,14 +374,28 @@ impl<'a> Message<'a> {
                 let config = c.take(n)?.to_vec();
                 let n = c.u16()? as usize;
                 let producer = c.text(n)?;
-                Message::Hello(Hello { version, min_version, arch, codecs, layout, config, producer })
+                Message::Hello(Hello {
+                    version,
+                    min_version,
+                    arch,
+                    codecs,
+                    layout,
+                    config,
+                    producer,
+                })
             }
-            MessageType::HelloAck => Message::HelloAck { version: c.u32()?, codec: CodecId(c.array()?) },
+            MessageType::HelloAck => Message::HelloAck {
+                version: c.u32()?,
+                codec: CodecId(c.array()?),
+            },
             MessageType::Memory => {
                 let gpa = c.u64()?;
                 let data = c.take(c.buf.len())?;
                 if data.is_empty() || data.len() > MAX_MEMORY_CHUNK {
-                    return Err(MigrationError::malformed(format!("memory chunk of {} bytes", data.len())));
+                    return Err(MigrationError::malformed(format!(
+                        "memory chunk of {} bytes",
+                        data.len()
+                    )));
                 }
                 if gpa.checked_add(data.len() as u64).is_none() {
                     return Err(MigrationError::malformed("memory chunk overflows u64"));
@@ -383,7 +422,10 @@ impl<'a> Message<'a> {
                     1 => true,
                     v => return Err(MigrationError::malformed(format!("STATE last = {v}"))),
                 };
-                Message::State { last, data: c.take(c.buf.len())? }
+                Message::State {
+                    last,
+                    data: c.take(c.buf.len())?,
+                }
             }
             MessageType::Ready => Message::Ready,
             MessageType::Go => Message::Go,
@@ -500,7 +542,9 @@ impl<S: Read + Write> Channel<S> {
         let len = self.out.len() - start - HEADER + data.len();
         if len > MAX_PAYLOAD as usize {
             self.out.truncate(start);
-            return Err(MigrationError::malformed(format!("payload of {len} bytes over MAX_PAYLOAD")));
+            return Err(MigrationError::malformed(format!(
+                "payload of {len} bytes over MAX_PAYLOAD"
+            )));
         }
         let ty = msg.message_type() as u16;
         self.out[start..start + 2].copy_from_slice(&ty.to_le_bytes());
@@ -547,10 +591,14 @@ impl<S: Read + Write> Channel<S> {
         let ty = MessageType::from_u16(ty_raw)
             .ok_or_else(|| MigrationError::malformed(format!("unknown message type {ty_raw}")))?;
         if flags != 0 {
-            return Err(MigrationError::malformed(format!("flags {flags:#x} set in a {ty:?} frame")));
+            return Err(MigrationError::malformed(format!(
+                "flags {flags:#x} set in a {ty:?} frame"
+            )));
         }
         if len > MAX_PAYLOAD {
-            return Err(MigrationError::malformed(format!("{ty:?} payload of {len} bytes over MAX_PAYLOAD")));
+            return Err(MigrationError::malformed(format!(
+                "{ty:?} payload of {len} bytes over MAX_PAYLOAD"
+            )));
         }
         // Bounded by MAX_PAYLOAD above; the buffer is reused across frames.
         self.frame.resize(len as usize + TRAILER, 0);
@@ -566,7 +614,9 @@ impl<S: Read + Write> Channel<S> {
 
     /// Sends ABORT with `reason`, ignoring failures (the connection may be gone).
     pub fn abort(&mut self, reason: &str) {
-        let _ = self.send(&Message::Abort(reason.to_owned())).and_then(|_| self.flush());
+        let _ = self
+            .send(&Message::Abort(reason.to_owned()))
+            .and_then(|_| self.flush());
     }
 }
 
@@ -591,15 +641,30 @@ mod tests {
             min_version: 1,
             arch: Arch::X86_64,
             codecs: vec![CodecId::new(b"pcd1"), CodecId::new(b"json")],
-            layout: vec![MemoryRange::new(0, 1 << 20), MemoryRange::new(1 << 32, 4096)],
+            layout: vec![
+                MemoryRange::new(0, 1 << 20),
+                MemoryRange::new(1 << 32, 4096),
+            ],
             config: b"vcpus=2".to_vec(),
             producer: "test 1.0".into(),
         }));
-        round_trip(Message::HelloAck { version: 2, codec: CodecId::new(b"json") });
-        round_trip(Message::Memory { gpa: 0x1000, data: &data });
+        round_trip(Message::HelloAck {
+            version: 2,
+            codec: CodecId::new(b"json"),
+        });
+        round_trip(Message::Memory {
+            gpa: 0x1000,
+            data: &data,
+        });
         round_trip(Message::Zero(vec![MemoryRange::new(0, 4096)]));
-        round_trip(Message::RoundEnd { round: 3, last: true });
-        round_trip(Message::State { last: false, data: b"abc" });
+        round_trip(Message::RoundEnd {
+            round: 3,
+            last: true,
+        });
+        round_trip(Message::State {
+            last: false,
+            data: b"abc",
+        });
         round_trip(Message::Ready);
         round_trip(Message::Go);
         round_trip(Message::Done);
@@ -623,7 +688,11 @@ mod tests {
     #[test]
     fn corrupt_frames_are_typed_errors() {
         let mut ch = Channel::new(io::Cursor::new(Vec::new()));
-        ch.send(&Message::RoundEnd { round: 1, last: false }).unwrap();
+        ch.send(&Message::RoundEnd {
+            round: 1,
+            last: false,
+        })
+        .unwrap();
         ch.flush().unwrap();
         let good = ch.io.into_inner().into_inner();
         for bit in 0..good.len() * 8 {
