@@ -8,6 +8,7 @@
 use std::io;
 
 use crate::codec::CodecError;
+use crate::container::FormatError;
 use crate::memory::MemoryError;
 
 /// A boxed error from a component or a transport: typed at its origin, erased here so
@@ -145,6 +146,9 @@ pub enum MigratableError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A snapshot container violates `docs/format.md` or this reader cannot read it.
+    #[error("snapshot container: {0}")]
+    Format(#[from] FormatError),
     /// Guest memory access failed.
     #[error(transparent)]
     Memory(#[from] MemoryError),

@@ -108,14 +108,19 @@
 //! - [`Versioned`]: section versions and upgrades.
 //! - [`codec`]: the [`Codec`] trait and [`CodecRegistry`].
 //! - [`memory`]: [`MemoryRange`], [`MemoryRangeTable`], [`MemorySource`], [`MemorySink`].
+//! - [`container`]: the snapshot container format (`docs/format.md`); [`file`]: atomic
+//!   snapshot files; [`checksum`]: CRC-64/NVME.
 //! - [`transport`]: `file://`, `tcp://`, `unix://`.
 //! - [`MigratableError`]: the error everything returns.
 
 #![warn(missing_docs)]
 #![warn(missing_debug_implementations)]
 
+pub mod checksum;
 pub mod codec;
+pub mod container;
 pub mod error;
+pub mod file;
 pub mod memory;
 mod migratable;
 mod pausable;
@@ -127,6 +132,7 @@ mod transportable;
 mod version;
 
 pub use codec::{Codec, CodecError, CodecId, CodecRegistry};
+pub use container::FormatError;
 pub use error::{BoxError, MigratableError};
 pub use memory::{MemoryError, MemoryRange, MemoryRangeTable, MemorySink, MemorySource};
 pub use migratable::Migratable;

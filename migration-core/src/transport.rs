@@ -1,20 +1,131 @@
 //! URL transports for snapshots: `file://`, `tcp://`, `unix://`.
 //!
-//! [`send_snapshot`] and [`recv_snapshot`] pick the transport from the URL's scheme.
-//! A scheme no transport handles is [`MigratableError::UnsupportedScheme`].
+//! [`send_snapshot`] and [`recv_snapshot`] pick the transport from the URL's scheme
+//! (parsed with the `url` crate). A scheme no transport handles is
+//! [`MigratableError::UnsupportedScheme`].
+//!
+//! - `file:///path`: the container's file form, written atomically
+//!   ([`crate::file::write_snapshot_file`]).
+//! - `tcp://host:port`, `unix:///path`: the **receiver listens** (binds, accepts one
+//!   connection), the **sender connects**, retrying a refused connection for up to
+//!   [`CONNECT_RETRY`], so either side may start first. The sender writes the
+//!   container's stream form (self-delimiting: it ends with an END record); the
+//!   receiver answers with an accept or reject reply carrying its reason
+//!   (`docs/format.md` §9), so a rejected sender gets
+//!   [`TransportError::Rejected`] with the receiver's message, not a bare close.
+//!
+//! [`send_to_stream`] and [`recv_from_stream`] run the same exchange over any
+//! connected stream (a socketpair, an accepted connection).
+//!
+//! ```no_run
+//! use migration_core::codec::CodecRegistry;
+//! use migration_core::{transport, Snapshot};
+//!
+//! # fn codecs() -> CodecRegistry { CodecRegistry::new() }
+//! // Receiver (another process or thread):
+//! let received = std::thread::spawn(|| transport::recv_snapshot("tcp://127.0.0.1:4444", &codecs()));
+//! // Sender:
+//! transport::send_snapshot(&Snapshot::new("vm"), "tcp://127.0.0.1:4444", &codecs())?;
+//! assert_eq!(received.join().unwrap()?.id(), "vm");
+//! # Ok::<(), migration_core::MigratableError>(())
+//! ```
 
-use crate::codec::CodecRegistry;
-use crate::{MigratableError, Snapshot};
+use std::borrow::Cow;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
-/// The scheme of `url` (the part before `://`).
-fn scheme(url: &str) -> Result<&str, MigratableError> {
-    url.split_once("://")
-        .map(|(s, _)| s)
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| MigratableError::InvalidUrl {
+use crate::codec::{CodecError, CodecRegistry};
+use crate::container::{self, ReadOptions, WriteOptions, WriteSummary};
+use crate::memory::{MemorySink, MemorySource};
+use crate::{file, BoxError, MigratableError, Snapshot};
+
+/// How long a sender keeps retrying a refused connection.
+pub const CONNECT_RETRY: Duration = Duration::from_secs(10);
+/// Longest reason a receiver sends in a reject reply.
+pub const MAX_REPLY_MESSAGE: usize = 4096;
+/// How long a rejecting receiver keeps draining what the sender still writes.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+const REPLY_MAGIC: [u8; 4] = *b"VMSR";
+
+/// Errors of the socket exchange, inside [`MigratableError::Send`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The receiver rejected the snapshot and said why.
+    #[error("the receiver rejected the snapshot: {reason}")]
+    Rejected {
+        /// The receiver's message.
+        reason: String,
+    },
+    /// The receiver's reply is not a reply.
+    #[error("bad reply from the receiver: {0}")]
+    BadReply(String),
+}
+
+/// Where a URL points.
+enum Endpoint {
+    File(PathBuf),
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+fn parse(url: &str) -> Result<Endpoint, MigratableError> {
+    let invalid = |reason: &str| MigratableError::InvalidUrl {
+        url: url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let u = url::Url::parse(url).map_err(|e| invalid(&e.to_string()))?;
+    match u.scheme() {
+        "file" => u
+            .to_file_path()
+            .map(Endpoint::File)
+            .map_err(|()| invalid("expected file:///absolute/path")),
+        "unix" => {
+            if u.host_str().is_some_and(|h| !h.is_empty()) || u.path().len() <= 1 {
+                return Err(invalid("expected unix:///absolute/path"));
+            }
+            Ok(Endpoint::Unix(PathBuf::from(u.path())))
+        }
+        "tcp" => {
+            let host = u
+                .host_str()
+                .filter(|h| !h.is_empty())
+                .ok_or_else(|| invalid("expected tcp://host:port"))?;
+            let port = u
+                .port()
+                .ok_or_else(|| invalid("expected tcp://host:port (no port)"))?;
+            if u.path().len() > 1 {
+                return Err(invalid("tcp:// URLs take no path"));
+            }
+            Ok(Endpoint::Tcp(format!("{host}:{port}")))
+        }
+        scheme => Err(MigratableError::UnsupportedScheme {
             url: url.to_owned(),
-            reason: "expected scheme://…".into(),
-        })
+            scheme: scheme.to_owned(),
+        }),
+    }
+}
+
+/// `snapshot` with typed sections encoded by `codecs`' preferred codec.
+fn encoded<'a>(
+    snapshot: &'a Snapshot,
+    codecs: &CodecRegistry,
+) -> Result<Cow<'a, Snapshot>, MigratableError> {
+    if snapshot.is_encoded() {
+        return Ok(Cow::Borrowed(snapshot));
+    }
+    let codec = codecs.preferred().ok_or_else(|| MigratableError::Codec {
+        path: snapshot.id().to_owned(),
+        section: String::new(),
+        source: CodecError::NotEncoded,
+    })?;
+    let mut owned = snapshot.clone();
+    owned.encode(codec)?;
+    Ok(Cow::Owned(owned))
 }
 
 /// Sends `snapshot` to `url`, encoding sections that still hold typed state with
@@ -24,20 +135,231 @@ pub fn send_snapshot(
     url: &str,
     codecs: &CodecRegistry,
 ) -> Result<(), MigratableError> {
-    let _ = (snapshot, codecs);
-    let scheme = scheme(url)?;
-    Err(MigratableError::UnsupportedScheme {
-        url: url.to_owned(),
-        scheme: scheme.to_owned(),
-    })
+    send_snapshot_with_memory(snapshot, None, url, codecs)
 }
 
 /// Receives a snapshot from `url`, resolving section codecs through `codecs`.
 pub fn recv_snapshot(url: &str, codecs: &CodecRegistry) -> Result<Snapshot, MigratableError> {
-    let _ = codecs;
-    let scheme = scheme(url)?;
-    Err(MigratableError::UnsupportedScheme {
-        url: url.to_owned(),
-        scheme: scheme.to_owned(),
+    recv_snapshot_with_memory(url, codecs, None)
+}
+
+fn send_err(url: &str, e: MigratableError) -> MigratableError {
+    match e {
+        MigratableError::Io(e) => MigratableError::Send {
+            url: url.to_owned(),
+            source: e.into(),
+        },
+        other => other,
+    }
+}
+
+fn recv_err(url: &str, e: MigratableError) -> MigratableError {
+    match e {
+        MigratableError::Io(e) => MigratableError::Receive {
+            url: url.to_owned(),
+            source: e.into(),
+        },
+        other => other,
+    }
+}
+
+/// Sends `snapshot` and, if given, all of `memory` to `url` (zero pages are holes in a
+/// file and are not sent over a socket).
+pub fn send_snapshot_with_memory(
+    snapshot: &Snapshot,
+    memory: Option<&dyn MemorySource>,
+    url: &str,
+    codecs: &CodecRegistry,
+) -> Result<(), MigratableError> {
+    let endpoint = parse(url)?;
+    let snapshot = encoded(snapshot, codecs)?;
+    let options = WriteOptions::default();
+    let result = match endpoint {
+        Endpoint::File(path) => {
+            file::write_snapshot_file(path, &snapshot, memory, &options).map(drop)
+        }
+        Endpoint::Tcp(addr) => connect(|| TcpStream::connect(&addr))
+            .and_then(|mut s| send_to_stream(&mut s, &snapshot, memory, &options).map(drop)),
+        Endpoint::Unix(path) => connect(|| UnixStream::connect(&path))
+            .and_then(|mut s| send_to_stream(&mut s, &snapshot, memory, &options).map(drop)),
+    };
+    result.map_err(|e| match e {
+        MigratableError::Send { source, .. } => MigratableError::Send {
+            url: url.to_owned(),
+            source,
+        },
+        other => send_err(url, other),
     })
+}
+
+/// Receives a snapshot from `url` (listening, for sockets), with codecs resolved and
+/// memory restored into `sink` if given (zero pages zeroed).
+pub fn recv_snapshot_with_memory(
+    url: &str,
+    codecs: &CodecRegistry,
+    sink: Option<&dyn MemorySink>,
+) -> Result<Snapshot, MigratableError> {
+    let endpoint = parse(url)?;
+    let options = ReadOptions::default();
+    let result = match endpoint {
+        Endpoint::File(path) => file::read_snapshot_file(path, codecs, sink),
+        Endpoint::Tcp(addr) => TcpListener::bind(&addr)
+            .and_then(|l| l.accept())
+            .map_err(MigratableError::Io)
+            .and_then(|(mut s, _)| {
+                let r = recv_from_stream(&mut s, codecs, sink, &options);
+                if r.is_err() {
+                    let _ = s.shutdown(Shutdown::Write);
+                    let _ = s.set_read_timeout(Some(DRAIN_TIMEOUT));
+                    drain(&mut s);
+                }
+                r
+            }),
+        Endpoint::Unix(path) => listen_unix(&path).and_then(|l| {
+            let accepted = l.accept();
+            let _ = std::fs::remove_file(&path);
+            let (mut s, _) = accepted?;
+            let r = recv_from_stream(&mut s, codecs, sink, &options);
+            if r.is_err() {
+                let _ = s.shutdown(Shutdown::Write);
+                let _ = s.set_read_timeout(Some(DRAIN_TIMEOUT));
+                drain(&mut s);
+            }
+            r
+        }),
+    };
+    result.map_err(|e| recv_err(url, e))
+}
+
+fn listen_unix(path: &std::path::Path) -> Result<UnixListener, MigratableError> {
+    use std::os::unix::fs::FileTypeExt;
+    // A stale socket from an earlier receiver is replaced; any other file is not.
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        std::fs::remove_file(path)?;
+    }
+    Ok(UnixListener::bind(path)?)
+}
+
+fn connect<S>(f: impl Fn() -> io::Result<S>) -> Result<S, MigratableError> {
+    let start = Instant::now();
+    loop {
+        match f() {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+                ) && start.elapsed() < CONNECT_RETRY =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Discards what the peer still sends, until it closes or the read times out.
+fn drain(s: &mut impl Read) {
+    let mut buf = vec![0u8; 1 << 16];
+    let start = Instant::now();
+    while start.elapsed() < DRAIN_TIMEOUT * 4 {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Sends `snapshot` (every section encoded) and `memory` over a connected `stream` in
+/// the stream form, then waits for the receiver's reply. A rejection is
+/// [`MigratableError::Send`] with a [`TransportError::Rejected`] source holding the
+/// receiver's reason; if writing fails, the reply is still looked for, so a receiver
+/// that rejected early is reported as such.
+pub fn send_to_stream<S: Read + Write>(
+    stream: &mut S,
+    snapshot: &Snapshot,
+    memory: Option<&dyn MemorySource>,
+    options: &WriteOptions,
+) -> Result<WriteSummary, MigratableError> {
+    let written = {
+        let mut w = BufWriter::with_capacity(1 << 16, &mut *stream);
+        container::write_snapshot_stream(&mut w, snapshot, memory, options)
+            .and_then(|s| w.flush().map(|()| s).map_err(MigratableError::Io))
+    };
+    let reply = read_reply(stream);
+    let rejected = |source: BoxError| MigratableError::Send {
+        url: String::new(),
+        source,
+    };
+    match (written, reply) {
+        (_, Ok(Some(reason))) => Err(rejected(Box::new(TransportError::Rejected { reason }))),
+        (Ok(summary), Ok(None)) => Ok(summary),
+        (Err(e), _) => Err(e),
+        (Ok(_), Err(e)) => Err(rejected(Box::new(e))),
+    }
+}
+
+/// Reads the reply: `Ok(None)` accepted, `Ok(Some(reason))` rejected.
+fn read_reply(r: &mut impl Read) -> Result<Option<String>, TransportError> {
+    let mut head = [0u8; 12];
+    r.read_exact(&mut head)
+        .map_err(|e| TransportError::BadReply(format!("no reply: {e}")))?;
+    if head[..4] != REPLY_MAGIC {
+        return Err(TransportError::BadReply(format!(
+            "magic {:02x?}",
+            &head[..4]
+        )));
+    }
+    let status = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    let len = u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize;
+    if len > MAX_REPLY_MESSAGE {
+        return Err(TransportError::BadReply(format!("message of {len} bytes")));
+    }
+    let mut msg = vec![0u8; len];
+    r.read_exact(&mut msg)
+        .map_err(|e| TransportError::BadReply(format!("truncated message: {e}")))?;
+    match status {
+        0 if len == 0 => Ok(None),
+        1 => Ok(Some(String::from_utf8_lossy(&msg).into_owned())),
+        s => Err(TransportError::BadReply(format!(
+            "status {s} with {len} bytes"
+        ))),
+    }
+}
+
+fn write_reply(w: &mut impl Write, rejection: Option<&str>) -> io::Result<()> {
+    let msg = rejection.map_or(&b""[..], |m| {
+        let mut end = m.len().min(MAX_REPLY_MESSAGE);
+        while !m.is_char_boundary(end) {
+            end -= 1;
+        }
+        &m.as_bytes()[..end]
+    });
+    let mut b = Vec::with_capacity(12 + msg.len());
+    b.extend_from_slice(&REPLY_MAGIC);
+    b.extend_from_slice(&u32::from(rejection.is_some()).to_le_bytes());
+    b.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+    b.extend_from_slice(msg);
+    w.write_all(&b)?;
+    w.flush()
+}
+
+/// Receives a stream-form snapshot from a connected `stream` and replies: accepted, or
+/// rejected with the error's message (which is also returned).
+pub fn recv_from_stream<S: Read + Write>(
+    stream: &mut S,
+    codecs: &CodecRegistry,
+    sink: Option<&dyn MemorySink>,
+    options: &ReadOptions,
+) -> Result<Snapshot, MigratableError> {
+    let result = {
+        let mut r = BufReader::with_capacity(1 << 16, &mut *stream);
+        container::read_snapshot_stream(&mut r, codecs, sink, options)
+    };
+    let reason = result.as_ref().err().map(ToString::to_string);
+    // The reply is best effort when the peer is already gone.
+    let replied = write_reply(stream, reason.as_deref());
+    let snapshot = result?;
+    replied?;
+    Ok(snapshot)
 }

@@ -1,0 +1,337 @@
+//! Writing containers: the file form (seekable, sparse) and the stream form.
+
+use std::io::{Seek, SeekFrom, Write};
+
+use super::extents::{encode_run_table, is_zero, DataRun, Extent};
+use super::header::{Arch, Form, Header, FORMAT_MAJOR, FORMAT_MINOR, HEADER_LEN};
+use super::{limits, metadata, FormatError};
+use crate::checksum::Crc64;
+use crate::memory::{MemorySource, PAGE_SIZE};
+use crate::{MigratableError, Snapshot};
+
+/// Bytes of guest memory read per step (the bounce buffer; also the largest DATA record).
+pub(crate) const CHUNK: usize = 1 << 20;
+const _: () = assert!(CHUNK as u64 <= limits::MAX_RECORD_LEN);
+
+/// Choices a writer makes that are not in the snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Target architecture recorded in the header.
+    pub arch: Arch,
+    /// Base snapshot of an incremental snapshot (reserved: sets HAS_PARENT).
+    pub parent: Option<[u8; 32]>,
+    /// Producing crate's name (≤ 31 bytes).
+    pub producer_name: String,
+    /// Producing crate's version (≤ 23 bytes).
+    pub producer_version: String,
+}
+
+impl Default for WriteOptions {
+    /// This host's architecture, no parent, produced by this crate.
+    fn default() -> Self {
+        Self {
+            arch: Arch::host(),
+            parent: None,
+            producer_name: env!("CARGO_PKG_NAME").into(),
+            producer_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+/// What a write produced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteSummary {
+    /// Length of the container (file form: the file's length, holes included; stream
+    /// form: bytes written).
+    pub total_length: u64,
+    /// Guest memory bytes covered by extents.
+    pub memory_bytes: u64,
+    /// Non-zero guest memory bytes written.
+    pub data_bytes: u64,
+    /// Data runs (file form) or DATA records (stream form).
+    pub runs: u64,
+}
+
+fn io_err(e: std::io::Error) -> MigratableError {
+    MigratableError::Io(e)
+}
+
+fn align_up(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}
+
+/// The extents for `memory`'s regions, with file offsets from `first_offset` on
+/// (`None`: stream form, offsets 0).
+fn extents_for(
+    memory: Option<&dyn MemorySource>,
+    first_offset: Option<u64>,
+) -> Result<Vec<Extent>, MigratableError> {
+    let Some(memory) = memory else {
+        return Ok(Vec::new());
+    };
+    let mut extents = Vec::new();
+    let mut next_file = first_offset;
+    let mut prev_end = 0u64;
+    for (i, r) in memory.regions().into_iter().enumerate() {
+        if r.length == 0 {
+            continue;
+        }
+        if r.gpa % PAGE_SIZE != 0 || r.length % PAGE_SIZE != 0 {
+            return Err(FormatError::Unwritable {
+                what: format!("memory region {i} {r:x?} is not page aligned"),
+            }
+            .into());
+        }
+        let end = r
+            .end()
+            .filter(|&e| e <= u64::MAX - PAGE_SIZE)
+            .ok_or_else(|| FormatError::Unwritable {
+                what: format!("memory region {i} {r:x?} wraps"),
+            })?;
+        if !extents.is_empty() && r.gpa < prev_end {
+            return Err(FormatError::Unwritable {
+                what: format!("memory region {i} {r:x?} overlaps or is out of order"),
+            }
+            .into());
+        }
+        prev_end = end;
+        let file_offset = next_file.unwrap_or(0);
+        if let Some(n) = &mut next_file {
+            *n += r.length;
+        }
+        extents.push(Extent {
+            gpa: r.gpa,
+            length: r.length,
+            file_offset,
+        });
+    }
+    Ok(extents)
+}
+
+struct Prefix {
+    header: Header,
+    metadata: Vec<u8>,
+}
+
+fn prefix<'s>(
+    snapshot: &'s Snapshot,
+    extents: &[Extent],
+    form: Form,
+    options: &WriteOptions,
+) -> Result<(Prefix, Vec<&'s [u8]>), MigratableError> {
+    let (metadata, payloads) = metadata::encode(snapshot, extents)?;
+    let header = Header {
+        major: FORMAT_MAJOR,
+        minor: FORMAT_MINOR,
+        form,
+        arch: options.arch,
+        parent: options.parent,
+        metadata_length: metadata.len() as u64,
+        payload_length: payloads.iter().map(|p| p.len() as u64).sum(),
+        run_table_offset: 0,
+        run_table_length: 0,
+        total_length: 0,
+        producer_name: options.producer_name.clone(),
+        producer_version: options.producer_version.clone(),
+    };
+    header.encode()?; // reject bad producer strings before writing anything
+    Ok((Prefix { header, metadata }, payloads))
+}
+
+/// Writes `snapshot` and, if given, all of `memory` in the **file form** to `w`,
+/// starting at `w`'s current position. `w` must be seekable (normally a `File`):
+/// zero pages are seeked over, leaving holes, and the header is written last.
+///
+/// Every section must be encoded ([`Snapshot::encode`]); memory is read through a
+/// 1 MiB buffer, never as a whole.
+pub fn write_snapshot<W: Write + Seek>(
+    w: &mut W,
+    snapshot: &Snapshot,
+    memory: Option<&dyn MemorySource>,
+    options: &WriteOptions,
+) -> Result<WriteSummary, MigratableError> {
+    let base = w.stream_position().map_err(io_err)?;
+    // The metadata's length does not depend on the extents' file offsets: encode once
+    // to learn it, then again with the real offsets.
+    let draft = extents_for(memory, Some(0))?;
+    let (p, _) = prefix(snapshot, &draft, Form::File, options)?;
+    let first = align_up(p.header.payload_end(), PAGE_SIZE);
+    let extents = extents_for(memory, Some(first))?;
+    let (mut p, payloads) = prefix(snapshot, &extents, Form::File, options)?;
+
+    w.write_all(&[0u8; HEADER_LEN]).map_err(io_err)?;
+    w.write_all(&p.metadata).map_err(io_err)?;
+    for payload in &payloads {
+        w.write_all(payload).map_err(io_err)?;
+    }
+    let mut summary = WriteSummary::default();
+    let mut runs: Vec<DataRun> = Vec::new();
+    if let Some(memory) = memory {
+        let mut buf = vec![0u8; CHUNK];
+        for (index, e) in extents.iter().enumerate() {
+            summary.memory_bytes += e.length;
+            let mut open: Option<(u64, Crc64)> = None; // run start offset, its CRC
+            let mut offset = 0u64;
+            while offset < e.length {
+                let n = (e.length - offset).min(CHUNK as u64) as usize;
+                let chunk = &mut buf[..n];
+                memory
+                    .read_memory(e.gpa + offset, chunk)
+                    .map_err(MigratableError::Memory)?;
+                for_each_span(chunk, |start, data, zero| {
+                    let at = offset + start as u64;
+                    if zero {
+                        if let Some((s, crc)) = open.take() {
+                            runs.push(run(index, e, s, at - s, crc.finish()));
+                        }
+                        return Ok(());
+                    }
+                    let (_, crc) = open.get_or_insert_with(|| (at, Crc64::new()));
+                    crc.update(data);
+                    w.seek(SeekFrom::Start(base + e.file_offset + at))
+                        .map_err(io_err)?;
+                    w.write_all(data).map_err(io_err)?;
+                    summary.data_bytes += data.len() as u64;
+                    Ok(())
+                })?;
+                offset += n as u64;
+            }
+            if let Some((s, crc)) = open.take() {
+                runs.push(run(index, e, s, e.length - s, crc.finish()));
+            }
+        }
+    }
+    if runs.len() as u64 > limits::MAX_RUNS {
+        return Err(FormatError::Unwritable {
+            what: format!("{} data runs, over {}", runs.len(), limits::MAX_RUNS),
+        }
+        .into());
+    }
+    let data_end = extents
+        .last()
+        .map_or(p.header.payload_end(), |e| e.file_offset + e.length);
+    let table = encode_run_table(&runs);
+    p.header.run_table_offset = align_up(data_end, 8);
+    p.header.run_table_length = table.len() as u64;
+    p.header.total_length = p.header.run_table_offset + table.len() as u64;
+    w.seek(SeekFrom::Start(base + p.header.run_table_offset))
+        .map_err(io_err)?;
+    w.write_all(&table).map_err(io_err)?;
+    w.seek(SeekFrom::Start(base)).map_err(io_err)?;
+    w.write_all(&p.header.encode()?).map_err(io_err)?;
+    w.seek(SeekFrom::Start(base + p.header.total_length))
+        .map_err(io_err)?;
+    w.flush().map_err(io_err)?;
+    summary.total_length = p.header.total_length;
+    summary.runs = runs.len() as u64;
+    Ok(summary)
+}
+
+fn run(index: usize, e: &Extent, offset: u64, length: u64, crc: u64) -> DataRun {
+    DataRun {
+        extent: index as u32,
+        offset,
+        length,
+        crc,
+        gpa: e.gpa + offset,
+        file_offset: e.file_offset + offset,
+    }
+}
+
+/// Calls `f(start, bytes, all_zero)` for each maximal span of zero or non-zero pages
+/// of `chunk`, in order.
+fn for_each_span(
+    chunk: &[u8],
+    mut f: impl FnMut(usize, &[u8], bool) -> Result<(), MigratableError>,
+) -> Result<(), MigratableError> {
+    let page = PAGE_SIZE as usize;
+    let mut start = 0;
+    let mut state: Option<bool> = None;
+    let mut i = 0;
+    while i < chunk.len() {
+        let end = (i + page).min(chunk.len());
+        let zero = is_zero(&chunk[i..end]);
+        match state {
+            Some(s) if s != zero => {
+                f(start, &chunk[start..i], s)?;
+                start = i;
+            }
+            _ => {}
+        }
+        state = Some(zero);
+        i = end;
+    }
+    if let Some(s) = state {
+        f(start, &chunk[start..], s)?;
+    }
+    Ok(())
+}
+
+/// Writes `snapshot` and, if given, all of `memory` in the **stream form** to `w`
+/// (a socket or pipe: no seeking). Zero pages are not sent. Returns after the END
+/// record; the caller flushes.
+pub fn write_snapshot_stream<W: Write>(
+    w: &mut W,
+    snapshot: &Snapshot,
+    memory: Option<&dyn MemorySource>,
+    options: &WriteOptions,
+) -> Result<WriteSummary, MigratableError> {
+    let extents = extents_for(memory, None)?;
+    let (p, payloads) = prefix(snapshot, &extents, Form::Stream, options)?;
+    w.write_all(&p.header.encode()?).map_err(io_err)?;
+    w.write_all(&p.metadata).map_err(io_err)?;
+    for payload in &payloads {
+        w.write_all(payload).map_err(io_err)?;
+    }
+    let mut summary = WriteSummary {
+        total_length: p.header.payload_end(),
+        ..WriteSummary::default()
+    };
+    if let Some(memory) = memory {
+        let mut buf = vec![0u8; CHUNK];
+        for e in &extents {
+            summary.memory_bytes += e.length;
+            let mut offset = 0u64;
+            while offset < e.length {
+                let n = (e.length - offset).min(CHUNK as u64) as usize;
+                let chunk = &mut buf[..n];
+                memory
+                    .read_memory(e.gpa + offset, chunk)
+                    .map_err(MigratableError::Memory)?;
+                for_each_span(chunk, |start, data, zero| {
+                    if zero {
+                        return Ok(());
+                    }
+                    let gpa = e.gpa + offset + start as u64;
+                    let head = record_head(1, gpa, data.len() as u64);
+                    let mut crc = Crc64::new();
+                    crc.update(&head);
+                    crc.update(data);
+                    w.write_all(&head).map_err(io_err)?;
+                    w.write_all(&crc.finish().to_le_bytes()).map_err(io_err)?;
+                    w.write_all(data).map_err(io_err)?;
+                    summary.runs += 1;
+                    summary.data_bytes += data.len() as u64;
+                    summary.total_length += 32 + data.len() as u64;
+                    Ok(())
+                })?;
+                offset += n as u64;
+            }
+        }
+    }
+    let head = record_head(2, 0, summary.runs);
+    w.write_all(&head).map_err(io_err)?;
+    w.write_all(&crate::checksum::crc64(&head).to_le_bytes())
+        .map_err(io_err)?;
+    summary.total_length += 32;
+    Ok(summary)
+}
+
+/// The first 24 bytes of a stream record.
+pub(crate) fn record_head(tag: u32, gpa: u64, length: u64) -> [u8; 24] {
+    let mut h = [0u8; 24];
+    h[0..4].copy_from_slice(&tag.to_le_bytes());
+    h[8..16].copy_from_slice(&gpa.to_le_bytes());
+    h[16..24].copy_from_slice(&length.to_le_bytes());
+    h
+}
