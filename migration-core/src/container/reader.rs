@@ -374,10 +374,14 @@ impl<R: Read + Seek> ContainerReader<R> {
         let runs = match header.form {
             Form::Stream => None,
             Form::File => {
-                let mut prev_end = header.payload_end();
+                // The layout is fixed (format.md §6): first extent at the payload end
+                // rounded up to a page, extents back to back, run table at the data end
+                // rounded up to 8. Padding is zero.
+                let mut expected = header.payload_end().div_ceil(PAGE_SIZE) * PAGE_SIZE;
+                let mut data_end = header.payload_end();
                 for (i, e) in md.extents.iter().enumerate() {
                     let end = e.file_offset.checked_add(e.length);
-                    if e.file_offset < prev_end
+                    if e.file_offset != expected
                         || end.is_none_or(|end| end > header.run_table_offset)
                     {
                         return Err(oof(
@@ -387,7 +391,36 @@ impl<R: Read + Seek> ContainerReader<R> {
                         )
                         .into());
                     }
-                    prev_end = e.file_offset + e.length;
+                    expected = e.file_offset + e.length;
+                    data_end = expected;
+                }
+                if header.run_table_offset != data_end.div_ceil(8) * 8 {
+                    return Err(FormatError::malformed(format!(
+                        "run table at {:#x}, expected {:#x}",
+                        header.run_table_offset,
+                        data_end.div_ceil(8) * 8
+                    ))
+                    .into());
+                }
+                let first = md
+                    .extents
+                    .first()
+                    .map_or(header.run_table_offset, |e| e.file_offset);
+                let gaps = [
+                    (header.payload_end(), first),
+                    (data_end, header.run_table_offset),
+                ];
+                for (from, to) in gaps {
+                    if from < to {
+                        r.seek(SeekFrom::Start(base + from))?;
+                        let pad = read_bounded(&mut r, to - from, &|| "padding".into())?;
+                        if pad.iter().any(|&b| b != 0) {
+                            return Err(FormatError::malformed(format!(
+                                "padding at [{from:#x}, {to:#x}) is not zero"
+                            ))
+                            .into());
+                        }
+                    }
                 }
                 r.seek(SeekFrom::Start(base + header.run_table_offset))?;
                 let table = read_bounded(&mut r, header.run_table_length, &|| "run table".into())?;
