@@ -199,7 +199,10 @@ impl Ctx<'_> {
     }
 }
 
-fn codecs_of(ctx: Ctx<'_>, codecs: &CodecRegistry) -> Result<Vec<Arc<dyn Codec>>, ConformanceError> {
+fn codecs_of(
+    ctx: Ctx<'_>,
+    codecs: &CodecRegistry,
+) -> Result<Vec<Arc<dyn Codec>>, ConformanceError> {
     let list: Vec<_> = codecs.iter().cloned().collect();
     if list.is_empty() {
         return Err(ctx.setup("the codec registry is empty: nothing to test with"));
@@ -227,13 +230,12 @@ fn restore_from<C: Snapshottable>(
     bytes: &[u8],
     fresh: &impl Fn() -> C,
 ) -> Result<C, MigratableError> {
-    let mut tree: Snapshot = codec::decode(codec.as_ref(), bytes).map_err(|source| {
-        MigratableError::Codec {
+    let mut tree: Snapshot =
+        codec::decode(codec.as_ref(), bytes).map_err(|source| MigratableError::Codec {
             path: String::new(),
             section: "(tree)".into(),
             source,
-        }
-    })?;
+        })?;
     tree.resolve_codecs(codecs);
     let mut target = fresh();
     target.pause()?;
@@ -250,7 +252,9 @@ fn first_difference(a: &Snapshot, b: &Snapshot) -> Option<(String, String)> {
     for path in na.keys().chain(nb.keys()) {
         let (x, y) = match (na.get(path), nb.get(path)) {
             (Some(x), Some(y)) => (x, y),
-            (Some(_), None) => return Some((path.clone(), "node only in the first snapshot".into())),
+            (Some(_), None) => {
+                return Some((path.clone(), "node only in the first snapshot".into()))
+            }
             _ => return Some((path.clone(), "node only in the second snapshot".into())),
         };
         let sa: BTreeMap<_, _> = x.sections().collect();
@@ -264,7 +268,11 @@ fn first_difference(a: &Snapshot, b: &Snapshot) -> Option<(String, String)> {
                         format!("codecs {:?} and {:?}", p.codec_id(), q.codec_id())
                     } else if p.payload() != q.payload() {
                         let (pa, pb) = (p.payload().unwrap_or(&[]), q.payload().unwrap_or(&[]));
-                        let at = pa.iter().zip(pb).position(|(u, v)| u != v).unwrap_or(pa.len().min(pb.len()));
+                        let at = pa
+                            .iter()
+                            .zip(pb)
+                            .position(|(u, v)| u != v)
+                            .unwrap_or(pa.len().min(pb.len()));
                         format!(
                             "payloads differ at byte {at} ({} and {} bytes)",
                             pa.len(),
@@ -335,7 +343,12 @@ pub fn round_trip<C: Snapshottable>(
             restore_from(codec, codecs, &bytes, &fresh).map_err(|e| ctx.component(e))?;
         let (second, again) = encoded(ctx, &mut restored, codec)?;
         if bytes != again {
-            return Err(mismatch(ctx, &first, &second, "restored instance snapshots differently"));
+            return Err(mismatch(
+                ctx,
+                &first,
+                &second,
+                "restored instance snapshots differently",
+            ));
         }
     }
     Ok(())
@@ -360,11 +373,21 @@ pub fn determinism<C: Snapshottable>(
         let (s1, b1) = encoded(ctx, a, codec)?;
         let (s2, b2) = encoded(ctx, a, codec)?;
         if b1 != b2 {
-            return Err(mismatch(ctx, &s1, &s2, "two snapshots of one instance differ"));
+            return Err(mismatch(
+                ctx,
+                &s1,
+                &s2,
+                "two snapshots of one instance differ",
+            ));
         }
         let (s3, b3) = encoded(ctx, b, codec)?;
         if b1 != b3 {
-            return Err(mismatch(ctx, &s1, &s3, "two instances with the same state snapshot differently"));
+            return Err(mismatch(
+                ctx,
+                &s1,
+                &s3,
+                "two instances with the same state snapshot differently",
+            ));
         }
     }
     Ok(())

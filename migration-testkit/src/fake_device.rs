@@ -268,7 +268,9 @@ impl FakeDevice {
         Self {
             id: id.into(),
             state: FakeDeviceState::default(),
-            queues: (0..queues).map(|i| FakeQueue::new(format!("queue{i}"))).collect(),
+            queues: (0..queues)
+                .map(|i| FakeQueue::new(format!("queue{i}")))
+                .collect(),
             paused: false,
             fail_on: None,
             version: FakeDeviceState::VERSION,
@@ -475,8 +477,14 @@ mod tests {
         let err = FakeDevice::new("net0", 1).restore(&snap).unwrap_err();
         assert!(matches!(err, MigratableError::IdMismatch { .. }));
         let err = FakeDevice::new("blk0", 2).restore(&snap).unwrap_err();
-        assert!(matches!(&err, MigratableError::MissingChild { path, child } if path == "blk0" && child == "queue1"));
+        assert!(
+            matches!(&err, MigratableError::MissingChild { path, child } if path == "blk0" && child == "queue1")
+        );
         let err = FakeDevice::new("blk0", 0).restore(&snap).unwrap_err();
-        assert!(err.to_string().contains("unexpected child snapshot `queue0`"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("unexpected child snapshot `queue0`"),
+            "{err}"
+        );
     }
 }

@@ -152,8 +152,7 @@ impl Snapshottable for FakeDeviceManager {
         {
             return Err(MigratableError::Restore {
                 path: self.id.clone(),
-                source: format!("snapshot has device `{}`, which this VM lacks", extra.id())
-                    .into(),
+                source: format!("snapshot has device `{}`, which this VM lacks", extra.id()).into(),
             });
         }
         for d in self.devices.values_mut() {
@@ -171,7 +170,9 @@ mod tests {
     #[test]
     fn errors_name_the_full_path() {
         let mut m = FakeDeviceManager::standard();
-        m.device_mut("blk0").unwrap().fail_on(Some(FailOn::Snapshot));
+        m.device_mut("blk0")
+            .unwrap()
+            .fail_on(Some(FailOn::Snapshot));
         assert_eq!(m.snapshot().unwrap_err().path(), Some("devices/blk0"));
 
         let mut m = FakeDeviceManager::standard();

@@ -200,8 +200,16 @@ impl FakeMemory {
     pub fn take_dirty(&self) -> MemoryRangeTable {
         let mut table = MemoryRangeTable::new();
         for r in &self.regions {
-            let words: Vec<u64> = r.dirty.iter().map(|w| w.swap(0, Ordering::AcqRel)).collect();
-            table.extend(&MemoryRangeTable::from_bitmap(&words, r.range.gpa, PAGE_SIZE));
+            let words: Vec<u64> = r
+                .dirty
+                .iter()
+                .map(|w| w.swap(0, Ordering::AcqRel))
+                .collect();
+            table.extend(&MemoryRangeTable::from_bitmap(
+                &words,
+                r.range.gpa,
+                PAGE_SIZE,
+            ));
         }
         table
     }
@@ -434,7 +442,10 @@ mod tests {
     #[test]
     fn rejects_bad_layouts() {
         assert!(matches!(
-            FakeMemory::new(&[MemoryRange::new(0, 0x2000), MemoryRange::new(0x1000, 0x1000)]),
+            FakeMemory::new(&[
+                MemoryRange::new(0, 0x2000),
+                MemoryRange::new(0x1000, 0x1000)
+            ]),
             Err(MemoryError::Overlap { gpa: 0x1000 })
         ));
         assert!(FakeMemory::new(&[MemoryRange::new(0x10, 0x1000)]).is_err());
@@ -453,7 +464,10 @@ mod tests {
         m.read_memory(0, &mut head).unwrap();
         assert!(head.iter().all(|&b| b == 0));
         // Chunks 0 and 1 of the low region are allocated, nothing of the high one.
-        assert_eq!(m.allocated_ranges().ranges(), &[MemoryRange::new(0, 4 * MIB)]);
+        assert_eq!(
+            m.allocated_ranges().ranges(),
+            &[MemoryRange::new(0, 4 * MIB)]
+        );
         assert!(m.is_zero(0, MIB).unwrap());
         assert!(!m.is_zero(0, MIB + 1).unwrap());
     }
@@ -474,7 +488,8 @@ mod tests {
         let m = two_regions();
         m.write_memory(0x1fff, &[1, 2]).unwrap(); // pages 1 and 2
         m.zero_memory(0x1_0000_0000, 0x1000).unwrap();
-        m.read_memory_from(0x5000, 0x1000, &mut &[7u8; 0x1000][..]).unwrap();
+        m.read_memory_from(0x5000, 0x1000, &mut &[7u8; 0x1000][..])
+            .unwrap();
         let d = m.take_dirty();
         assert_eq!(
             d.ranges(),

@@ -170,7 +170,10 @@ fn workload_thread(shared: Arc<Shared>) {
         let rate = ctl.workload.bytes_per_sec;
         if !running || rate == 0 || ctl.workload.pages() == 0 {
             was_running = false;
-            ctl = shared.wake.wait(ctl).unwrap_or_else(PoisonError::into_inner);
+            ctl = shared
+                .wake
+                .wait(ctl)
+                .unwrap_or_else(PoisonError::into_inner);
             continue;
         }
         if !was_running {
@@ -266,8 +269,11 @@ impl FakeVmBuilder {
         for r in &workload.area {
             if r.gpa % PAGE_SIZE != 0 || r.length % PAGE_SIZE != 0 {
                 return Err(MemoryError::Backend(
-                    format!("workload area [{:#x}, +{:#x}) is not page-aligned", r.gpa, r.length)
-                        .into(),
+                    format!(
+                        "workload area [{:#x}, +{:#x}) is not page-aligned",
+                        r.gpa, r.length
+                    )
+                    .into(),
                 )
                 .into());
             }
@@ -351,7 +357,11 @@ impl FakeVm {
         regions: &[MemoryRange],
         codecs: CodecRegistry,
     ) -> Result<Self, MigratableError> {
-        Self::builder().regions(regions).codecs(codecs).paused().build()
+        Self::builder()
+            .regions(regions)
+            .codecs(codecs)
+            .paused()
+            .build()
     }
 
     /// A paused, all-zero destination for `source`: the same memory layout, the same
@@ -725,11 +735,17 @@ mod tests {
         vm.memory().read_memory(gpa, &mut saved).unwrap();
         vm.memory().write_memory(gpa, &old).unwrap();
         let err = vm.verify().unwrap_err();
-        assert!(err.contains(&format!("page {gpa:#x}")) && err.contains(&format!("write #{i} ")), "{err}");
+        assert!(
+            err.contains(&format!("page {gpa:#x}")) && err.contains(&format!("write #{i} ")),
+            "{err}"
+        );
         vm.memory().write_memory(gpa, &saved).unwrap();
         vm.verify().unwrap();
         vm.memory().write_memory(gpa + 100, &[0x55]).unwrap();
-        assert!(vm.verify().unwrap_err().contains("first difference at byte 100"));
+        assert!(vm
+            .verify()
+            .unwrap_err()
+            .contains("first difference at byte 100"));
         vm.resume().unwrap();
         assert!(vm.verify().is_err());
         vm.pause().unwrap();
@@ -742,7 +758,8 @@ mod tests {
         assert!(vm.snapshot().is_err());
         vm.pause().unwrap();
         let snap = vm.snapshot().unwrap();
-        let mut other = FakeVm::destination(&[MemoryRange::new(0, 2 << 20)], CodecRegistry::new()).unwrap();
+        let mut other =
+            FakeVm::destination(&[MemoryRange::new(0, 2 << 20)], CodecRegistry::new()).unwrap();
         let err = other.restore(&snap).unwrap_err();
         assert!(err.to_string().contains("layout"), "{err}");
         let mut same = FakeVm::destination_for(&vm).unwrap();
@@ -751,13 +768,21 @@ mod tests {
 
     #[test]
     fn dirty_log_reports_workload_writes() {
-        let mut vm = FakeVm::builder().memory_size(1 << 20).workload(0, 1).paused().build().unwrap();
+        let mut vm = FakeVm::builder()
+            .memory_size(1 << 20)
+            .workload(0, 1)
+            .paused()
+            .build()
+            .unwrap();
         assert!(vm.dirty_log().is_err());
         vm.start_dirty_log().unwrap();
         vm.run_workload_writes(1).unwrap();
         let w = vm.workload();
         let gpa = w.page_gpa(w.target(0));
-        assert_eq!(vm.dirty_log().unwrap().ranges(), &[MemoryRange::new(gpa, PAGE_SIZE)]);
+        assert_eq!(
+            vm.dirty_log().unwrap().ranges(),
+            &[MemoryRange::new(gpa, PAGE_SIZE)]
+        );
         assert!(vm.dirty_log().unwrap().is_empty());
     }
 }

@@ -663,7 +663,11 @@ mod tests {
     fn duplex_stream_faults_each_direction_separately() {
         use std::os::unix::net::UnixStream;
         let (a, mut b) = UnixStream::pair().unwrap();
-        let mut s = FaultyStream::new(a, FaultPlan::new().flip_bit(0), FaultPlan::new().truncate_at(2));
+        let mut s = FaultyStream::new(
+            a,
+            FaultPlan::new().flip_bit(0),
+            FaultPlan::new().truncate_at(2),
+        );
         assert!(s.write_all(b"xyz").is_err());
         b.write_all(b"\x00").unwrap();
         let mut one = [0u8; 1];

@@ -84,7 +84,10 @@ impl TreeSpec {
     /// The tree with typed sections (`ByteBuf` state at the spec's version),
     /// inserted in id order.
     pub fn build(&self) -> Snapshot {
-        self.build_with(&mut |v, d| Section::from_state(v, ByteBuf::from(d.to_vec())), None)
+        self.build_with(
+            &mut |v, d| Section::from_state(v, ByteBuf::from(d.to_vec())),
+            None,
+        )
     }
 
     /// The same tree, inserting sections and children in an order shuffled by
@@ -100,7 +103,10 @@ impl TreeSpec {
     /// The tree with sections already encoded: each payload is the spec's bytes,
     /// recorded as encoded by `codec` (unresolved; call `resolve_codecs`).
     pub fn build_encoded(&self, codec: CodecId) -> Snapshot {
-        self.build_with(&mut |v, d| Section::from_encoded(v, codec, d.to_vec()), None)
+        self.build_with(
+            &mut |v, d| Section::from_encoded(v, codec, d.to_vec()),
+            None,
+        )
     }
 
     fn build_with(
@@ -135,7 +141,11 @@ impl TreeSpec {
 
     /// Number of nodes.
     pub fn node_count(&self) -> usize {
-        1 + self.children.values().map(TreeSpec::node_count).sum::<usize>()
+        1 + self
+            .children
+            .values()
+            .map(TreeSpec::node_count)
+            .sum::<usize>()
     }
 }
 
@@ -157,7 +167,10 @@ pub fn section_data(max_len: usize) -> impl Strategy<Value = Vec<u8>> {
 }
 
 fn section_spec(shape: TreeShape) -> impl Strategy<Value = SectionSpec> {
-    (1..=shape.max_version.max(1), section_data(shape.max_section_len))
+    (
+        1..=shape.max_version.max(1),
+        section_data(shape.max_section_len),
+    )
         .prop_map(|(version, data)| SectionSpec { version, data })
 }
 
