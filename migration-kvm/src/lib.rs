@@ -1,4 +1,91 @@
-//! Placeholder, filled by a later change.
+//! KVM x86_64 vCPU and VM state for `migration-core`: save, restore, in the right order.
+//!
+//! This crate decouples *what* KVM state a VM has (plain data: [`VcpuState`],
+//! [`VmState`]) from the *live* objects that hold it ([`KvmVcpu`], [`KvmVmDevices`],
+//! [`VcpuRunner`]), and both from the ioctls underneath ([`VcpuBackend`],
+//! [`VmBackend`], implemented for kvm-ioctls' `VcpuFd`/`VmFd` and by test doubles).
+//! The order in which state is saved and restored is written once, as data, in
+//! [`order`]; `docs/kvm-state.md` explains every constraint.
+//!
+//! # Example
+//!
+//! A vCPU and the VM's in-kernel devices, snapshotted from one VM and restored into a
+//! fresh one. Without a usable `/dev/kvm` the example returns early.
+//!
+//! ```
+//! use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+//! use kvm_ioctls::{Kvm, VmFd};
+//! use migration_core::{Snapshot, Snapshottable};
+//! use migration_kvm::{ClockRestore, HostCaps, KvmVcpu, KvmVmDevices, VcpuBackend};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let Ok(kvm) = Kvm::new() else {
+//!     eprintln!("skipped: /dev/kvm not usable");
+//!     return Ok(());
+//! };
+//! // A VM with an in-kernel irqchip and PIT, and one vCPU with KVM's CPUID.
+//! let new_vm = || -> Result<(KvmVmDevices<VmFd>, KvmVcpu<_>), Box<dyn std::error::Error>> {
+//!     let vm = kvm.create_vm()?;
+//!     vm.create_irq_chip()?;
+//!     vm.create_pit2(Default::default())?;
+//!     let fd = vm.create_vcpu(0)?;
+//!     fd.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?)?;
+//!     let caps = HostCaps::probe(&kvm, &vm)?;
+//!     // The caller chooses how kvmclock is restored.
+//!     Ok((KvmVmDevices::new(vm, ClockRestore::Exact), KvmVcpu::new(0, fd, caps)))
+//! };
+//!
+//! let (mut devices, mut vcpu) = new_vm()?;
+//! let mut regs = vcpu.backend().get_regs()?;
+//! regs.rax = 0x1234_5678;
+//! vcpu.backend().set_regs(&regs)?;
+//!
+//! // Save: devices, then vCPUs (all vCPUs paused: this one never ran).
+//! let mut vm = Snapshot::new("vm");
+//! vm.snapshot_child(&mut devices)?;
+//! vm.snapshot_child(&mut vcpu)?;
+//! assert!(vm.find("vm/vcpu0").is_some_and(|v| v.section("msrs").is_ok()));
+//!
+//! // Restore into a fresh VM: devices first, then each vCPU in VCPU_RESTORE_ORDER.
+//! let (mut devices2, mut vcpu2) = new_vm()?;
+//! vm.restore_child(&mut devices2)?;
+//! vm.restore_child(&mut vcpu2)?;
+//! assert_eq!(vcpu2.backend().get_regs()?.rax, 0x1234_5678);
+//! assert_eq!(vcpu2.save_state()?.regs, vcpu.save_state()?.regs);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Map
+//! - [`VcpuState`] / [`KvmVcpu`] (`vcpu<N>`), [`HostCaps`]: vCPU state.
+//! - [`VmState`] / [`KvmVmDevices`] (`devices`), [`ClockRestore`]: PIT, kvmclock, PICs, IOAPIC.
+//! - [`order`]: the save and restore order as data, with reasons.
+//! - [`msr`]: which MSRs are saved, chunked and count-checked reads and writes.
+//! - [`state`]: tagged, size-checked wrappers of kvm-bindings structs ([`Raw`]).
+//! - [`VcpuBackend`], [`VmBackend`]: the ioctl surface, for test doubles.
+//! - [`VcpuRunner`]: a vCPU on its own thread; the pause protocol (kick, complete I/O,
+//!   park); port I/O exits to an [`ExitHandler`].
+//! - [`KvmStateError`]: typed errors naming the failed step or MSR.
+
+#![warn(missing_docs)]
+#![warn(missing_debug_implementations)]
+
+mod backend;
 pub mod dirty;
 pub mod memory;
 pub mod restore;
+mod error;
+pub mod msr;
+pub mod order;
+mod runner;
+pub mod state;
+mod vcpu;
+mod vm;
+
+pub use backend::{VcpuBackend, VmBackend};
+pub use error::{Direction, KvmStateError, Step};
+pub use order::{Ordered, VcpuStep, VmStep};
+pub use runner::{kick_signal, ExitAction, ExitEvent, ExitHandler, VcpuRunner};
+pub use state::{CpuidEntry, MsrEntry, Raw, SizeMismatch};
+pub use vcpu::{HostCaps, KvmVcpu, VcpuState};
+pub use vm::{restore_vm_state, save_vm_state, ClockRestore, KvmVmDevices, VmState};

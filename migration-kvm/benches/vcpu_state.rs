@@ -1,0 +1,2 @@
+//! Placeholder until the vCPU state benchmark lands.
+fn main() {}
