@@ -9,8 +9,7 @@ use std::num::NonZeroUsize;
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_pit_state2,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
-    Xsave,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, Xsave,
 };
 use kvm_ioctls::{Cap, KvmNestedStateBuffer, VcpuFd, VmFd};
 
@@ -74,10 +73,7 @@ pub trait VcpuBackend {
     /// `KVM_SET_TSC_KHZ`.
     fn set_tsc_khz(&self, khz: u32) -> Result<()>;
     /// `KVM_GET_NESTED_STATE`: the state's size, or `None` if the vCPU holds no nested state.
-    fn get_nested_state(
-        &self,
-        buffer: &mut KvmNestedStateBuffer,
-    ) -> Result<Option<NonZeroUsize>>;
+    fn get_nested_state(&self, buffer: &mut KvmNestedStateBuffer) -> Result<Option<NonZeroUsize>>;
     /// `KVM_SET_NESTED_STATE`.
     fn set_nested_state(&self, buffer: &KvmNestedStateBuffer) -> Result<()>;
 }
@@ -142,10 +138,7 @@ impl VcpuBackend for VcpuFd {
         unsafe { VcpuFd::set_xsave2(self, xsave) }
     }
 
-    fn get_nested_state(
-        &self,
-        buffer: &mut KvmNestedStateBuffer,
-    ) -> Result<Option<NonZeroUsize>> {
+    fn get_nested_state(&self, buffer: &mut KvmNestedStateBuffer) -> Result<Option<NonZeroUsize>> {
         self.nested_state(buffer)
     }
 }

@@ -72,11 +72,11 @@
 
 mod backend;
 pub mod dirty;
-pub mod memory;
-pub mod restore;
 mod error;
+pub mod memory;
 pub mod msr;
 pub mod order;
+pub mod restore;
 mod runner;
 pub mod state;
 mod vcpu;

@@ -47,7 +47,11 @@ const fn r(first: u32, last: u32, what: &'static str) -> MsrRange {
 /// CPUID and `KVM_X86_SETUP_MCE`, not saved.
 pub const MSR_ALLOWLIST: &[MsrRange] = &[
     r(0x10, 0x10, "IA32_TSC"),
-    r(0x11, 0x12, "KVM kvmclock (old ABI): wall clock, system time"),
+    r(
+        0x11,
+        0x12,
+        "KVM kvmclock (old ABI): wall clock, system time",
+    ),
     r(0x3a, 0x3a, "IA32_FEATURE_CONTROL"),
     r(0x3b, 0x3b, "IA32_TSC_ADJUST"),
     r(0x48, 0x48, "IA32_SPEC_CTRL"),
@@ -60,16 +64,36 @@ pub const MSR_ALLOWLIST: &[MsrRange] = &[
     r(0x1d9, 0x1d9, "IA32_DEBUGCTL"),
     r(0x200, 0x2ff, "MTRRs (variable, fixed, def type) and PAT"),
     r(0x309, 0x30b, "IA32_FIXED_CTR0..2"),
-    r(0x38d, 0x390, "IA32_FIXED_CTR_CTRL, PERF_GLOBAL_STATUS/CTRL/OVF_CTRL"),
+    r(
+        0x38d,
+        0x390,
+        "IA32_FIXED_CTR_CTRL, PERF_GLOBAL_STATUS/CTRL/OVF_CTRL",
+    ),
     r(0x400, 0x47f, "MCE banks 0..31 (CTL, STATUS, ADDR, MISC)"),
     r(0x4d0, 0x4d0, "IA32_MCG_EXT_CTL"),
-    r(0x6a0, 0x6a8, "CET: U_CET, S_CET, PL0..3_SSP, INTERRUPT_SSP_TABLE"),
+    r(
+        0x6a0,
+        0x6a8,
+        "CET: U_CET, S_CET, PL0..3_SSP, INTERRUPT_SSP_TABLE",
+    ),
     r(0x6e0, 0x6e0, "IA32_TSC_DEADLINE"),
     r(0xda0, 0xda0, "IA32_XSS"),
-    r(0x4000_0000, 0x4000_00ff, "Hyper-V synthetic MSRs (when KVM lists them)"),
-    r(0x4b56_4d00, 0x4b56_4dff, "KVM paravirtual MSRs (kvmclock, async PF, steal time, PV EOI, poll control)"),
+    r(
+        0x4000_0000,
+        0x4000_00ff,
+        "Hyper-V synthetic MSRs (when KVM lists them)",
+    ),
+    r(
+        0x4b56_4d00,
+        0x4b56_4dff,
+        "KVM paravirtual MSRs (kvmclock, async PF, steal time, PV EOI, poll control)",
+    ),
     r(0xc000_0081, 0xc000_0084, "STAR, LSTAR, CSTAR, SFMASK"),
-    r(0xc000_0100, 0xc000_0103, "FS_BASE, GS_BASE, KERNEL_GS_BASE, TSC_AUX"),
+    r(
+        0xc000_0100,
+        0xc000_0103,
+        "FS_BASE, GS_BASE, KERNEL_GS_BASE, TSC_AUX",
+    ),
     r(0xc001_0000, 0xc001_0007, "AMD PERF_CTL0..3 / PERF_CTR0..3"),
     r(0xc001_0114, 0xc001_0114, "AMD VM_CR"),
     r(0xc001_0117, 0xc001_0117, "AMD VM_HSAVE_PA"),
@@ -103,7 +127,11 @@ fn bit(v: u32, b: u32) -> bool {
 ///
 /// `mcg_cap` and `mtrr_cap` are the values of `IA32_MCG_CAP` and `IA32_MTRRCAP`
 /// (`None` if unreadable): they count the MCE banks and variable MTRRs.
-pub fn cpuid_implied(cpuid: &[CpuidEntry], mcg_cap: Option<u64>, mtrr_cap: Option<u64>) -> Vec<u32> {
+pub fn cpuid_implied(
+    cpuid: &[CpuidEntry],
+    mcg_cap: Option<u64>,
+    mtrr_cap: Option<u64>,
+) -> Vec<u32> {
     let mut out = Vec::new();
     if let Some(l1) = leaf(cpuid, 1, 0) {
         if bit(l1.edx, 11) {
@@ -158,13 +186,13 @@ pub fn cpuid_implied(cpuid: &[CpuidEntry], mcg_cap: Option<u64>, mtrr_cap: Optio
     if kvm_sig {
         if let Some(pv) = leaf(cpuid, 0x4000_0001, 0) {
             let pv_msrs: &[(u32, &[u32])] = &[
-                (0, &[0x11, 0x12]),                     // CLOCKSOURCE
-                (3, &[0x4b56_4d00, 0x4b56_4d01]),       // CLOCKSOURCE2
-                (4, &[0x4b56_4d02]),                    // ASYNC_PF
-                (5, &[0x4b56_4d03]),                    // STEAL_TIME
-                (6, &[0x4b56_4d04]),                    // PV_EOI
-                (12, &[0x4b56_4d05]),                   // POLL_CONTROL
-                (14, &[0x4b56_4d06]),                   // ASYNC_PF_INT
+                (0, &[0x11, 0x12]),               // CLOCKSOURCE
+                (3, &[0x4b56_4d00, 0x4b56_4d01]), // CLOCKSOURCE2
+                (4, &[0x4b56_4d02]),              // ASYNC_PF
+                (5, &[0x4b56_4d03]),              // STEAL_TIME
+                (6, &[0x4b56_4d04]),              // PV_EOI
+                (12, &[0x4b56_4d05]),             // POLL_CONTROL
+                (14, &[0x4b56_4d06]),             // ASYNC_PF_INT
             ];
             for (b, msrs) in pv_msrs {
                 if bit(pv.eax, *b) {
@@ -184,7 +212,11 @@ pub fn save_list(
     mcg_cap: Option<u64>,
     mtrr_cap: Option<u64>,
 ) -> Vec<u32> {
-    let mut set: BTreeSet<u32> = index_list.iter().copied().filter(|i| is_allowed(*i)).collect();
+    let mut set: BTreeSet<u32> = index_list
+        .iter()
+        .copied()
+        .filter(|i| is_allowed(*i))
+        .collect();
     set.extend(cpuid_implied(cpuid, mcg_cap, mtrr_cap));
     set.into_iter().collect()
 }
@@ -193,7 +225,10 @@ fn to_msrs(entries: impl ExactSizeIterator<Item = kvm_msr_entry>) -> Result<Msrs
     let entries: Vec<kvm_msr_entry> = entries.collect();
     Msrs::from_entries(&entries).map_err(|e| KvmStateError::Invalid {
         step: Step::Vcpu(VcpuStep::Msrs),
-        reason: format!("cannot build an MSR list of {} entries: {e:?}", entries.len()),
+        reason: format!(
+            "cannot build an MSR list of {} entries: {e:?}",
+            entries.len()
+        ),
     })
 }
 
@@ -230,7 +265,9 @@ pub fn get_msrs<B: VcpuBackend + ?Sized>(
 
 /// Reads one MSR; `None` if KVM refuses it.
 pub fn get_msr<B: VcpuBackend + ?Sized>(vcpu: &B, index: u32) -> Option<u64> {
-    get_msrs(vcpu, &[index]).ok().and_then(|v| v.first().map(|e| e.data))
+    get_msrs(vcpu, &[index])
+        .ok()
+        .and_then(|v| v.first().map(|e| e.data))
 }
 
 /// `entries` in restore order: stably sorted by [`crate::order::MSR_RESTORE_RANK`]

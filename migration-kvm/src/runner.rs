@@ -456,9 +456,7 @@ impl Snapshottable for VcpuRunner {
 
     fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
         let id = self.id.clone();
-        let state = self
-            .save_state()
-            .map_err(|e| e.into_snapshot_error(&id))?;
+        let state = self.save_state().map_err(|e| e.into_snapshot_error(&id))?;
         let mut s = Snapshot::new(id);
         state.add_to(&mut s);
         Ok(s)

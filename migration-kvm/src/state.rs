@@ -176,7 +176,12 @@ impl<'de, T: KvmStruct> Deserialize<'de> for Raw<T> {
             type Value = Raw<T>;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "a tagged `{}` of {} bytes", T::TAG, std::mem::size_of::<T>())
+                write!(
+                    f,
+                    "a tagged `{}` of {} bytes",
+                    T::TAG,
+                    std::mem::size_of::<T>()
+                )
             }
 
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
@@ -576,7 +581,10 @@ mod tests {
 
     #[test]
     fn oversized_bytes_are_refused_before_allocation() {
-        let long = format!(r#"{{"tag":"kvm_mp_state","bytes":[{}]}}"#, ["0"; 5].join(","));
+        let long = format!(
+            r#"{{"tag":"kvm_mp_state","bytes":[{}]}}"#,
+            ["0"; 5].join(",")
+        );
         let e = serde_json::from_str::<Raw<kvm_mp_state>>(&long).unwrap_err();
         assert!(e.to_string().contains("at most 4 bytes"), "{e}");
     }

@@ -102,7 +102,11 @@ impl VcpuState {
 
     /// The value of MSR `index`, if saved.
     pub fn msr(&self, index: u32) -> Option<u64> {
-        self.msrs.0.iter().find(|e| e.index == index).map(|e| e.data)
+        self.msrs
+            .0
+            .iter()
+            .find(|e| e.index == index)
+            .map(|e| e.data)
     }
 }
 
@@ -219,7 +223,9 @@ impl<B: VcpuBackend> KvmVcpu<B> {
             .backend
             .get_cpuid2(MAX_CPUID_ENTRIES)
             .map_err(KvmStateError::get(Step::Vcpu(VcpuStep::Cpuid)))?;
-        Ok(CpuidState(cpuid.as_slice().iter().map(CpuidEntry::from).collect()))
+        Ok(CpuidState(
+            cpuid.as_slice().iter().map(CpuidEntry::from).collect(),
+        ))
     }
 
     /// Reads the vCPU state in [`VCPU_SAVE_ORDER`]. The vCPU must be quiescent (not in
@@ -249,9 +255,7 @@ impl<B: VcpuBackend> KvmVcpu<B> {
             VcpuStep::Sregs => b.sregs = Some(Raw::new(be.get_sregs().map_err(get)?)),
             VcpuStep::Xsave => b.xsave = Some(self.get_xsave()?),
             VcpuStep::Xcrs => b.xcrs = Some(Raw::new(be.get_xcrs().map_err(get)?)),
-            VcpuStep::DebugRegs => {
-                b.debugregs = Some(Raw::new(be.get_debug_regs().map_err(get)?))
-            }
+            VcpuStep::DebugRegs => b.debugregs = Some(Raw::new(be.get_debug_regs().map_err(get)?)),
             VcpuStep::Lapic => b.lapic = Some(Raw::new(be.get_lapic().map_err(get)?)),
             VcpuStep::Msrs => b.msrs = Some(MsrState(msr::get_msrs(be, self.msr_list()?)?)),
             VcpuStep::NestedState => b.nested = self.get_nested()?,
@@ -288,9 +292,12 @@ impl<B: VcpuBackend> KvmVcpu<B> {
             .map_err(KvmStateError::get(Step::Vcpu(VcpuStep::NestedState)))?;
         let Some(size) = size else { return Ok(None) };
         let bytes = buf.as_bytes();
-        let bytes = bytes
-            .get(..size.get())
-            .ok_or_else(|| invalid(VcpuStep::NestedState, "KVM reported a size beyond the buffer"))?;
+        let bytes = bytes.get(..size.get()).ok_or_else(|| {
+            invalid(
+                VcpuStep::NestedState,
+                "KVM reported a size beyond the buffer",
+            )
+        })?;
         Ok(NestedState::from_bytes(bytes.to_vec()))
     }
 
@@ -337,7 +344,10 @@ impl<B: VcpuBackend> KvmVcpu<B> {
                 let entries: Vec<kvm_cpuid_entry2> =
                     s.cpuid.0.iter().map(kvm_cpuid_entry2::from).collect();
                 let cpuid = CpuId::from_entries(&entries).map_err(|e| {
-                    invalid(VcpuStep::Cpuid, &format!("{} entries: {e:?}", entries.len()))
+                    invalid(
+                        VcpuStep::Cpuid,
+                        &format!("{} entries: {e:?}", entries.len()),
+                    )
                 })?;
                 be.set_cpuid2(&cpuid).map_err(set)?;
             }
@@ -350,10 +360,7 @@ impl<B: VcpuBackend> KvmVcpu<B> {
                 if bytes.len() > size {
                     return Err(invalid(
                         VcpuStep::Xsave,
-                        &format!(
-                            "saved area is {} bytes, this host's is {size}",
-                            bytes.len()
-                        ),
+                        &format!("saved area is {} bytes, this host's is {size}", bytes.len()),
                     ));
                 }
                 let mut xsave = xsave_buffer(size)?;
@@ -378,7 +385,10 @@ impl<B: VcpuBackend> KvmVcpu<B> {
                     let dst = buf.as_mut_bytes();
                     let src = n.as_bytes();
                     let dst = dst.get_mut(..src.len()).ok_or_else(|| {
-                        invalid(VcpuStep::NestedState, "larger than KVM's nested state buffer")
+                        invalid(
+                            VcpuStep::NestedState,
+                            "larger than KVM's nested state buffer",
+                        )
                     })?;
                     dst.copy_from_slice(src);
                     be.set_nested_state(&buf).map_err(set)?;
@@ -411,7 +421,10 @@ fn xsave_bytes(xsave: &Xsave) -> Vec<u8> {
 
 fn fill_xsave(xsave: &mut Xsave, bytes: &[u8]) {
     // SAFETY: only the fixed `region` is touched through the FAM struct; `len` is unchanged.
-    let region = unsafe { xsave.as_mut_fam_struct() }.xsave.region.as_mut_bytes();
+    let region = unsafe { xsave.as_mut_fam_struct() }
+        .xsave
+        .region
+        .as_mut_bytes();
     let (head, tail) = bytes.split_at(bytes.len().min(region.len()));
     region[..head.len()].copy_from_slice(head);
     let extra = xsave.as_mut_slice().as_mut_bytes();
