@@ -43,6 +43,7 @@ pub mod fake_vm;
 pub mod fault;
 pub mod guest;
 pub mod kvm;
+pub mod recording_vcpu;
 pub mod rng;
 #[cfg(feature = "proptest")]
 pub mod strategies;
