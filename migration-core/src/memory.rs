@@ -99,60 +99,83 @@ impl MemoryRangeTable {
     /// range each.
     pub fn from_bitmap(bitmap: &[u64], start_gpa: u64, page_size: u64) -> Self {
         let mut table = Self::new();
-        let mut run_start: Option<u64> = None;
-        let mut page = 0u64;
-        for &word in bitmap {
-            if word == 0 || word == u64::MAX {
-                // Whole word: extend or close the current run without looking at bits.
-                match (word, run_start) {
-                    (0, Some(s)) => {
-                        table.push_pages(start_gpa, page_size, s, page);
-                        run_start = None;
-                    }
-                    (u64::MAX, None) => run_start = Some(page),
-                    _ => {}
-                }
-                page += 64;
-                continue;
-            }
-            let mut w = word;
-            let mut bit = 0u64;
-            while bit < 64 {
-                if run_start.is_none() {
-                    // Skip to the next set bit.
-                    let zeros = u64::from(w.trailing_zeros());
-                    if zeros >= 64 - bit {
-                        break;
-                    }
-                    bit += zeros;
-                    w >>= zeros;
-                    run_start = Some(page + bit);
-                } else {
-                    // Skip to the next clear bit.
-                    let ones = u64::from((!w).trailing_zeros());
-                    if ones >= 64 - bit {
-                        break;
-                    }
-                    bit += ones;
-                    w >>= ones;
-                    if let Some(s) = run_start.take() {
-                        table.push_pages(start_gpa, page_size, s, page + bit);
-                    }
-                }
-            }
-            page += 64;
-        }
-        if let Some(s) = run_start {
-            table.push_pages(start_gpa, page_size, s, page);
-        }
+        table.append_bitmap(bitmap, start_gpa, page_size);
         table
     }
 
-    fn push_pages(&mut self, start_gpa: u64, page_size: u64, first: u64, end: u64) {
-        self.push(MemoryRange::new(
-            start_gpa + first * page_size,
-            (end - first) * page_size,
-        ));
+    /// Adds the pages of a dirty bitmap (as [`from_bitmap`](Self::from_bitmap)) to this
+    /// table. Fast when the bitmap lies after every range already in the table (one
+    /// bitmap per memory slot, slots in address order); correct in any case.
+    ///
+    /// Counts the runs first (one pass of bit arithmetic) and reserves exactly, then
+    /// finds run starts and ends a word at a time: `starts = w & !(w << 1 | carry)`,
+    /// `ends = !w & (w << 1 | carry)`.
+    pub fn append_bitmap(&mut self, bitmap: &[u64], start_gpa: u64, page_size: u64) {
+        let mut carry = 0u64;
+        let mut runs = 0usize;
+        for &w in bitmap {
+            runs += (w & !((w << 1) | carry)).count_ones() as usize;
+            carry = w >> 63;
+        }
+        if runs == 0 {
+            return;
+        }
+        let in_order = self
+            .ranges
+            .last()
+            .is_none_or(|last| last.gpa.saturating_add(last.length) <= start_gpa);
+        if !in_order {
+            // Rare: merge through the general path.
+            let other = Self::from_bitmap(bitmap, start_gpa, page_size);
+            self.extend(&other);
+            return;
+        }
+        self.ranges.reserve(runs);
+        let before = self.ranges.len();
+        let mut carry = 0u64;
+        let mut open = 0u64; // first page of the open run, valid while carry == 1
+        for (i, &w) in bitmap.iter().enumerate() {
+            let shifted = (w << 1) | carry;
+            let mut starts = w & !shifted;
+            let mut ends = !w & shifted;
+            let base = i as u64 * 64;
+            // Starts and ends alternate; an open run (carry) ends before the next start.
+            while starts | ends != 0 {
+                let s = starts.trailing_zeros();
+                let e = ends.trailing_zeros();
+                if e < s {
+                    self.ranges.push(MemoryRange::new(
+                        start_gpa + open * page_size,
+                        (base + u64::from(e) - open) * page_size,
+                    ));
+                    ends &= ends - 1;
+                } else {
+                    open = base + u64::from(s);
+                    starts &= starts - 1;
+                }
+            }
+            carry = w >> 63;
+        }
+        if carry == 1 {
+            let end = bitmap.len() as u64 * 64;
+            self.ranges.push(MemoryRange::new(
+                start_gpa + open * page_size,
+                (end - open) * page_size,
+            ));
+        }
+        // The first new range may touch the last old one.
+        if before > 0 {
+            let (prev, first) = (self.ranges[before - 1], self.ranges[before]);
+            if prev.gpa + prev.length == first.gpa {
+                self.ranges[before - 1].length += first.length;
+                self.ranges.remove(before);
+            }
+        }
+    }
+
+    /// Removes every range, keeping the allocation (for reuse across dirty-log rounds).
+    pub fn clear(&mut self) {
+        self.ranges.clear();
     }
 
     /// Adds a range, merging it with the ranges it touches.
@@ -372,6 +395,46 @@ mod tests {
     }
 
     #[test]
+    fn from_bitmap_matches_bit_by_bit_on_pseudo_random_bitmaps() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for density in [1u64, 2, 5, 50, 95, 99] {
+            let bitmap: Vec<u64> = (0..40)
+                .map(|_| {
+                    (0..64).fold(0, |w, b| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        w | (u64::from(x % 100 < density) << b)
+                    })
+                })
+                .collect();
+            let t = MemoryRangeTable::from_bitmap(&bitmap, 0x4000, 4096);
+            assert_eq!(
+                t.ranges(),
+                naive(&bitmap, 0x4000, 4096),
+                "density {density}"
+            );
+        }
+    }
+
+    #[test]
+    fn append_bitmap_joins_adjacent_and_handles_out_of_order() {
+        let mut t = MemoryRangeTable::from_bitmap(&[1 << 63], 0, 4096);
+        t.append_bitmap(&[0b11], 64 * 4096, 4096); // touches the last range
+        assert_eq!(t.ranges(), &[MemoryRange::new(63 * 4096, 3 * 4096)]);
+        t.append_bitmap(&[1], 0, 4096); // before the existing ranges
+        assert_eq!(
+            t.ranges(),
+            &[
+                MemoryRange::new(0, 4096),
+                MemoryRange::new(63 * 4096, 3 * 4096)
+            ]
+        );
+        t.clear();
+        assert!(t.is_empty());
+    }
+
+    #[test]
     fn push_coalesces_out_of_order_and_overlapping() {
         let mut t = MemoryRangeTable::new();
         t.push(MemoryRange::new(0x5000, 0x1000));
@@ -392,7 +455,10 @@ mod tests {
 
     #[test]
     fn check_range_rejects_straddling_and_overflowing_ranges() {
-        let regions = [MemoryRange::new(0, 0x1000), MemoryRange::new(0x1000, 0x1000)];
+        let regions = [
+            MemoryRange::new(0, 0x1000),
+            MemoryRange::new(0x1000, 0x1000),
+        ];
         assert!(check_range(&regions, MemoryRange::new(0x800, 0x800)).is_ok());
         assert!(check_range(&regions, MemoryRange::new(0x800, 0x1000)).is_err());
         assert!(check_range(&regions, MemoryRange::new(u64::MAX, 2)).is_err());

@@ -63,7 +63,7 @@ pub fn dirty_log(
         if let Some(region) = memory.mmap().find_region(GuestAddress(s.gpa)) {
             or_into(&mut bitmap, &vmm_bitmap(region).get_and_reset());
         }
-        table.extend(&MemoryRangeTable::from_bitmap(&bitmap, s.gpa, PAGE_SIZE));
+        table.append_bitmap(&bitmap, s.gpa, PAGE_SIZE);
     }
     Ok(table)
 }
@@ -74,11 +74,7 @@ pub fn vmm_dirty_log(memory: &GuestMemory) -> MemoryRangeTable {
     let mut table = MemoryRangeTable::new();
     for region in memory.mmap().iter() {
         let bitmap = vmm_bitmap(region).get_and_reset();
-        table.extend(&MemoryRangeTable::from_bitmap(
-            &bitmap,
-            region.start_addr().0,
-            PAGE_SIZE,
-        ));
+        table.append_bitmap(&bitmap, region.start_addr().0, PAGE_SIZE);
     }
     table
 }

@@ -78,11 +78,12 @@ pub mod msr;
 pub mod order;
 pub mod restore;
 mod runner;
+pub mod snapshot_memory;
 pub mod state;
 mod vcpu;
 mod vm;
 
-pub use backend::{Result as IoctlResult, VcpuBackend, VmBackend};
+pub use backend::{VcpuBackend, VmBackend};
 pub use error::{Direction, KvmStateError, Step};
 pub use order::{Ordered, VcpuStep, VmStep};
 pub use runner::{kick_signal, ExitAction, ExitEvent, ExitHandler, VcpuRunner};

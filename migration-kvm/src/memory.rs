@@ -268,13 +268,12 @@ impl GuestMemory {
             .map(|r| MemoryRange::new(r.start_addr().0, r.len()))
             .collect();
         check_layout(&layout)?;
-        let mmap = GuestMemoryMmap::from_regions(regions).map_err(|_| {
-            KvmMemoryError::InvalidLayout {
+        let mmap =
+            GuestMemoryMmap::from_regions(regions).map_err(|_| KvmMemoryError::InvalidLayout {
                 gpa: 0,
                 length: 0,
                 reason: "regions rejected by vm-memory",
-            }
-        })?;
+            })?;
         Ok(Self { mmap, layout })
     }
 
@@ -354,7 +353,9 @@ impl GuestMemory {
         input: &mut R,
     ) -> Result<(), MemoryError> {
         let mut slice = self.slice(MemoryRange::new(gpa, length))?;
-        input.read_exact_volatile(&mut slice).map_err(volatile_error)
+        input
+            .read_exact_volatile(&mut slice)
+            .map_err(volatile_error)
     }
 
     /// Whether the page-aligned `range` is all zeros (volatile reads; stops at the
@@ -414,17 +415,19 @@ impl GuestMemory {
 unsafe fn set_slot(vm: &VmFd, slot: &MemorySlot, log_dirty: bool) -> Result<(), KvmMemoryError> {
     let region = kvm_userspace_memory_region {
         slot: slot.slot,
-        flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+        flags: if log_dirty {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
         guest_phys_addr: slot.gpa,
         memory_size: slot.size,
         userspace_addr: slot.host_addr,
     };
     // SAFETY: guaranteed by the caller (size 0 deletes the slot and needs nothing).
-    unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
-        KvmMemoryError::SetMemoryRegion {
-            slot: slot.slot,
-            source,
-        }
+    unsafe { vm.set_user_memory_region(region) }.map_err(|source| KvmMemoryError::SetMemoryRegion {
+        slot: slot.slot,
+        source,
     })
 }
 
@@ -645,8 +648,11 @@ mod tests {
             vec![],
             vec![MemoryRange::new(0, 0)],
             vec![MemoryRange::new(0x800, 0x1000)],
-            vec![MemoryRange::new(0, 0x2000), MemoryRange::new(0x1000, 0x1000)],
-            vec![MemoryRange::new(u64::MAX & !0xfff, 0x2000)],
+            vec![
+                MemoryRange::new(0, 0x2000),
+                MemoryRange::new(0x1000, 0x1000),
+            ],
+            vec![MemoryRange::new(!0xfff, 0x2000)],
         ] {
             assert!(
                 matches!(
@@ -724,7 +730,10 @@ mod tests {
         assert!(matches!(
             check_extents(
                 &layout,
-                [MemoryRange::new(0x4000, 0x2000), MemoryRange::new(0x1000, 0x4000)]
+                [
+                    MemoryRange::new(0x4000, 0x2000),
+                    MemoryRange::new(0x1000, 0x4000)
+                ]
             ),
             Err(MemoryError::Overlap { gpa: 0x4000 })
         ));

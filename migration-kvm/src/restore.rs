@@ -85,8 +85,7 @@ pub fn check_file_extents(
 ) -> Result<(), RestoreError> {
     check_layout(layout)?;
     for e in extents {
-        if e.gpa % PAGE_SIZE != 0 || e.length % PAGE_SIZE != 0 || e.file_offset % PAGE_SIZE != 0
-        {
+        if e.gpa % PAGE_SIZE != 0 || e.length % PAGE_SIZE != 0 || e.file_offset % PAGE_SIZE != 0 {
             return Err(RestoreError::Unaligned {
                 gpa: e.gpa,
                 length: e.length,
@@ -195,7 +194,22 @@ pub fn restore_eager(
     let file_len = file.metadata()?.len();
     check_file_extents(layout, extents, file_len)?;
     let memory = GuestMemory::anonymous_with(layout, options.memory)?;
-    copy_extents(&memory, file, extents, options.threads, false)?;
+    copy_extents(&memory, file, extents, options.threads, false, true)?;
+    Ok(memory)
+}
+
+/// Eager restore from data runs: like [`restore_eager`], but `runs` list exactly the
+/// non-zero bytes (a container's run table), so holes are not searched for.
+pub fn restore_eager_runs(
+    file: &File,
+    layout: &[MemoryRange],
+    runs: &[FileExtent],
+    options: EagerOptions,
+) -> Result<GuestMemory, RestoreError> {
+    let file_len = file.metadata()?.len();
+    check_file_extents(layout, runs, file_len)?;
+    let memory = GuestMemory::anonymous_with(layout, options.memory)?;
+    copy_extents(&memory, file, runs, options.threads, false, false)?;
     Ok(memory)
 }
 
@@ -209,7 +223,7 @@ pub fn restore_eager_into(
 ) -> Result<(), RestoreError> {
     let file_len = file.metadata()?.len();
     check_file_extents(memory.layout(), extents, file_len)?;
-    copy_extents(memory, file, extents, threads, true)
+    copy_extents(memory, file, extents, threads, true, true)
 }
 
 /// Largest piece one `pread` call copies (bounds the work unit for threads).
@@ -229,12 +243,18 @@ fn copy_extents(
     extents: &[FileExtent],
     threads: usize,
     zero_holes: bool,
+    seek_holes: bool,
 ) -> Result<(), RestoreError> {
     let mut pieces = Vec::new();
     for e in extents {
         let base = memory.host_ptr(e.range())? as usize;
         let mut covered = 0u64;
-        for (off, len) in data_segments(file, e.file_offset, e.length)? {
+        let segments = if seek_holes {
+            data_segments(file, e.file_offset, e.length)?
+        } else {
+            vec![(e.file_offset, e.length)]
+        };
+        for (off, len) in segments {
             let rel = off - e.file_offset;
             if zero_holes && rel > covered {
                 memory.zero_memory(e.gpa + covered, rel - covered)?;
@@ -441,14 +461,37 @@ mod tests {
         let mem = GuestMemory::anonymous(&layout()).unwrap();
         mem.write_memory(0, &[5; 16]).unwrap();
         // Outside RAM (in the gap between the regions).
-        let e = restore_eager_into(&mem, &f, &[ext(0, 0x1000, 0x1000), ext(2 * MIB, 0x1000, 0)], 1);
-        assert!(matches!(e, Err(RestoreError::Extent(MemoryError::OutOfRange { .. }))), "{e:?}");
+        let e = restore_eager_into(
+            &mem,
+            &f,
+            &[ext(0, 0x1000, 0x1000), ext(2 * MIB, 0x1000, 0)],
+            1,
+        );
+        assert!(
+            matches!(e, Err(RestoreError::Extent(MemoryError::OutOfRange { .. }))),
+            "{e:?}"
+        );
         // Overlapping.
         let e = restore_lazy(&f, &layout(), &[ext(0, 0x2000, 0), ext(0x1000, 0x1000, 0)]);
-        assert!(matches!(e, Err(RestoreError::Extent(MemoryError::Overlap { gpa: 0x1000 }))), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                Err(RestoreError::Extent(MemoryError::Overlap { gpa: 0x1000 }))
+            ),
+            "{e:?}"
+        );
         // Past the end of the file.
         let e = restore_lazy(&f, &layout(), &[ext(0, 0x2000, 0x10000)]);
-        assert!(matches!(e, Err(RestoreError::FileTooShort { needed: 0x12000, file_len: 0x11000 })), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                Err(RestoreError::FileTooShort {
+                    needed: 0x12000,
+                    file_len: 0x11000
+                })
+            ),
+            "{e:?}"
+        );
         // Unaligned.
         let e = restore_lazy(&f, &layout(), &[ext(0x800, 0x1000, 0)]);
         assert!(matches!(e, Err(RestoreError::Unaligned { .. })), "{e:?}");
