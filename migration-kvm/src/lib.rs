@@ -83,7 +83,7 @@ pub mod state;
 mod vcpu;
 mod vm;
 
-pub use backend::{VcpuBackend, VmBackend};
+pub use backend::{Result as IoctlResult, VcpuBackend, VmBackend};
 pub use error::{Direction, KvmStateError, Step};
 pub use order::{Ordered, VcpuStep, VmStep};
 pub use runner::{kick_signal, ExitAction, ExitEvent, ExitHandler, VcpuRunner};
