@@ -110,6 +110,8 @@ enum Request {
 struct Ctl {
     request: Request,
     parked: bool,
+    /// Incremented each time the thread leaves the parked state.
+    resumed: u64,
     exited: bool,
     last_exit: Option<String>,
     jobs: Vec<Job>,
@@ -159,6 +161,7 @@ impl VcpuRunner {
             ctl: Mutex::new(Ctl {
                 request: Request::Pause,
                 parked: false,
+                resumed: 0,
                 exited: false,
                 last_exit: None,
                 jobs: Vec::new(),
@@ -226,15 +229,26 @@ impl VcpuRunner {
         self.wait_parked(None).map(|_| ())
     }
 
-    /// Resumes a parked vCPU.
+    /// Resumes a parked vCPU; returns once its thread has left the parked state
+    /// (so [`is_paused`](Self::is_paused) is `false` until it parks again).
     pub fn resume(&self) -> Result<(), KvmStateError> {
         let mut c = self.shared.lock();
-        if c.exited {
-            return Err(KvmStateError::Thread("the vCPU thread ended".into()));
+        if c.request == Request::Run {
+            return Ok(());
         }
         c.request = Request::Run;
         c.last_exit = None;
         self.shared.cv.notify_all();
+        let resumed = c.resumed;
+        while c.parked && c.resumed == resumed {
+            if c.exited {
+                return Err(KvmStateError::Thread("the vCPU thread ended".into()));
+            }
+            c = self.shared.cv.wait(c).unwrap_or_else(|e| e.into_inner());
+        }
+        if c.exited {
+            return Err(KvmStateError::Thread("the vCPU thread ended".into()));
+        }
         Ok(())
     }
 
@@ -422,6 +436,8 @@ fn park(vcpu: &mut KvmVcpu<VcpuFd>, shared: &Shared) -> bool {
         match c.request {
             Request::Run => {
                 c.parked = false;
+                c.resumed += 1;
+                shared.cv.notify_all();
                 return true;
             }
             Request::Quit => {
