@@ -1,2 +1,226 @@
-//! Placeholder until the vCPU state benchmark lands.
-fn main() {}
+//! Save and restore of one vCPU + the VM's in-kernel devices, against the same raw
+//! ioctls called directly in the same run (goal: ≤ 1.2×).
+//!
+//! `cargo bench -p migration-kvm --bench vcpu_state`: criterion timings for the four
+//! cases, then the ratios `ours / raw` measured interleaved (median of rounds).
+//! Skips (prints why) without a usable /dev/kvm.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::Criterion;
+use kvm_bindings::{
+    kvm_irqchip, kvm_msr_entry, CpuId, Msrs, Xsave, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{VcpuFd, VmFd};
+use migration_kvm::msr::MSR_CHUNK;
+use migration_kvm::{
+    restore_vm_state, save_vm_state, ClockRestore, HostCaps, KvmVcpu, VcpuState, VmState,
+};
+use migration_testkit::guest::{Guest, TestVm};
+
+struct Raw {
+    msr_chunks: Vec<Msrs>,
+    cpuid: CpuId,
+    xsave: Xsave,
+    xsave_size: usize,
+}
+
+fn raw_save(vm: &VmFd, fd: &VcpuFd, raw: &mut Raw) {
+    black_box(vm.get_pit2().unwrap());
+    black_box(vm.get_clock().unwrap());
+    for chip in [
+        KVM_IRQCHIP_PIC_MASTER,
+        KVM_IRQCHIP_PIC_SLAVE,
+        KVM_IRQCHIP_IOAPIC,
+    ] {
+        let mut c = kvm_irqchip {
+            chip_id: chip,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut c).unwrap();
+        black_box(c);
+    }
+    black_box(fd.get_mp_state().unwrap());
+    black_box(fd.get_tsc_khz().unwrap());
+    black_box(fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap());
+    black_box(fd.get_regs().unwrap());
+    black_box(fd.get_sregs().unwrap());
+    if raw.xsave_size > 4096 {
+        // SAFETY: `raw.xsave` holds KVM_CAP_XSAVE2 bytes.
+        unsafe { fd.get_xsave2(&mut raw.xsave).unwrap() };
+    } else {
+        black_box(fd.get_xsave().unwrap());
+    }
+    black_box(fd.get_xcrs().unwrap());
+    black_box(fd.get_debug_regs().unwrap());
+    black_box(fd.get_lapic().unwrap());
+    for chunk in &mut raw.msr_chunks {
+        assert_eq!(fd.get_msrs(chunk).unwrap(), chunk.as_slice().len());
+    }
+    black_box(fd.get_vcpu_events().unwrap());
+}
+
+fn raw_restore(vm: &VmFd, fd: &VcpuFd, vm_state: &VmState, s: &VcpuState, raw: &Raw) {
+    vm.set_pit2(vm_state.pit2.get()).unwrap();
+    vm.set_clock(&kvm_bindings::kvm_clock_data {
+        clock: vm_state.clock.get().clock,
+        ..Default::default()
+    })
+    .unwrap();
+    for (chip, bytes) in [
+        (KVM_IRQCHIP_PIC_MASTER, vm_state.pic_master.as_bytes()),
+        (KVM_IRQCHIP_PIC_SLAVE, vm_state.pic_slave.as_bytes()),
+        (KVM_IRQCHIP_IOAPIC, vm_state.ioapic.as_bytes()),
+    ] {
+        let mut c = kvm_irqchip {
+            chip_id: chip,
+            ..Default::default()
+        };
+        // SAFETY: the union is plain bytes; the chip state is smaller than it.
+        let dummy = unsafe { &mut c.chip.dummy };
+        for (d, b) in dummy.iter_mut().zip(bytes) {
+            *d = *b as i8;
+        }
+        vm.set_irqchip(&c).unwrap();
+    }
+    if let Some(khz) = s.tsc_khz {
+        if fd.get_tsc_khz().unwrap() != khz.0 {
+            fd.set_tsc_khz(khz.0).unwrap();
+        }
+    }
+    fd.set_cpuid2(&raw.cpuid).unwrap();
+    fd.set_mp_state(*s.mp_state.get()).unwrap();
+    fd.set_regs(s.regs.get()).unwrap();
+    fd.set_sregs(s.sregs.get()).unwrap();
+    // SAFETY: `raw.xsave` holds at least KVM_CAP_XSAVE2 (or 4096) bytes.
+    unsafe { fd.set_xsave2(&raw.xsave).unwrap() };
+    fd.set_xcrs(s.xcrs.get()).unwrap();
+    fd.set_debug_regs(s.debugregs.get()).unwrap();
+    fd.set_lapic(s.lapic.get()).unwrap();
+    for chunk in &raw.msr_chunks {
+        assert_eq!(fd.set_msrs(chunk).unwrap(), chunk.as_slice().len());
+    }
+    fd.set_vcpu_events(s.vcpu_events.get()).unwrap();
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    if let Err(reason) = migration_testkit::kvm_available() {
+        eprintln!("skipped: /dev/kvm not usable: {reason}");
+        return;
+    }
+    let t = TestVm::new(16 << 20).unwrap();
+    t.boot(Guest::CounterAvx.image(), 0).unwrap();
+    let caps = HostCaps::probe(&t.kvm, &t.vm).unwrap();
+    let TestVm { vcpu, vm, .. } = t;
+    let vcpu = KvmVcpu::new(0, vcpu, caps.clone());
+
+    let vm_state = save_vm_state(&vm).unwrap();
+    let state = vcpu.save_state().unwrap();
+    let xsave_size = caps.xsave_size();
+    let mut xsave = Xsave::new((xsave_size - 4096).div_ceil(4)).unwrap();
+    // SAFETY: only the fixed region is written.
+    let region = unsafe { &mut xsave.as_mut_fam_struct().xsave.region };
+    for (w, b) in region.iter_mut().zip(state.xsave.as_bytes().chunks(4)) {
+        *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+    let entries: Vec<kvm_msr_entry> = state
+        .msrs
+        .0
+        .iter()
+        .map(|e| kvm_msr_entry {
+            index: e.index,
+            data: e.data,
+            ..Default::default()
+        })
+        .collect();
+    let cpuid_entries: Vec<_> = state.cpuid.0.iter().map(Into::into).collect();
+    let mut raw = Raw {
+        msr_chunks: entries
+            .chunks(MSR_CHUNK)
+            .map(|c| Msrs::from_entries(c).unwrap())
+            .collect(),
+        cpuid: CpuId::from_entries(&cpuid_entries).unwrap(),
+        xsave,
+        xsave_size,
+    };
+    let fd = vcpu.backend();
+    println!(
+        "state: {} MSRs, {} CPUID entries, xsave {} bytes, nested state: {}",
+        state.msrs.0.len(),
+        state.cpuid.0.len(),
+        state.xsave.as_bytes().len(),
+        caps.nested_state()
+    );
+
+    let mut c = Criterion::default()
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
+    c.bench_function("save/ours", |b| {
+        b.iter(|| {
+            black_box(save_vm_state(&vm).unwrap());
+            black_box(vcpu.save_state().unwrap())
+        })
+    });
+    c.bench_function("save/raw_ioctls", |b| {
+        b.iter(|| raw_save(&vm, fd, &mut raw))
+    });
+    c.bench_function("restore/ours", |b| {
+        b.iter(|| {
+            restore_vm_state(&vm, &vm_state, ClockRestore::Exact).unwrap();
+            vcpu.restore_state(&state).unwrap()
+        })
+    });
+    c.bench_function("restore/raw_ioctls", |b| {
+        b.iter(|| raw_restore(&vm, fd, &vm_state, &state, &raw))
+    });
+    c.final_summary();
+
+    // Interleaved rounds, so both sides see the same machine load.
+    let rounds = 200;
+    let per = 20;
+    let (mut s_ours, mut s_raw, mut r_ours, mut r_raw) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..rounds {
+        let t0 = Instant::now();
+        for _ in 0..per {
+            black_box(save_vm_state(&vm).unwrap());
+            black_box(vcpu.save_state().unwrap());
+        }
+        s_ours.push(t0.elapsed() / per);
+        let t0 = Instant::now();
+        for _ in 0..per {
+            raw_save(&vm, fd, &mut raw);
+        }
+        s_raw.push(t0.elapsed() / per);
+        let t0 = Instant::now();
+        for _ in 0..per {
+            restore_vm_state(&vm, &vm_state, ClockRestore::Exact).unwrap();
+            vcpu.restore_state(&state).unwrap();
+        }
+        r_ours.push(t0.elapsed() / per);
+        let t0 = Instant::now();
+        for _ in 0..per {
+            raw_restore(&vm, fd, &vm_state, &state, &raw);
+        }
+        r_raw.push(t0.elapsed() / per);
+    }
+    let (so, sr, ro, rr) = (median(s_ours), median(s_raw), median(r_ours), median(r_raw));
+    println!(
+        "save:    ours {:>8.1} µs  raw ioctls {:>8.1} µs  ratio {:.3}",
+        so.as_secs_f64() * 1e6,
+        sr.as_secs_f64() * 1e6,
+        so.as_secs_f64() / sr.as_secs_f64()
+    );
+    println!(
+        "restore: ours {:>8.1} µs  raw ioctls {:>8.1} µs  ratio {:.3}",
+        ro.as_secs_f64() * 1e6,
+        rr.as_secs_f64() * 1e6,
+        ro.as_secs_f64() / rr.as_secs_f64()
+    );
+}
