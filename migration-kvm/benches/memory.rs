@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use kvm_ioctls::Kvm;
 use migration_core::container::WriteOptions;
-use migration_core::{CodecRegistry, MemoryRange, MemoryRangeTable, MemorySink, Snapshot};
+use migration_core::{
+    CodecRegistry, MemoryRange, MemoryRangeTable, MemorySink, MemorySource, Snapshot,
+};
 use migration_kvm::memory::{GuestMemory, MemoryOptions};
 use migration_kvm::restore::EagerOptions;
 use migration_kvm::snapshot_memory::{restore_eager_from, restore_lazy_from, write_full};
@@ -76,7 +78,7 @@ fn main() -> Result<()> {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let want = |part: &str| filters.is_empty() || filters.iter().any(|f| part.contains(f.as_str()));
-    if want("bitmap") && !want("snapshot eager lazy") {
+    if !(want("snapshot") || want("eager") || want("lazy")) {
         return dirty_bitmap();
     }
     let dir = tempfile::tempdir()?;
@@ -87,134 +89,78 @@ fn main() -> Result<()> {
 
     // --- 1. Full snapshot of 1 GiB random memory vs a plain sequential write.
     let mem = random_memory(GIB, GIB)?;
-    let mut buf = vec![0u8; MIB as usize];
-    Rng(7).fill(&mut buf);
-    let seq = best(3, || {
-        let path = dir.path().join("seq");
-        let mut f = File::create(&path)?;
-        let t = Instant::now();
-        for _ in 0..GIB / MIB {
-            f.write_all(&buf)?;
-        }
-        let d = t.elapsed();
-        drop(f);
-        std::fs::remove_file(&path)?;
-        Ok((d, ()))
-    })?;
     let snap_path = dir.path().join("snap1g");
-    let snap = best(3, || {
-        let _ = std::fs::remove_file(&snap_path);
+    {
         let mut f = File::options()
             .create_new(true)
             .read(true)
             .write(true)
             .open(&snap_path)?;
-        let t = Instant::now();
         write_full(&mut f, &Snapshot::new("vm"), &mem, &WriteOptions::default())?;
-        Ok((t.elapsed(), ()))
-    })?;
-    println!(
-        "full snapshot 1 GiB random: {:.0} ms ({:.2} GB/s); sequential write 1 GiB: {:.0} ms ({:.2} GB/s); ratio {:.2} (goal >= 0.8)",
-        secs(snap) * 1e3,
-        gbps(GIB, snap),
-        secs(seq) * 1e3,
-        gbps(GIB, seq),
-        secs(seq) / secs(snap)
-    );
-
-    // Zero detection: a snapshot of 1 GiB of zero (touched) memory writes nothing.
-    let zeros = GuestMemory::anonymous(&[MemoryRange::new(0, GIB)])?;
-    zeros.zero_memory(0, GIB)?; // touch every page
-    let zpath = dir.path().join("zero");
-    let zero = best(3, || {
-        let _ = std::fs::remove_file(&zpath);
-        let mut f = File::options()
-            .create_new(true)
-            .read(true)
-            .write(true)
-            .open(&zpath)?;
-        let t = Instant::now();
-        write_full(
-            &mut f,
-            &Snapshot::new("vm"),
-            &zeros,
-            &WriteOptions::default(),
-        )?;
-        Ok((t.elapsed(), ()))
-    })?;
-    let scan = best(3, || {
-        let t = Instant::now();
-        let mut n = 0u64;
-        let mut gpa = 0;
-        while gpa < GIB {
-            n += u64::from(zeros.is_zero(MemoryRange::new(gpa, 4096))?);
-            gpa += 4096;
-        }
-        Ok((t.elapsed(), n))
-    })?;
-    println!(
-        "zero detection: snapshot of 1 GiB zero pages {:.0} ms (writes nothing), raw is_zero scan {:.0} ms ({:.1} GB/s); writing those pages would take {:.0} ms",
-        secs(zero) * 1e3,
-        secs(scan) * 1e3,
-        gbps(GIB, scan),
-        secs(seq) * 1e3
-    );
-    drop(zeros);
+    }
+    if want("snapshot") {
+        snapshot_section(dir.path(), &mem, &snap_path)?;
+    }
 
     // --- 2. Eager restore of 1 GiB vs first-touch memset of 1 GiB fresh memory.
-    let memset = |huge: bool| {
-        best(2, || {
-            let m = GuestMemory::anonymous_with(
-                &[MemoryRange::new(0, GIB)],
-                MemoryOptions {
-                    huge_pages: huge,
-                    populate: false,
-                },
-            )?;
-            let t = Instant::now();
-            m.zero_memory(0, GIB)?; // memset of fresh memory = first touch
-            Ok((t.elapsed(), m))
-        })
-    };
-    let touch4k = memset(false)?;
-    let touch2m = memset(true)?;
-    println!(
+    if want("eager") {
+        let memset = |huge: bool| {
+            best(2, || {
+                let m = GuestMemory::anonymous_with(
+                    &[MemoryRange::new(0, GIB)],
+                    MemoryOptions {
+                        huge_pages: huge,
+                        populate: false,
+                    },
+                )?;
+                let t = Instant::now();
+                m.zero_memory(0, GIB)?; // memset of fresh memory = first touch
+                Ok((t.elapsed(), m))
+            })
+        };
+        let touch4k = memset(false)?;
+        let touch2m = memset(true)?;
+        println!(
         "first-touch memset 1 GiB fresh memory: 4 KiB pages {:.0} ms ({:.2} GB/s), THP {:.0} ms",
         secs(touch4k) * 1e3,
         gbps(GIB, touch4k),
         secs(touch2m) * 1e3
     );
-    let mut f = File::open(&snap_path)?;
-    let layout = [MemoryRange::new(0, GIB)];
-    for (huge, populate, threads) in [
-        (false, false, 1),
-        (false, false, 2),
-        (true, false, 1),
-        (true, false, 2),
-        (true, true, 2),
-    ] {
-        let opts = EagerOptions {
-            memory: MemoryOptions {
-                huge_pages: huge,
-                populate,
-            },
-            threads,
-        };
-        let d = best(2, || {
-            let t = Instant::now();
-            let r = restore_eager_from(&mut f, &layout, &CodecRegistry::new(), opts)?;
-            Ok((t.elapsed(), r))
-        })?;
-        println!(
+        let mut f = File::open(&snap_path)?;
+        let layout = [MemoryRange::new(0, GIB)];
+        for (huge, populate, threads) in [
+            (false, false, 1),
+            (false, false, 2),
+            (true, false, 1),
+            (true, false, 2),
+            (true, true, 2),
+        ] {
+            let opts = EagerOptions {
+                memory: MemoryOptions {
+                    huge_pages: huge,
+                    populate,
+                },
+                threads,
+            };
+            let d = best(2, || {
+                let t = Instant::now();
+                let r = restore_eager_from(&mut f, &layout, &CodecRegistry::new(), opts)?;
+                Ok((t.elapsed(), r))
+            })?;
+            println!(
             "eager restore 1 GiB (huge_pages={huge}, populate={populate}, threads={threads}): {:.0} ms ({:.2} GB/s), {:.2}x the 4 KiB first-touch memset",
             secs(d) * 1e3,
             gbps(GIB, d),
             secs(touch4k) / secs(d)
         );
+        }
     }
     drop(mem);
 
     // --- 3. Lazy restore: time until the vCPU can run (memory mapped, slots registered).
+    if !want("lazy") {
+        return dirty_bitmap();
+    }
     let kvm = Kvm::new();
     let mem4 = random_memory(4 * GIB, 64 * MIB)?;
     let snap4 = dir.path().join("snap4g");
@@ -278,6 +224,113 @@ fn main() -> Result<()> {
     }
 
     dirty_bitmap()
+}
+
+/// Full snapshot of 1 GiB random memory vs a plain sequential write; zero detection.
+fn snapshot_section(
+    dir: &std::path::Path,
+    mem: &GuestMemory,
+    snap_path: &std::path::Path,
+) -> Result<()> {
+    let mut buf = vec![0u8; MIB as usize];
+    Rng(7).fill(&mut buf);
+    let seq = best(3, || {
+        let path = dir.join("seq");
+        let mut f = File::create(&path)?;
+        let t = Instant::now();
+        for _ in 0..GIB / MIB {
+            f.write_all(&buf)?;
+        }
+        let d = t.elapsed();
+        drop(f);
+        std::fs::remove_file(&path)?;
+        Ok((d, ()))
+    })?;
+    let snap = best(3, || {
+        let _ = std::fs::remove_file(snap_path);
+        let mut f = File::options()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(snap_path)?;
+        let t = Instant::now();
+        write_full(&mut f, &Snapshot::new("vm"), mem, &WriteOptions::default())?;
+        Ok((t.elapsed(), ()))
+    })?;
+    println!(
+        "full snapshot 1 GiB random: {:.0} ms ({:.2} GB/s); sequential write 1 GiB: {:.0} ms ({:.2} GB/s); ratio {:.2} (goal >= 0.8)",
+        secs(snap) * 1e3,
+        gbps(GIB, snap),
+        secs(seq) * 1e3,
+        gbps(GIB, seq),
+        secs(seq) / secs(snap)
+    );
+
+    // Where the time goes: the copy out of guest memory and the CRC the format needs.
+    let mut chunk = vec![0u8; MIB as usize];
+    let copy = best(3, || {
+        let t = Instant::now();
+        for i in 0..GIB / MIB {
+            mem.read_memory(i * MIB, &mut chunk)?;
+        }
+        Ok((t.elapsed(), ()))
+    })?;
+    let crc = best(3, || {
+        let t = Instant::now();
+        let mut c = migration_core::checksum::Crc64::new();
+        for _ in 0..GIB / MIB {
+            c.update(black_box(&chunk));
+        }
+        Ok((t.elapsed(), c.finish()))
+    })?;
+    println!(
+        "  parts of it: copy out of guest memory {:.0} ms ({:.1} GB/s), CRC-64 {:.0} ms ({:.1} GB/s)",
+        secs(copy) * 1e3,
+        gbps(GIB, copy),
+        secs(crc) * 1e3,
+        gbps(GIB, crc)
+    );
+
+    // Zero detection: a snapshot of 1 GiB of zero (touched) memory writes nothing.
+    let zeros = GuestMemory::anonymous(&[MemoryRange::new(0, GIB)])?;
+    zeros.zero_memory(0, GIB)?; // touch every page
+    let zpath = dir.join("zero");
+    let zero = best(3, || {
+        let _ = std::fs::remove_file(&zpath);
+        let mut f = File::options()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(&zpath)?;
+        let t = Instant::now();
+        write_full(
+            &mut f,
+            &Snapshot::new("vm"),
+            &zeros,
+            &WriteOptions::default(),
+        )?;
+        Ok((t.elapsed(), ()))
+    })?;
+    let scan = best(3, || {
+        let t = Instant::now();
+        let mut n = 0u64;
+        let mut gpa = 0;
+        while gpa < GIB {
+            n += u64::from(zeros.is_zero(MemoryRange::new(gpa, 4096))?);
+            gpa += 4096;
+        }
+        Ok((t.elapsed(), n))
+    })?;
+    println!(
+        "zero detection: snapshot of 1 GiB zero pages {:.0} ms (writes nothing), raw is_zero scan {:.0} ms ({:.1} GB/s); writing those pages would take {:.0} ms",
+        secs(zero) * 1e3,
+        secs(scan) * 1e3,
+        gbps(GIB, scan),
+        secs(seq) * 1e3
+    );
+    drop(zeros);
+
+    Ok(())
 }
 
 /// Dirty bitmap -> ranges, 64 GiB of 4 KiB pages at 10 % dirty.
