@@ -11,13 +11,12 @@ use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_pit_config, kvm_regs, kvm_sregs, kvm_vcpu_events,
-    Msrs,
-};
+use std::sync::Arc;
+
+use kvm_bindings::kvm_pit_config;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use migration_core::container::WriteOptions;
-use migration_core::{CodecRegistry, MemoryError, MemoryRange, MemorySource, Snapshot};
+use migration_core::{Codec, CodecRegistry, MemoryError, MemoryRange, MemorySource, Snapshot};
 use migration_kvm::dirty;
 use migration_kvm::memory::{GuestMemory, KvmSlots};
 use migration_kvm::restore::{EagerOptions, RestoreError};
@@ -25,16 +24,15 @@ use migration_kvm::snapshot_memory::{
     content_digest, merge_chain, restore_eager_from, restore_lazy_from, write_full,
     write_incremental, SnapshotMemoryError,
 };
-use migration_testkit::guest::{
-    configure_vcpu, load_with_arg, run_until, Guest, PortMonitor, Verdict,
-};
+use migration_kvm::{restore_vm_state, save_vm_state, ClockRestore, KvmVcpu, VcpuState, VmState};
+use migration_testkit::guest::{load_with_arg, run_until, Guest, PortMonitor, Verdict};
 
 const MIB: u64 = 1 << 20;
 const RUN: Duration = Duration::from_secs(60);
 
 /// A one-vCPU VM over a [`GuestMemory`].
 struct Vm {
-    vcpu: VcpuFd,
+    vcpu: KvmVcpu<VcpuFd>,
     vm: VmFd,
     kvm: Kvm,
     mem: GuestMemory,
@@ -48,7 +46,8 @@ impl Vm {
         vm.create_irq_chip()?;
         vm.create_pit2(kvm_pit_config::default())?;
         let slots = mem.register(&vm, 0, log_dirty)?;
-        let vcpu = vm.create_vcpu(0)?;
+        let fd = vm.create_vcpu(0)?;
+        let vcpu = KvmVcpu::from_fd(&kvm, &vm, 0, fd)?;
         Ok(Self {
             vcpu,
             vm,
@@ -62,7 +61,7 @@ impl Vm {
         let vm = Self::new(mem, log_dirty)?;
         load_with_arg(
             vm.mem.mmap(),
-            &vm.vcpu,
+            vm.vcpu.backend(),
             &vm.kvm,
             Guest::MemoryPattern.image(),
             arg,
@@ -76,7 +75,7 @@ impl Vm {
             Some(b) => PortMonitor::with_baseline(passes, b),
             None => PortMonitor::new(passes),
         };
-        let v = run_until(&mut self.vcpu, &mut m, RUN)?;
+        let v = run_until(self.vcpu.backend_mut(), &mut m, RUN)?;
         if v != Verdict::Pass {
             bail!("guest verdict {v:?}, infos {:x?}", m.infos());
         }
@@ -98,53 +97,33 @@ impl Drop for Vm {
     }
 }
 
-/// The vCPU state this guest needs (ring 3 loop, no interrupts): a minimal raw
-/// save/restore until the vCPU state module is exported.
-struct CpuState {
-    regs: kvm_regs,
-    sregs: kvm_sregs,
-    fpu: kvm_fpu,
-    lapic: kvm_lapic_state,
-    events: kvm_vcpu_events,
-    mp: kvm_mp_state,
-    msrs: Msrs,
+/// The VM's device state and the vCPU's state as a snapshot tree (`vm/devices`,
+/// `vm/vcpu0`), encoded with postcard: what the container stores beside memory.
+fn save_cpu(vm: &Vm) -> Result<Snapshot> {
+    let mut root = Snapshot::new("vm");
+    let mut devices = Snapshot::new("devices");
+    save_vm_state(&vm.vm)?.add_to(&mut devices);
+    root.add_child(devices);
+    let mut vcpu = Snapshot::new("vcpu0");
+    vm.vcpu.save_state()?.add_to(&mut vcpu);
+    root.add_child(vcpu);
+    let codec: Arc<dyn Codec> = Arc::new(migration_serde::PostcardCodec);
+    root.encode(&codec)?;
+    Ok(root)
 }
 
-fn save_cpu(vm: &Vm) -> Result<CpuState> {
-    let list = vm.kvm.get_msr_index_list()?;
-    let entries: Vec<kvm_bindings::kvm_msr_entry> = list
-        .as_slice()
-        .iter()
-        .map(|&index| kvm_bindings::kvm_msr_entry {
-            index,
-            ..Default::default()
-        })
-        .collect();
-    let mut msrs = Msrs::from_entries(&entries)?;
-    let n = vm.vcpu.get_msrs(&mut msrs)?;
-    ensure!(n == entries.len(), "read {n} of {} MSRs", entries.len());
-    Ok(CpuState {
-        regs: vm.vcpu.get_regs()?,
-        sregs: vm.vcpu.get_sregs()?,
-        fpu: vm.vcpu.get_fpu()?,
-        lapic: vm.vcpu.get_lapic()?,
-        events: vm.vcpu.get_vcpu_events()?,
-        mp: vm.vcpu.get_mp_state()?,
-        msrs,
-    })
-}
-
-fn restore_cpu(vm: &Vm, s: &CpuState) -> Result<()> {
-    let ram = vm.mem.size();
-    configure_vcpu(&vm.vcpu, &vm.kvm, ram, 0)?; // CPUID first
-    vm.vcpu.set_mp_state(s.mp)?;
-    vm.vcpu.set_regs(&s.regs)?;
-    vm.vcpu.set_sregs(&s.sregs)?;
-    vm.vcpu.set_fpu(&s.fpu)?;
-    vm.vcpu.set_lapic(&s.lapic)?;
-    let n = vm.vcpu.set_msrs(&s.msrs)?;
-    ensure!(n == s.msrs.as_slice().len(), "wrote {n} MSRs");
-    vm.vcpu.set_vcpu_events(&s.events)?;
+/// Restores what [`save_cpu`] saved (read back from the container) into `vm`.
+fn restore_cpu(vm: &Vm, tree: &Snapshot) -> Result<()> {
+    let mut tree = tree.clone();
+    tree.resolve_codecs(&migration_serde::registry());
+    let devices = tree.child("devices").context("no devices")?;
+    restore_vm_state(
+        &vm.vm,
+        &VmState::from_snapshot(devices)?,
+        ClockRestore::Exact,
+    )?;
+    let state = VcpuState::from_snapshot(tree.child("vcpu0").context("no vcpu0")?)?;
+    vm.vcpu.restore_state(&state)?;
     Ok(())
 }
 
@@ -169,25 +148,16 @@ fn full_snapshot_restores_eager_and_lazy_and_the_guest_continues() -> Result<()>
     let layout = [MemoryRange::new(0, 64 * MIB)];
     let mut vm = Vm::boot(GuestMemory::anonymous(&layout)?, false, 0)?;
     let progress = vm.run(3, None)?;
-    let cpu = save_cpu(&vm)?;
+    let state = save_cpu(&vm)?;
     let mut file = tempfile::tempfile()?;
-    let summary = write_full(
-        &mut file,
-        &Snapshot::new("vm"),
-        &vm.mem,
-        &WriteOptions::default(),
-    )?;
+    let summary = write_full(&mut file, &state, &vm.mem, &WriteOptions::default())?;
     ensure!(summary.data_bytes > 60 * MIB, "{summary:?}");
     let saved = all_memory(&vm.mem)?;
     drop(vm);
 
     // Eager.
-    let (_, mem) = restore_eager_from(
-        &mut file,
-        &layout,
-        &CodecRegistry::new(),
-        EagerOptions::default(),
-    )?;
+    let codecs = migration_serde::registry();
+    let (cpu, mem) = restore_eager_from(&mut file, &layout, &codecs, EagerOptions::default())?;
     ensure!(
         all_memory(&mem)? == saved,
         "eager restore differs from the saved memory"
@@ -199,7 +169,7 @@ fn full_snapshot_restores_eager_and_lazy_and_the_guest_continues() -> Result<()>
 
     // Lazy: the guest runs on the file's pages and rewrites many of them.
     let before = file_bytes(&mut file)?;
-    let (_, mem) = restore_lazy_from(&mut file, &layout, &CodecRegistry::new())?;
+    let (cpu, mem) = restore_lazy_from(&mut file, &layout, &codecs)?;
     let mut vm = Vm::new(mem, false)?;
     restore_cpu(&vm, &cpu)?;
     vm.run(3, Some(progress)).context("lazy-restored guest")?;
