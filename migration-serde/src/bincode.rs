@@ -68,9 +68,13 @@ impl Codec for BincodeCodec {
         let seed = VisitSeed::new(visitor, &budget);
         let ((), read) =
             bincode::serde::seed_decode_from_slice(seed, payload, CONFIG).map_err(|e| {
+                let inner = budget.take_error();
+                // bincode's limit error, directly or as the innermost nested error.
+                let limit = matches!(e, bincode::error::DecodeError::LimitExceeded)
+                    || inner.as_deref() == Some("LimitExceeded");
                 if budget.exceeded() {
                     limits::depth_exceeded(BINCODE_ID)
-                } else if matches!(e, bincode::error::DecodeError::LimitExceeded) {
+                } else if limit {
                     CodecError::LimitExceeded {
                         codec: BINCODE_ID,
                         what: "container length",
@@ -79,7 +83,7 @@ impl Codec for BincodeCodec {
                 } else {
                     CodecError::Decode {
                         codec: BINCODE_ID,
-                        source: budget.take_error().map_or_else(|| e.into(), Into::into),
+                        source: inner.map_or_else(|| e.into(), Into::into),
                     }
                 }
             })?;

@@ -86,6 +86,19 @@ fn forged_lengths_fail_without_allocating() {
             c,
             codec::decode::<Vec<Vec<u8>>>(c, &forged(c, TIB)),
         );
+        let r = codec::decode::<String>(c, &forged(c, 1 << 63));
+        if c.id() == BINCODE_ID {
+            assert!(
+                matches!(
+                    r,
+                    Err(CodecError::LimitExceeded {
+                        what: "container length",
+                        ..
+                    })
+                ),
+                "{r:?}"
+            );
+        }
         // Within the payload budget but longer than the payload.
         assert_err(
             "60 MiB String",
