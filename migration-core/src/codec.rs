@@ -235,7 +235,10 @@ mod tests {
     fn codec_id_displays_as_text_or_hex() {
         assert_eq!(CodecId::new(b"json").to_string(), "json");
         assert_eq!(CodecId([0, 1, 2, 3]).to_string(), "0x00010203");
-        assert_eq!(CodecId::from_u32(CodecId::new(b"pcd1").to_u32()), CodecId::new(b"pcd1"));
+        assert_eq!(
+            CodecId::from_u32(CodecId::new(b"pcd1").to_u32()),
+            CodecId::new(b"pcd1")
+        );
     }
 
     #[test]

@@ -119,11 +119,15 @@
 pub mod checksum;
 pub mod codec;
 pub mod container;
+pub mod destination;
+pub mod endpoint;
 pub mod error;
 pub mod file;
 pub mod memory;
 mod migratable;
 mod pausable;
+pub mod precopy;
+pub mod protocol;
 mod section;
 mod snapshot;
 mod snapshottable;
@@ -133,10 +137,17 @@ mod version;
 
 pub use codec::{Codec, CodecError, CodecId, CodecRegistry};
 pub use container::FormatError;
+pub use destination::{
+    receive_migration, receive_migration_over, IncomingVm, ReceiveOptions, ReceiveReport,
+};
 pub use error::{BoxError, MigratableError};
 pub use memory::{MemoryError, MemoryRange, MemoryRangeTable, MemorySink, MemorySource};
 pub use migratable::Migratable;
 pub use pausable::Pausable;
+pub use precopy::{
+    send_migration, send_migration_over, ConvergencePolicy, MigrationOptions, MigrationReport,
+};
+pub use protocol::MigrationError;
 pub use section::Section;
 pub use snapshot::Snapshot;
 pub use snapshottable::Snapshottable;

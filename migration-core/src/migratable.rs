@@ -6,7 +6,7 @@ use crate::{MigratableError, Transportable};
 /// A component that can be moved while it runs: the precopy driver sends its memory
 /// while it runs, then pauses it and sends what changed plus its device state.
 ///
-/// The driver's calls, in order, on the source: [`start_migration`], 
+/// The driver's calls, in order, on the source: [`start_migration`],
 /// [`start_dirty_log`], rounds of [`dirty_log`] with reads through
 /// [`memory_source`], then `pause`, a last [`dirty_log`], `snapshot`,
 /// [`stop_dirty_log`] and [`complete_migration`]. On any failure the source gets

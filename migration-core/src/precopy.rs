@@ -486,8 +486,9 @@ impl<S: Read + Write> Source<S> {
         vm: &mut M,
         error: MigrationError,
     ) -> MigrationError {
-        if self.committed {
-            // GO is out: the destination may be running. Never run two copies.
+        if self.committed && !matches!(error, MigrationError::PeerAborted(_)) {
+            // GO is out and the destination went silent: it may be running. Never run
+            // two copies. (An ABORT after GO means it did not resume: fall through.)
             return MigrationError::CommitUncertain;
         }
         let mut error = error;
@@ -500,6 +501,7 @@ impl<S: Read + Write> Source<S> {
                 ) =>
             {
                 // The destination may have closed after an ABORT: fetch its reason.
+                self.ch.discard_output();
                 if let Ok(Message::Abort(reason)) = self.ch.recv() {
                     error = MigrationError::PeerAborted(reason);
                 }

@@ -612,6 +612,12 @@ impl<S: Read + Write> Channel<S> {
         Message::decode(ty, payload)
     }
 
+    /// Drops frames queued but not yet written (the connection is known broken, and
+    /// the peer's last message is still worth reading).
+    pub fn discard_output(&mut self) {
+        self.out.clear();
+    }
+
     /// Sends ABORT with `reason`, ignoring failures (the connection may be gone).
     pub fn abort(&mut self, reason: &str) {
         let _ = self

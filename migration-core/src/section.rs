@@ -113,7 +113,10 @@ impl Section {
     /// Attaches the codec recorded in the payload, looked up in `registry`. An id the
     /// registry lacks is left unresolved: decoding then names it.
     pub fn resolve(&mut self, registry: &CodecRegistry) {
-        if let Data::Encoded { codec_id, codec, .. } = &mut self.data {
+        if let Data::Encoded {
+            codec_id, codec, ..
+        } = &mut self.data
+        {
             if codec.is_none() {
                 *codec = registry.get(*codec_id).cloned();
             }

@@ -289,8 +289,11 @@ impl<'de> Deserialize<'de> for Snapshot {
             }
         }
         for (id, s) in wire.sections {
-            let section =
-                Section::from_encoded(s.version, CodecId::from_u32(s.codec), s.payload.into_owned());
+            let section = Section::from_encoded(
+                s.version,
+                CodecId::from_u32(s.codec),
+                s.payload.into_owned(),
+            );
             snapshot.add_section(id, section);
         }
         Ok(snapshot)

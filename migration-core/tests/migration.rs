@@ -1,0 +1,562 @@
+//! Live migration of a fake VM through the protocol and the precopy driver, and the
+//! fault matrix: at every message boundary of a migration, in both directions, a
+//! disconnect or a corrupt byte leaves the source VM running with its memory and
+//! state intact, and the destination releases its VM.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use migration_core::protocol::{Arch, MessageType, MigrationError};
+use migration_core::{
+    receive_migration, receive_migration_over, send_migration, send_migration_over, CodecRegistry,
+    ConvergencePolicy, MigratableError, MigrationOptions, MigrationReport, Pausable,
+    ReceiveOptions, ReceiveReport,
+};
+use migration_testkit::fault::{FaultPlan, FaultyStream};
+use migration_testkit::FakeVm;
+
+const MEM: u64 = 8 << 20;
+
+fn codecs() -> CodecRegistry {
+    migration_serde::registry()
+}
+
+fn options() -> MigrationOptions {
+    MigrationOptions {
+        arch: Arch::NONE,
+        downtime_limit: Duration::from_millis(100),
+        ..MigrationOptions::default()
+    }
+}
+
+fn receive_options() -> ReceiveOptions {
+    ReceiveOptions {
+        arch: Arch::NONE,
+        codecs: codecs(),
+    }
+}
+
+/// A source VM with a deterministic memory image and an idle workload, so every run
+/// produces the same byte stream.
+fn idle_source() -> FakeVm {
+    let vm = FakeVm::builder()
+        .memory_size(MEM)
+        .workload(0, 11)
+        .codecs(codecs())
+        .build()
+        .expect("fake VM");
+    vm.run_workload_writes(700).expect("workload writes");
+    vm
+}
+
+fn build_destination(layout: &[migration_core::MemoryRange]) -> Result<FakeVm, MigratableError> {
+    FakeVm::destination(layout, codecs())
+}
+
+type DestResult = Result<(FakeVm, ReceiveReport), MigrationError>;
+
+/// Runs a migration over a socket pair, each end wrapped by `wrap_src`/`wrap_dst`.
+fn migrate<A, B>(
+    source: &mut FakeVm,
+    options: &mut MigrationOptions,
+    wrap_src: impl FnOnce(UnixStream) -> A,
+    wrap_dst: impl FnOnce(UnixStream) -> B + Send + 'static,
+) -> (Result<MigrationReport, MigrationError>, DestResult)
+where
+    A: Read + Write,
+    B: Read + Write + 'static,
+{
+    let (a, b) = UnixStream::pair().expect("socketpair");
+    for s in [&a, &b] {
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+    }
+    let dest = thread::spawn(move || {
+        receive_migration_over(wrap_dst(b), &receive_options(), |incoming| {
+            build_destination(&incoming.layout)
+        })
+    });
+    let result = send_migration_over(source, wrap_src(a), options);
+    let dest = dest.join().expect("destination thread");
+    (result, dest)
+}
+
+/// Checks the source survived: running, not dirty logging, memory and state as before.
+fn assert_source_intact(source: &mut FakeVm, digest: u64, context: &str) {
+    assert!(source.is_running(), "{context}: source not running");
+    assert!(
+        !source.is_dirty_logging(),
+        "{context}: dirty logging left on"
+    );
+    source.pause().expect("pause");
+    assert_eq!(
+        source.content_digest(),
+        digest,
+        "{context}: source state changed"
+    );
+    source
+        .verify()
+        .unwrap_or_else(|e| panic!("{context}: source self-check: {e}"));
+    source.resume().expect("resume");
+}
+
+#[test]
+fn a_running_vm_migrates_and_continues() {
+    let mut source = FakeVm::builder()
+        .memory_size(32 << 20)
+        .workload(64 << 20, 3)
+        .codecs(codecs())
+        .build()
+        .expect("fake VM");
+    source.run_workload_writes(2000).expect("writes");
+    thread::sleep(Duration::from_millis(50));
+    let mut opts = options();
+    let (result, dest) = migrate(&mut source, &mut opts, |s| s, |s| s);
+    let report = result.expect("migration");
+    let (mut dest, received) = dest.expect("destination");
+    assert!(
+        !source.is_running(),
+        "source must stay paused after handing over"
+    );
+    assert!(dest.is_running(), "destination must run");
+    dest.pause().expect("pause destination");
+    // The destination resumed at GO and its workload went on writing: it must pass
+    // its self-check and have continued from exactly where the source stopped.
+    dest.verify().expect("destination self-check");
+    source.verify().expect("source self-check");
+    assert!(dest.workload().writes >= source.workload().writes);
+    assert!(
+        report.rounds.len() >= 2,
+        "round 0 and a final round: {report:?}"
+    );
+    assert_eq!(received.rounds as usize, report.rounds.len());
+    assert_eq!(report.protocol_version, 2);
+    assert!(report.downtime.total >= report.downtime.final_round);
+}
+
+#[test]
+fn zero_pages_cost_a_few_bytes() {
+    let mut source = idle_source();
+    let mut opts = options();
+    let (result, dest) = migrate(&mut source, &mut opts, |s| s, |s| s);
+    let report = result.expect("migration");
+    dest.expect("destination");
+    let r0 = &report.rounds[0];
+    assert!(r0.zero_pages > r0.pages, "{r0:?}");
+    // Data pages cost a page each; zero pages at most a range entry each.
+    assert!(
+        r0.wire_bytes < (r0.pages + 1) * 4096 + r0.zero_pages * 16 + 4096,
+        "{r0:?}"
+    );
+}
+
+#[test]
+fn protocol_version_1_is_still_accepted() {
+    let mut source = idle_source();
+    let mut opts = MigrationOptions {
+        protocol_version: 1,
+        ..options()
+    };
+    let (result, dest) = migrate(&mut source, &mut opts, |s| s, |s| s);
+    let report = result.expect("migration at version 1");
+    let (mut dest, _) = dest.expect("destination");
+    assert_eq!(report.protocol_version, 1);
+    assert_eq!(
+        report.rounds[0].zero_pages, 0,
+        "version 1 has no zero ranges"
+    );
+    dest.pause().expect("pause");
+    source.same_state(&dest).expect("same state");
+}
+
+#[test]
+fn migrates_over_unix_and_tcp_urls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let unix = format!("unix://{}", dir.path().join("mig.sock").display());
+    for url in [unix.as_str(), "tcp://127.0.0.1:0"] {
+        let mut source = idle_source();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let listen = url.to_owned();
+        let dest = thread::spawn(move || {
+            receive_migration(
+                &listen,
+                &receive_options(),
+                Duration::from_secs(20),
+                |url| tx.send(url.to_owned()).expect("send url"),
+                |incoming| build_destination(&incoming.layout),
+            )
+        });
+        let target = rx.recv().expect("listening url");
+        let report = send_migration(
+            &mut source,
+            &target,
+            &mut options(),
+            Duration::from_secs(20),
+        )
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let (mut dest, _) = dest.join().expect("thread").expect("destination");
+        dest.pause().expect("pause");
+        source.same_state(&dest).expect("same state");
+        assert!(report.bytes_sent > 0);
+    }
+}
+
+#[test]
+fn connect_refused_leaves_the_source_running() {
+    let mut source = idle_source();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("unix://{}", dir.path().join("nobody.sock").display());
+    let err = send_migration(&mut source, &url, &mut options(), Duration::from_secs(5))
+        .expect_err("nobody listens");
+    assert!(matches!(err, MigrationError::Io(_)), "{err}");
+    assert!(source.is_running());
+    assert!(!source.is_migrating());
+}
+
+#[test]
+fn handshake_rejections_carry_the_destinations_reason() {
+    // Architecture mismatch.
+    let mut source = idle_source();
+    let digest = {
+        source.pause().expect("pause");
+        let d = source.content_digest();
+        source.resume().expect("resume");
+        d
+    };
+    let mut opts = MigrationOptions {
+        arch: Arch::X86_64,
+        ..options()
+    };
+    let (result, dest) = migrate(&mut source, &mut opts, |s| s, |s| s);
+    let err = result.expect_err("arch mismatch");
+    assert!(
+        matches!(&err, MigrationError::Rejected(r) if r.contains("architecture")),
+        "{err}"
+    );
+    assert!(dest.is_err());
+    assert_source_intact(&mut source, digest, "arch mismatch");
+
+    // No common codec: the source offers only JSON, the destination has only postcard.
+    let json_only = CodecRegistry::new().with(Arc::new(migration_serde::JsonCodec::default()));
+    let mut source = FakeVm::builder()
+        .memory_size(MEM)
+        .codecs(json_only)
+        .build()
+        .expect("vm");
+    let (a, b) = UnixStream::pair().expect("pair");
+    let dest = thread::spawn(move || {
+        let opts = ReceiveOptions {
+            arch: Arch::NONE,
+            codecs: CodecRegistry::new().with(Arc::new(migration_serde::PostcardCodec)),
+        };
+        receive_migration_over(b, &opts, |i| build_destination(&i.layout))
+    });
+    let err = send_migration_over(&mut source, a, &mut options()).expect_err("no codec");
+    assert!(
+        matches!(&err, MigrationError::Rejected(r) if r.contains("no common codec")),
+        "{err}"
+    );
+    assert!(dest.join().expect("thread").is_err());
+    assert!(source.is_running());
+
+    // Layout mismatch: the destination builds another size.
+    let mut source = idle_source();
+    let (a, b) = UnixStream::pair().expect("pair");
+    let dest = thread::spawn(move || {
+        receive_migration_over(b, &receive_options(), |_| {
+            FakeVm::destination(&[migration_core::MemoryRange::new(0, 4 << 20)], codecs())
+        })
+    });
+    let err = send_migration_over(&mut source, a, &mut options()).expect_err("layout");
+    assert!(
+        matches!(&err, MigrationError::Rejected(r) if r.contains("layout")),
+        "{err}"
+    );
+    assert!(dest.join().expect("thread").is_err());
+    assert!(source.is_running());
+}
+
+#[test]
+fn a_restore_error_on_the_destination_resumes_the_source() {
+    let mut source = idle_source();
+    source.pause().expect("pause");
+    let digest = source.content_digest();
+    source.resume().expect("resume");
+    let (a, b) = UnixStream::pair().expect("pair");
+    let dest = thread::spawn(move || {
+        // A destination whose device tree lacks the source's devices.
+        receive_migration_over(b, &receive_options(), |i| {
+            FakeVm::builder()
+                .regions(&i.layout)
+                .devices(migration_testkit::FakeDeviceManager::new())
+                .codecs(codecs())
+                .paused()
+                .build()
+        })
+    });
+    let err = send_migration_over(&mut source, a, &mut options()).expect_err("restore fails");
+    assert!(
+        matches!(&err, MigrationError::PeerAborted(r) if r.contains("restore")),
+        "{err}"
+    );
+    assert!(dest.join().expect("thread").is_err());
+    assert_source_intact(&mut source, digest, "restore error");
+}
+
+#[test]
+fn not_converging_cancels_or_forces_as_asked() {
+    for policy in [ConvergencePolicy::Cancel, ConvergencePolicy::Force] {
+        let mut source = FakeVm::builder()
+            .memory_size(16 << 20)
+            .workload(256 << 20, 5)
+            .codecs(codecs())
+            .build()
+            .expect("vm");
+        thread::sleep(Duration::from_millis(20));
+        let mut opts = MigrationOptions {
+            downtime_limit: Duration::ZERO,
+            max_rounds: 2,
+            policy,
+            ..options()
+        };
+        let (result, dest) = migrate(&mut source, &mut opts, |s| s, |s| s);
+        match policy {
+            ConvergencePolicy::Cancel => {
+                let err = result.expect_err("cancel");
+                assert!(matches!(err, MigrationError::NotConverged { .. }), "{err}");
+                assert!(dest.is_err());
+                assert!(source.is_running());
+            }
+            ConvergencePolicy::Force => {
+                let report = result.expect("forced");
+                assert!(!report.converged);
+                let (mut dest, _) = dest.expect("destination");
+                dest.pause().expect("pause");
+                dest.verify().expect("self-check");
+                assert!(dest.workload().writes >= source.workload().writes);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The fault matrix.
+
+/// Records what passes through a stream in each direction.
+struct Recorder {
+    inner: UnixStream,
+    written: Arc<Mutex<Vec<u8>>>,
+    read: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Read for Recorder {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.lock().expect("lock").extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl Write for Recorder {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written
+            .lock()
+            .expect("lock")
+            .extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A source-side disconnect: after `at` bytes written, the socket is shut down.
+struct Disconnect {
+    inner: UnixStream,
+    at: u64,
+    pos: u64,
+}
+
+impl Read for Disconnect {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl Write for Disconnect {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.pos >= self.at {
+            let _ = self.inner.shutdown(std::net::Shutdown::Both);
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "disconnected"));
+        }
+        let n = buf.len().min((self.at - self.pos) as usize);
+        let n = self.inner.write(&buf[..n])?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Frame boundaries of a recorded stream: `(offset, type)` of each frame start.
+fn frames(stream: &[u8]) -> Vec<(u64, u16)> {
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    while pos + 8 <= stream.len() {
+        let ty = u16::from_le_bytes([stream[pos], stream[pos + 1]]);
+        let len = u32::from_le_bytes([
+            stream[pos + 4],
+            stream[pos + 5],
+            stream[pos + 6],
+            stream[pos + 7],
+        ]);
+        out.push((pos as u64, ty));
+        pos += 8 + len as usize + 8;
+    }
+    assert_eq!(
+        pos,
+        stream.len(),
+        "recorded stream is a whole number of frames"
+    );
+    out
+}
+
+fn recorded_run() -> (Vec<u8>, Vec<u8>) {
+    let mut source = idle_source();
+    let written = Arc::new(Mutex::new(Vec::new()));
+    let read = Arc::new(Mutex::new(Vec::new()));
+    let (w, r) = (written.clone(), read.clone());
+    let (result, dest) = migrate(
+        &mut source,
+        &mut options(),
+        move |inner| Recorder {
+            inner,
+            written: w,
+            read: r,
+        },
+        |s| s,
+    );
+    result.expect("clean migration");
+    dest.expect("clean destination");
+    let w = written.lock().expect("lock").clone();
+    let r = read.lock().expect("lock").clone();
+    (w, r)
+}
+
+fn is_commit_point(ty: u16) -> bool {
+    ty == MessageType::Done as u16
+}
+
+#[test]
+fn fault_matrix_source_survives_every_boundary() {
+    let (to_dest, to_source) = recorded_run();
+    let src_frames = frames(&to_dest);
+    let dst_frames = frames(&to_source);
+    assert!(
+        src_frames.len() >= 6,
+        "HELLO, memory, ROUND_ENDs, STATE, GO: {src_frames:?}"
+    );
+    assert_eq!(dst_frames.len(), 3, "HELLO_ACK, READY, DONE");
+
+    let mut cases = 0;
+    // 1. The source's connection drops at every frame boundary and mid-frame.
+    for &(offset, ty) in &src_frames {
+        for at in [offset, offset + 5] {
+            let mut source = idle_source();
+            source.pause().expect("pause");
+            let digest = source.content_digest();
+            source.resume().expect("resume");
+            let ctx = format!("source disconnect at byte {at} (frame type {ty})");
+            let (result, dest) = migrate(
+                &mut source,
+                &mut options(),
+                move |inner| Disconnect { inner, at, pos: 0 },
+                |s| s,
+            );
+            // A cut at or inside GO means GO never fully left: still before the
+            // commit point, so the source must resume.
+            let err = result.expect_err(&ctx);
+            assert!(
+                !matches!(err, MigrationError::CommitUncertain),
+                "{ctx}: {err}"
+            );
+            assert!(dest.is_err(), "{ctx}: destination must release its VM");
+            assert_source_intact(&mut source, digest, &ctx);
+            cases += 1;
+        }
+    }
+
+    // 2. The destination's view of the stream ends, or is corrupted, at every frame.
+    for &(offset, ty) in &src_frames {
+        let plans = [
+            ("truncate", FaultPlan::new().truncate_at(offset)),
+            ("flip", FaultPlan::new().flip_bit((offset + 9) * 8 + 3)),
+        ];
+        for (what, plan) in plans {
+            let mut source = idle_source();
+            source.pause().expect("pause");
+            let digest = source.content_digest();
+            source.resume().expect("resume");
+            let ctx = format!("destination {what} at byte {offset} (frame type {ty}): {plan}");
+            let (result, dest) = migrate(
+                &mut source,
+                &mut options(),
+                |s| s,
+                move |inner| FaultyStream::reads(inner, plan),
+            );
+            let err = result.expect_err(&ctx);
+            assert!(dest.is_err(), "{ctx}: destination must fail");
+            if what == "flip" {
+                let reason = match &err {
+                    MigrationError::PeerAborted(r) | MigrationError::Rejected(r) => r.as_str(),
+                    other => panic!("{ctx}: expected the destination's reason, got {other}"),
+                };
+                assert!(reason.contains("checksum"), "{ctx}: {err}");
+            }
+            assert_source_intact(&mut source, digest, &ctx);
+            cases += 1;
+        }
+    }
+
+    // 3. The source's view of the destination's replies ends or is corrupted.
+    for &(offset, ty) in &dst_frames {
+        let plans = [
+            ("truncate", FaultPlan::new().truncate_at(offset)),
+            ("flip", FaultPlan::new().flip_bit(offset * 8 + 1)),
+        ];
+        for (what, plan) in plans {
+            let mut source = idle_source();
+            source.pause().expect("pause");
+            let digest = source.content_digest();
+            source.resume().expect("resume");
+            let ctx = format!("source-side {what} at reply byte {offset} (frame type {ty})");
+            let (result, dest) = migrate(
+                &mut source,
+                &mut options(),
+                move |inner| FaultyStream::reads(inner, plan),
+                |s| s,
+            );
+            let err = result.expect_err(&ctx);
+            if is_commit_point(ty) {
+                // DONE lost: the destination resumed; the source must not.
+                assert!(
+                    matches!(err, MigrationError::CommitUncertain),
+                    "{ctx}: {err}"
+                );
+                assert!(!source.is_running(), "{ctx}: two copies would run");
+                let (dest, _) = dest.expect("destination resumed on GO");
+                assert!(dest.is_running());
+            } else {
+                assert!(dest.is_err(), "{ctx}: destination must release its VM");
+                assert_source_intact(&mut source, digest, &ctx);
+            }
+            cases += 1;
+        }
+    }
+    assert!(cases >= 30, "{cases} cases");
+}
