@@ -153,3 +153,8 @@ pub use snapshot::Snapshot;
 pub use snapshottable::Snapshottable;
 pub use transportable::Transportable;
 pub use version::Versioned;
+
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
