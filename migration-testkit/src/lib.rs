@@ -30,6 +30,8 @@
 //!   or fail on a plan, deterministic from a seed.
 //! - [`strategies`]: proptest strategies for snapshot trees (feature `proptest`).
 //! - [`kvm`]: [`require_kvm!`] and [`skip_unless_kvm`] for KVM-gated tests.
+//! - [`netns`]: two network namespaces joined by a shaped veth pair, for
+//!   migrations between processes on different "hosts".
 //! - [`Rng`]: the deterministic generator behind every seed.
 
 #![warn(missing_docs)]
@@ -43,6 +45,7 @@ pub mod fake_vm;
 pub mod fault;
 pub mod guest;
 pub mod kvm;
+pub mod netns;
 pub mod recording_vcpu;
 pub mod rng;
 #[cfg(feature = "proptest")]

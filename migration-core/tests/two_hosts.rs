@@ -1,0 +1,216 @@
+//! Live migration of a fake VM between two processes on two "hosts": two network
+//! namespaces joined by a veth pair shaped to 1 Gbit/s (plus 1 ms delay per end where
+//! the kernel has netem). The test re-runs this binary in each namespace: the
+//! destination helper listens, builds the VM, receives it and runs its self-check;
+//! the source helper migrates a VM whose workload dirties memory throughout.
+//!
+//! Needs root and iproute2; skips visibly otherwise (fails under
+//! `MIGRATION_REQUIRE_KVM=1` when it could have run).
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Stdio};
+use std::thread;
+use std::time::Duration;
+
+use migration_core::protocol::Arch;
+use migration_core::{
+    receive_migration, send_migration, ConvergencePolicy, MigrationOptions, Pausable,
+    ReceiveOptions,
+};
+use migration_testkit::netns::{skip_unless_netns, NetnsPair, Shape, Side};
+use migration_testkit::FakeVm;
+
+/// Selects the role of a helper process: `source` or `destination`.
+const ROLE: &str = "MIGRATION_TWO_HOSTS_ROLE";
+/// The destination's URL, for the source.
+const URL: &str = "MIGRATION_TWO_HOSTS_URL";
+
+const MEMORY: u64 = 128 << 20;
+const DIRTY_RATE: u64 = 24 << 20;
+const DOWNTIME_LIMIT: Duration = Duration::from_millis(200);
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Kills a helper process left running when the test fails early.
+struct Reap(Option<Child>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn fake_vm_migrates_between_namespaces_over_a_shaped_link() {
+    if !skip_unless_netns() {
+        return;
+    }
+    let pair = NetnsPair::create().expect("namespace pair");
+    let shape = pair
+        .shape(&Shape {
+            rate_bits: 1_000_000_000,
+            delay: Duration::from_millis(1),
+        })
+        .expect("shape the link");
+    eprintln!("link: {shape}");
+
+    // Destination in namespace B; it prints the URL it listens on.
+    let mut dest = pair
+        .exec_test(Side::B, "helper_destination")
+        .expect("command")
+        .env(ROLE, "destination")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn destination");
+    let dest_out = dest.stdout.take().expect("piped stdout");
+    let mut dest = Reap(Some(dest));
+    let (url_tx, url_rx) = std::sync::mpsc::channel();
+    let dest_reader = thread::spawn(move || {
+        let mut lines = Vec::new();
+        let mut url_tx = Some(url_tx);
+        for line in BufReader::new(dest_out).lines() {
+            let Ok(line) = line else { break };
+            // libtest prints `test helper_destination ... ` without a newline first.
+            if let Some((_, url)) = line.split_once("LISTENING ") {
+                if let Some(tx) = url_tx.take() {
+                    let _ = tx.send(url.to_owned());
+                }
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let url = url_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("destination never listened");
+
+    // Source in namespace A.
+    let source = pair
+        .exec_test(Side::A, "helper_source")
+        .expect("command")
+        .env(ROLE, "source")
+        .env(URL, &url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn source");
+    let mut source = Reap(Some(source));
+    let mut source_out = String::new();
+    if let Some(out) = source.0.as_mut().and_then(|c| c.stdout.as_mut()) {
+        out.read_to_string(&mut source_out).expect("source output");
+    }
+    let source_status = source.0.take().expect("child").wait().expect("wait");
+    let dest_status = dest.0.take().expect("child").wait().expect("wait");
+    let dest_lines = dest_reader.join().expect("reader");
+
+    println!("--- source (namespace A) ---\n{source_out}");
+    println!(
+        "--- destination (namespace B) ---\n{}",
+        dest_lines.join("\n")
+    );
+    assert!(source_status.success(), "source failed: {source_status}");
+    assert!(dest_status.success(), "destination failed: {dest_status}");
+    assert!(
+        source_out
+            .lines()
+            .any(|l| l.ends_with("RESULT converged=true")),
+        "the source did not report convergence"
+    );
+    assert!(
+        dest_lines
+            .iter()
+            .any(|l| l.ends_with("RESULT verified=true")),
+        "the destination did not report a verified VM"
+    );
+}
+
+/// Destination role: listen on namespace B's address, receive, resume, let the
+/// workload run on, then pause and self-check.
+#[test]
+#[ignore = "helper: run by fake_vm_migrates_between_namespaces_over_a_shaped_link"]
+fn helper_destination() {
+    if std::env::var(ROLE).as_deref() != Ok("destination") {
+        return;
+    }
+    let options = ReceiveOptions {
+        arch: Arch::NONE,
+        codecs: migration_serde::registry(),
+    };
+    let listen = format!("tcp://{}:0", NetnsPair::ADDR_B);
+    let (mut vm, report) = receive_migration(
+        &listen,
+        &options,
+        IO_TIMEOUT,
+        |url| println!("LISTENING {url}"),
+        |incoming| FakeVm::destination(&incoming.layout, migration_serde::registry()),
+    )
+    .expect("receive the migration");
+    println!("received: {report:?}");
+    assert!(vm.is_running(), "the destination VM must run after GO");
+    let writes_at_arrival = vm.workload().writes;
+    thread::sleep(Duration::from_millis(200));
+    vm.pause().expect("pause");
+    vm.verify().expect("destination self-check");
+    let writes = vm.workload().writes;
+    println!("workload writes: {writes_at_arrival} at arrival, {writes} after 200 ms here");
+    assert!(
+        writes > writes_at_arrival,
+        "the workload must continue on the destination"
+    );
+    println!("RESULT verified=true");
+}
+
+/// Source role: a VM dirtying memory throughout migrates to the URL in `URL`.
+#[test]
+#[ignore = "helper: run by fake_vm_migrates_between_namespaces_over_a_shaped_link"]
+fn helper_source() {
+    if std::env::var(ROLE).as_deref() != Ok("source") {
+        return;
+    }
+    let url = std::env::var(URL).expect("destination URL");
+    let mut vm = FakeVm::builder()
+        .memory_size(MEMORY)
+        .workload(DIRTY_RATE, 8)
+        .codecs(migration_serde::registry())
+        .build()
+        .expect("fake VM");
+    // Fill a good part of memory before migrating, then let the workload run.
+    vm.run_workload_writes(MEMORY / 4096 / 2)
+        .expect("workload writes");
+    thread::sleep(Duration::from_millis(100));
+    let mut options = MigrationOptions {
+        arch: Arch::NONE,
+        downtime_limit: DOWNTIME_LIMIT,
+        max_rounds: 30,
+        policy: ConvergencePolicy::Cancel,
+        ..MigrationOptions::default()
+    };
+    let report = send_migration(&mut vm, &url, &mut options, IO_TIMEOUT).expect("migration");
+    for r in &report.rounds {
+        println!(
+            "round {:>2}: {:>9} guest bytes, {:>6} pages, {:>6} zero pages, {:>9} wire bytes, {:?}",
+            r.round, r.guest_bytes, r.pages, r.zero_pages, r.wire_bytes, r.duration
+        );
+    }
+    println!(
+        "bandwidth {:.1} MB/s, total {:?}, downtime {:?} (limit {:?}): final round {:?}, state capture {:?}, state send {:?}, resume {:?}",
+        report.bandwidth / 1e6,
+        report.total_time,
+        report.downtime.total,
+        DOWNTIME_LIMIT,
+        report.downtime.final_round,
+        report.downtime.state_capture,
+        report.downtime.state_send,
+        report.downtime.resume,
+    );
+    assert!(
+        !vm.is_running(),
+        "the source must stay paused after handing over"
+    );
+    vm.verify().expect("source self-check");
+    assert!(report.converged, "precopy must converge: {report:?}");
+    println!("RESULT converged={}", report.converged);
+}

@@ -1,0 +1,389 @@
+//! Two network namespaces joined by a veth pair, for tests that migrate between
+//! "hosts": the source in one namespace, the destination in the other, the link
+//! shaped by `tc`.
+//!
+//! [`NetnsPair::create`] makes two namespaces with unique names, a veth pair with
+//! one end in each ([`NetnsPair::addr_a`] = `10.200.0.1` in namespace A,
+//! [`NetnsPair::addr_b`] = `10.200.0.2` in namespace B) and brings the links up.
+//! [`NetnsPair::shape`] limits the rate (and adds delay where the kernel has
+//! `sch_netem`) on both ends. [`NetnsPair::command`] builds a [`Command`] that runs
+//! in one namespace (`ip netns exec <ns> …`). Dropping the pair deletes both
+//! namespaces, which destroys the veth pair, so a failing test cleans up too; a pair
+//! left behind by a killed process is removed by the next [`NetnsPair::create`].
+//!
+//! Needs root and iproute2 (`ip`, `tc`). Tests call [`skip_unless_netns`] first: it
+//! prints `skipped: network namespaces not usable: <reason>` and returns `false`,
+//! or panics when `MIGRATION_REQUIRE_KVM=1` is set and we are root with `ip`
+//! installed (a CI machine where the test must run).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use migration_testkit::netns::{skip_unless_netns, NetnsPair, Shape, Side};
+//!
+//! if skip_unless_netns() {
+//!     let pair = NetnsPair::create()?;
+//!     let applied = pair.shape(&Shape { rate_bits: 1_000_000_000, delay: Duration::from_millis(1) })?;
+//!     println!("link: {applied}");
+//!     let out = pair.command(Side::B, "ip").args(["addr"]).output()?;
+//!     assert!(out.status.success());
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use crate::kvm::kvm_required;
+
+/// Prefix of every namespace this module creates: `migtk-<pid>-<n>-{a,b}`.
+const PREFIX: &str = "migtk-";
+
+/// Counter that makes names unique within a process.
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A failure to set up or shape the namespaces.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    /// A tool could not be started (not installed?).
+    #[error("cannot run `{command}`: {source}")]
+    Spawn {
+        /// The command line.
+        command: String,
+        /// Why it did not start.
+        source: std::io::Error,
+    },
+    /// A tool ran and failed.
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: String,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+}
+
+/// One side of a [`NetnsPair`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// Namespace A, address [`NetnsPair::addr_a`].
+    A,
+    /// Namespace B, address [`NetnsPair::addr_b`].
+    B,
+}
+
+/// The link a test asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    /// Rate in bits per second, each direction.
+    pub rate_bits: u64,
+    /// One-way delay added on each end (so the round trip gains twice this).
+    pub delay: Duration,
+}
+
+/// The link [`NetnsPair::shape`] set up: the rate always, the delay only where the
+/// kernel has `sch_netem`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedShape {
+    /// Rate in bits per second, each direction.
+    pub rate_bits: u64,
+    /// One-way delay per end, or why none could be added.
+    pub delay: Result<Duration, String>,
+    /// The qdisc used (`netem` or `tbf`).
+    pub qdisc: &'static str,
+}
+
+impl fmt::Display for AppliedShape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} Mbit/s via {}",
+            self.rate_bits / 1_000_000,
+            self.qdisc
+        )?;
+        match &self.delay {
+            Ok(d) => write!(f, ", {} µs delay per end", d.as_micros()),
+            Err(why) => write!(f, ", no delay ({why})"),
+        }
+    }
+}
+
+/// Two namespaces joined by a veth pair; deleted on drop.
+#[derive(Debug)]
+pub struct NetnsPair {
+    ns_a: String,
+    ns_b: String,
+    dev_a: String,
+    dev_b: String,
+}
+
+impl NetnsPair {
+    /// Address of namespace A's end of the veth pair.
+    pub const ADDR_A: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+    /// Address of namespace B's end of the veth pair.
+    pub const ADDR_B: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+
+    /// Creates two fresh namespaces with a veth pair between them, addresses set and
+    /// links (and loopback) up. Deletes namespaces left behind by dead processes
+    /// first. On error, whatever was created is removed.
+    pub fn create() -> Result<Self, NetnsError> {
+        remove_stale();
+        let pid = std::process::id();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        // Interface names are limited to 15 bytes: keep them short.
+        let tag = format!("{:x}{n:x}", pid);
+        let pair = NetnsPair {
+            ns_a: format!("{PREFIX}{pid}-{n}-a"),
+            ns_b: format!("{PREFIX}{pid}-{n}-b"),
+            dev_a: format!("mva{tag}"),
+            dev_b: format!("mvb{tag}"),
+        };
+        // From here on, Drop removes whatever exists.
+        ip(&["netns", "add", &pair.ns_a])?;
+        ip(&["netns", "add", &pair.ns_b])?;
+        ip(&[
+            "link",
+            "add",
+            &pair.dev_a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &pair.dev_b,
+        ])?;
+        ip(&["link", "set", &pair.dev_a, "netns", &pair.ns_a])?;
+        ip(&["link", "set", &pair.dev_b, "netns", &pair.ns_b])?;
+        for (ns, dev, addr) in [
+            (&pair.ns_a, &pair.dev_a, Self::ADDR_A),
+            (&pair.ns_b, &pair.dev_b, Self::ADDR_B),
+        ] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(pair)
+    }
+
+    /// Namespace name of `side`.
+    pub fn namespace(&self, side: Side) -> &str {
+        match side {
+            Side::A => &self.ns_a,
+            Side::B => &self.ns_b,
+        }
+    }
+
+    /// Interface name of `side`'s end of the veth pair.
+    pub fn device(&self, side: Side) -> &str {
+        match side {
+            Side::A => &self.dev_a,
+            Side::B => &self.dev_b,
+        }
+    }
+
+    /// Address of namespace A's end.
+    pub fn addr_a(&self) -> Ipv4Addr {
+        Self::ADDR_A
+    }
+
+    /// Address of namespace B's end.
+    pub fn addr_b(&self) -> Ipv4Addr {
+        Self::ADDR_B
+    }
+
+    /// Shapes both ends of the link: `netem delay <d> rate <r>` where the kernel has
+    /// netem, otherwise a token bucket (`tbf`) at the rate and no delay (the returned
+    /// [`AppliedShape`] says so; print it).
+    pub fn shape(&self, shape: &Shape) -> Result<AppliedShape, NetnsError> {
+        let rate = format!("{}bit", shape.rate_bits);
+        let delay = format!("{}us", shape.delay.as_micros());
+        let mut netem_error = None;
+        for side in [Side::A, Side::B] {
+            let (ns, dev) = (self.namespace(side), self.device(side));
+            let netem = ip(&[
+                "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "netem",
+                "delay", &delay, "rate", &rate, "limit", "100000",
+            ]);
+            if let Err(e) = netem {
+                netem_error = Some(e.to_string());
+                break;
+            }
+        }
+        let Some(why) = netem_error else {
+            return Ok(AppliedShape {
+                rate_bits: shape.rate_bits,
+                delay: Ok(shape.delay),
+                qdisc: "netem",
+            });
+        };
+        // A burst of at least one 1 ms worth of bytes (and of a 64 KiB GSO segment).
+        let burst = (shape.rate_bits / 8 / 1000).max(128 << 10);
+        for side in [Side::A, Side::B] {
+            let (ns, dev) = (self.namespace(side), self.device(side));
+            ip(&[
+                "netns",
+                "exec",
+                ns,
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                &rate,
+                "burst",
+                &burst.to_string(),
+                "latency",
+                "50ms",
+            ])?;
+        }
+        Ok(AppliedShape {
+            rate_bits: shape.rate_bits,
+            delay: Err(format!("sch_netem unavailable: {why}")),
+            qdisc: "tbf",
+        })
+    }
+
+    /// A command that runs `program` inside `side`'s namespace
+    /// (`ip netns exec <ns> <program>`); add arguments, environment and stdio to it.
+    pub fn command(&self, side: Side, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.namespace(side)])
+            .arg(program);
+        cmd
+    }
+
+    /// A command that re-runs the current test binary inside `side`'s namespace with
+    /// only the (normally `#[ignore]`d) test `test_name`:
+    /// `ip netns exec <ns> <current exe> --exact <test_name> --ignored --nocapture`.
+    /// The helper test should do nothing unless an environment variable the caller
+    /// sets on the command says which role to play.
+    pub fn exec_test(&self, side: Side, test_name: &str) -> Result<Command, NetnsError> {
+        let exe = std::env::current_exe().map_err(|source| NetnsError::Spawn {
+            command: "current_exe".into(),
+            source,
+        })?;
+        let mut cmd = self.command(side, exe);
+        cmd.args([
+            "--exact",
+            test_name,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ]);
+        Ok(cmd)
+    }
+
+    /// Deletes both namespaces now (also done on drop).
+    pub fn cleanup(&mut self) -> Result<(), NetnsError> {
+        let a = delete_namespace(&self.ns_a);
+        let b = delete_namespace(&self.ns_b);
+        a.and(b)
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        if let Err(e) = self.cleanup() {
+            eprintln!("netns cleanup: {e}");
+        }
+    }
+}
+
+/// Deletes namespace `ns` if it exists (its veth end goes with it, and the peer too).
+fn delete_namespace(ns: &str) -> Result<(), NetnsError> {
+    if !Path::new("/run/netns").join(ns).exists() {
+        return Ok(());
+    }
+    ip(&["netns", "del", ns])
+}
+
+/// Deletes `migtk-<pid>-…` namespaces whose process is gone (killed tests).
+fn remove_stale() {
+    let Ok(out) = run(Command::new("ip").args(["netns", "list"])) else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = ip(&["netns", "del", name]);
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), NetnsError> {
+    run(Command::new("ip").args(args)).map(drop)
+}
+
+fn run(cmd: &mut Command) -> Result<Output, NetnsError> {
+    let line = format!("{cmd:?}").replace('"', "");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| NetnsError::Spawn {
+            command: line.clone(),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(NetnsError::Failed {
+            command: line,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+fn tool_present(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
+}
+
+/// Whether this process can create network namespaces and shape links: root, `ip`
+/// and `tc` installed, and `ip netns add` works. The error says why not.
+pub fn netns_available() -> Result<(), String> {
+    if !rustix::process::geteuid().is_root() {
+        return Err("not root".into());
+    }
+    for tool in ["ip", "tc"] {
+        if !tool_present(tool) {
+            return Err(format!("`{tool}` (iproute2) not installed"));
+        }
+    }
+    NetnsPair::create()
+        .map(drop)
+        .map_err(|e| format!("cannot create a namespace pair: {e}"))
+}
+
+/// `true` when namespaces are usable. Otherwise prints
+/// `skipped: network namespaces not usable: <reason>` to stderr and returns `false`,
+/// or panics when `MIGRATION_REQUIRE_KVM=1` is set and we are root with `ip`
+/// installed (the test could and should have run).
+pub fn skip_unless_netns() -> bool {
+    match netns_available() {
+        Ok(()) => true,
+        Err(reason) => {
+            let could = rustix::process::geteuid().is_root() && tool_present("ip");
+            if could && kvm_required() {
+                panic!("network namespaces not usable: {reason} (root, `ip` present and MIGRATION_REQUIRE_KVM=1)");
+            }
+            eprintln!("skipped: network namespaces not usable: {reason}");
+            false
+        }
+    }
+}
