@@ -43,20 +43,22 @@ fn env_or(name: &str, default: usize) -> usize {
 fn loopback_copy(bytes: usize, sink: Option<FakeVm>) -> anyhow::Result<Duration> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    let receiver = thread::spawn(move || -> anyhow::Result<Instant> {
-        let (mut s, _) = listener.accept()?;
-        let mut buf = vec![0u8; BUF];
-        let mut done = 0;
-        while done < bytes {
-            let n = (bytes - done).min(BUF);
-            s.read_exact(&mut buf[..n])?;
-            if let Some(vm) = &sink {
-                vm.memory().write_memory(done as u64, &buf[..n])?;
+    let receiver = thread::Builder::new().name("tcp-receiver".into()).spawn(
+        move || -> anyhow::Result<Instant> {
+            let (mut s, _) = listener.accept()?;
+            let mut buf = vec![0u8; BUF];
+            let mut done = 0;
+            while done < bytes {
+                let n = (bytes - done).min(BUF);
+                s.read_exact(&mut buf[..n])?;
+                if let Some(vm) = &sink {
+                    vm.memory().write_memory(done as u64, &buf[..n])?;
+                }
+                done += n;
             }
-            done += n;
-        }
-        Ok(Instant::now())
-    });
+            Ok(Instant::now())
+        },
+    )?;
     let mut data = vec![0u8; BUF];
     Rng::new(1).fill(&mut data);
     let start = Instant::now();
@@ -78,21 +80,23 @@ fn migrate(
     options: &mut MigrationOptions,
 ) -> anyhow::Result<(MigrationReport, FakeVm)> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let dest = thread::spawn(move || {
-        let options = ReceiveOptions {
-            arch: Arch::NONE,
-            codecs: migration_serde::registry(),
-        };
-        receive_migration(
-            "tcp://127.0.0.1:0",
-            &options,
-            IO_TIMEOUT,
-            |url| {
-                let _ = tx.send(url.to_owned());
-            },
-            |incoming| FakeVm::destination(&incoming.layout, migration_serde::registry()),
-        )
-    });
+    let dest = thread::Builder::new()
+        .name("destination".into())
+        .spawn(move || {
+            let options = ReceiveOptions {
+                arch: Arch::NONE,
+                codecs: migration_serde::registry(),
+            };
+            receive_migration(
+                "tcp://127.0.0.1:0",
+                &options,
+                IO_TIMEOUT,
+                |url| {
+                    let _ = tx.send(url.to_owned());
+                },
+                |incoming| FakeVm::destination(&incoming.layout, migration_serde::registry()),
+            )
+        })?;
     let url = rx.recv()?;
     let report = send_migration(source, &url, options, IO_TIMEOUT)?;
     let (mut vm, _) = dest.join().expect("destination thread")?;
@@ -204,6 +208,10 @@ fn main() -> anyhow::Result<()> {
     let full = best.expect("at least one iteration");
     println!("\n1. {gib:.2} GiB guest, all memory written once (best of {iters}):");
     print_rounds(&full);
+
+    if std::env::var_os("BENCH_ONLY_FULL").is_some() {
+        return Ok(());
+    }
 
     // 2. Idle guest.
     let mut source = guest(size, 16 << 20)?;
