@@ -71,12 +71,12 @@ pub fn run(input: &Path, name: CodecName, output: &Path) -> anyhow::Result<ExitC
     );
     if !unknown.is_empty() || !failed.is_empty() {
         println!(
-            "refused: {} written; {} section(s) of types vmsnap does not know, {} that did not decode",
-            output.display(),
+            "refused: {} section(s) of types vmsnap does not know, {} that did not decode; \
+             nothing was written to {}",
             unknown.len(),
-            failed.len()
+            failed.len(),
+            output.display()
         );
-        println!("nothing was written to {}", output.display());
         for u in &unknown {
             println!("  unknown type: {u}");
         }

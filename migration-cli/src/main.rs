@@ -113,6 +113,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`vmsnap inspect x | head`), as Unix tools do,
+    // instead of panicking in `println!`.
+    // SAFETY: restoring the default disposition of SIGPIPE before any other thread
+    // exists; no handler is installed.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
