@@ -14,7 +14,7 @@ use crate::codec::{self, Codec, CodecRegistry};
 use crate::endpoint::Endpoint;
 use crate::memory::{check_range, MemoryRange};
 use crate::protocol::{
-    Arch, Channel, Hello, Message, MigrationError, MAX_STATE, MIN_PROTOCOL_VERSION,
+    Arch, Channel, Hello, Message, MigrationError, Received, MAX_STATE, MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
 };
 use crate::{Migratable, MigratableError, Snapshot};
@@ -206,7 +206,15 @@ where
     let mut fresh = true; // round 0: memory is still all zero
     let mut state: Vec<u8> = Vec::new();
     loop {
-        match ch.recv()? {
+        // MEMORY data goes from the socket straight into guest memory.
+        let message = match ch.recv_into(vm.memory_sink(), &layout)? {
+            Received::MemoryWritten(range) => {
+                report.memory_bytes += range.length;
+                continue;
+            }
+            Received::Message(message) => message,
+        };
+        match message {
             Message::Memory { gpa, data } => {
                 let range = MemoryRange::new(gpa, data.len() as u64);
                 check_range(&layout, range)?;

@@ -19,7 +19,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::time::Duration;
 
 use crate::codec::CodecId;
-use crate::memory::{MemoryError, MemoryRange};
+use crate::memory::{check_range, MemoryError, MemoryRange, MemorySink};
 use crate::MigratableError;
 
 /// The protocol version this crate speaks.
@@ -499,6 +499,29 @@ impl<'a> Message<'a> {
     }
 }
 
+/// What [`Channel::recv_into`] received.
+#[derive(Debug, PartialEq)]
+pub enum Received<'a> {
+    /// A MEMORY frame whose data was written into the sink and checked: its range.
+    MemoryWritten(MemoryRange),
+    /// Any other message, decoded.
+    Message(Message<'a>),
+}
+
+/// Passes reads through and feeds every byte read to a CRC.
+struct CrcReader<'a, R: Read> {
+    inner: &'a mut R,
+    digest: &'a mut crc_fast::Digest,
+}
+
+impl<R: Read> Read for CrcReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.digest.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 /// One end of a migration connection: frames messages out, checks and decodes
 /// messages in. Small frames are buffered until [`flush`](Channel::flush) or until a
 /// reply is awaited.
@@ -582,6 +605,12 @@ impl<S: Read + Write> Channel<S> {
     /// Reads, checks and decodes the next message. An ABORT from the peer is returned
     /// as a message; the caller turns it into [`MigrationError::PeerAborted`].
     pub fn recv(&mut self) -> Result<Message<'_>, MigrationError> {
+        let (header, ty, len) = self.read_header()?;
+        self.read_payload(header, ty, len)
+    }
+
+    /// Reads and checks a frame header: type known, flags zero, length bounded.
+    fn read_header(&mut self) -> Result<([u8; HEADER], MessageType, u32), MigrationError> {
         self.flush()?;
         let mut header = [0u8; HEADER];
         self.io.read_exact(&mut header)?;
@@ -600,7 +629,66 @@ impl<S: Read + Write> Channel<S> {
                 "{ty:?} payload of {len} bytes over MAX_PAYLOAD"
             )));
         }
-        // Bounded by MAX_PAYLOAD above; the buffer is reused across frames.
+        Ok((header, ty, len))
+    }
+
+    /// Like [`recv`](Channel::recv), but the data of a MEMORY frame goes from the
+    /// stream straight into `sink` ([`MemorySink::read_memory_from`]) with the checksum
+    /// computed on the way, instead of through the frame buffer. The frame's range is
+    /// checked against `layout` before a byte is written. A checksum mismatch is
+    /// detected only after the bytes landed: the caller must then discard the VM (the
+    /// destination does: it aborts and drops it, and never resumed it).
+    pub fn recv_into(
+        &mut self,
+        sink: &dyn MemorySink,
+        layout: &[MemoryRange],
+    ) -> Result<Received<'_>, MigrationError> {
+        let (header, ty, len) = self.read_header()?;
+        if ty != MessageType::Memory || (len as usize) <= 8 {
+            return self.read_payload(header, ty, len).map(Received::Message);
+        }
+        let mut gpa = [0u8; 8];
+        self.io.read_exact(&mut gpa)?;
+        let data_len = len as usize - 8;
+        if data_len > MAX_MEMORY_CHUNK {
+            return Err(MigrationError::malformed(format!(
+                "memory chunk of {data_len} bytes"
+            )));
+        }
+        let range = MemoryRange::new(u64::from_le_bytes(gpa), data_len as u64);
+        if range.end().is_none() {
+            return Err(MigrationError::malformed("memory chunk overflows u64"));
+        }
+        check_range(layout, range)?;
+        let mut digest = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
+        digest.update(&header);
+        digest.update(&gpa);
+        let mut reader = CrcReader {
+            inner: &mut self.io,
+            digest: &mut digest,
+        };
+        sink.read_memory_from(range.gpa, range.length, &mut reader)
+            .map_err(|e| match e {
+                MemoryError::Io(e) => MigrationError::Io(e),
+                other => MigrationError::Memory(other),
+            })?;
+        let mut crc = [0u8; TRAILER];
+        self.io.read_exact(&mut crc)?;
+        if digest.finalize() != u64::from_le_bytes(crc) {
+            return Err(MigrationError::Checksum(ty));
+        }
+        Ok(Received::MemoryWritten(range))
+    }
+
+    /// Reads the payload and trailer of a frame whose header was checked, verifies the
+    /// checksum and decodes the message.
+    fn read_payload(
+        &mut self,
+        header: [u8; HEADER],
+        ty: MessageType,
+        len: u32,
+    ) -> Result<Message<'_>, MigrationError> {
+        // Bounded by MAX_PAYLOAD in read_header; the buffer is reused across frames.
         self.frame.resize(len as usize + TRAILER, 0);
         self.io.read_exact(&mut self.frame)?;
         let (payload, trailer) = self.frame.split_at(len as usize);
@@ -637,6 +725,71 @@ mod tests {
         let bytes = ch.io.into_inner().into_inner();
         let mut rx = Channel::new(io::Cursor::new(bytes));
         assert_eq!(rx.recv().unwrap(), msg);
+    }
+
+    struct VecSink(std::sync::Mutex<Vec<u8>>);
+
+    impl MemorySink for VecSink {
+        fn regions(&self) -> Vec<MemoryRange> {
+            vec![MemoryRange::new(0x1000, 0x10000)]
+        }
+        fn write_memory(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+            let at = (gpa - 0x1000) as usize;
+            self.0.lock().unwrap()[at..at + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+    }
+
+    fn memory_frame(gpa: u64, data: &[u8]) -> Vec<u8> {
+        let mut ch = Channel::new(io::Cursor::new(Vec::new()));
+        ch.send(&Message::Memory { gpa, data }).unwrap();
+        ch.send(&Message::Ready).unwrap();
+        ch.flush().unwrap();
+        ch.io.into_inner().into_inner()
+    }
+
+    #[test]
+    fn recv_into_streams_memory_and_checks_it() {
+        let sink = VecSink(std::sync::Mutex::new(vec![0; 0x10000]));
+        let layout = sink.regions();
+        let data: Vec<u8> = (0..0x3000u32).map(|i| (i % 251) as u8 + 1).collect();
+        let bytes = memory_frame(0x2000, &data);
+        let mut rx = Channel::new(io::Cursor::new(bytes.clone()));
+        assert_eq!(
+            rx.recv_into(&sink, &layout).unwrap(),
+            Received::MemoryWritten(MemoryRange::new(0x2000, 0x3000))
+        );
+        assert_eq!(&sink.0.lock().unwrap()[0x1000..0x4000], &data[..]);
+        // The next frame is intact and decoded normally.
+        assert_eq!(
+            rx.recv_into(&sink, &layout).unwrap(),
+            Received::Message(Message::Ready)
+        );
+
+        // A flipped data byte: the checksum catches it after the write.
+        let mut bad = bytes.clone();
+        bad[HEADER + 8 + 100] ^= 4;
+        let mut rx = Channel::new(io::Cursor::new(bad));
+        assert!(matches!(
+            rx.recv_into(&sink, &layout),
+            Err(MigrationError::Checksum(MessageType::Memory))
+        ));
+
+        // Outside the layout: rejected before any byte is written.
+        let fresh = VecSink(std::sync::Mutex::new(vec![0; 0x10000]));
+        let mut rx = Channel::new(io::Cursor::new(memory_frame(0x10000, &data)));
+        assert!(matches!(
+            rx.recv_into(&fresh, &layout),
+            Err(MigrationError::Memory(_))
+        ));
+        assert!(fresh.0.lock().unwrap().iter().all(|&b| b == 0));
+
+        // Truncated data: an I/O error, as from recv.
+        let mut rx = Channel::new(io::Cursor::new(bytes[..HEADER + 8 + 10].to_vec()));
+        assert!(matches!(
+            rx.recv_into(&sink, &layout),
+            Err(MigrationError::Io(_))
+        ));
     }
 
     #[test]
