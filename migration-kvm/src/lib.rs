@@ -66,6 +66,9 @@
 //! - [`VcpuRunner`]: a vCPU on its own thread; the pause protocol (kick, complete I/O,
 //!   park); port I/O exits to an [`ExitHandler`].
 //! - [`KvmStateError`]: typed errors naming the failed step or MSR.
+//! - [`KvmVm`] / [`KvmVmConfig`]: a whole VM (irqchip, PIT, memory slots, vCPU threads)
+//!   that is `Migratable`; snapshot files with [`KvmVm::save_snapshot`] and
+//!   [`KvmVm::restore_from_file`].
 
 #![warn(missing_docs)]
 #![warn(missing_debug_implementations)]
@@ -73,6 +76,7 @@
 mod backend;
 pub mod dirty;
 mod error;
+pub mod kvm_vm;
 pub mod memory;
 pub mod msr;
 pub mod order;
@@ -85,6 +89,7 @@ mod vm;
 
 pub use backend::{Result as IoctlResult, VcpuBackend, VmBackend};
 pub use error::{Direction, KvmStateError, Step};
+pub use kvm_vm::{ConfigError, KvmVm, KvmVmConfig, KvmVmError, RestoreMode};
 pub use order::{Ordered, VcpuStep, VmStep};
 pub use runner::{kick_signal, ExitAction, ExitEvent, ExitHandler, VcpuRunner};
 pub use state::{CpuidEntry, MsrEntry, Raw, SizeMismatch};

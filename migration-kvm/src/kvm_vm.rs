@@ -1,0 +1,781 @@
+//! [`KvmVm`]: a whole KVM VM (in-kernel irqchip and PIT, guest memory, vCPU threads)
+//! that is [`Migratable`], and its configuration [`KvmVmConfig`].
+//!
+//! The pieces are this crate's: [`GuestMemory`] registered as KVM slots, dirty
+//! tracking from [`dirty`](crate::dirty), [`KvmVmDevices`] for the VM-wide device
+//! state and one parked [`VcpuRunner`] per vCPU. `KvmVm` composes them:
+//!
+//! - snapshot tree: `vm` with section `config` ([`KvmVmConfig::to_bytes`]), child
+//!   `devices`, children `vcpu0`, `vcpu1`, …; restore applies `devices` before any
+//!   vCPU (the order real KVM needs, `docs/kvm-state.md`);
+//! - live migration: [`KvmVm::migration_options`] puts the config into the
+//!   handshake; the destination builds a paused VM with [`KvmVm::for_incoming`];
+//! - files: [`KvmVm::save_snapshot`] (atomic, tree + memory in the container's file
+//!   form) and [`KvmVm::restore_from_file`] (eager copy or lazy `MAP_PRIVATE`).
+//!
+//! A `KvmVm` starts paused: load a guest ([`KvmVm::with_vcpu`], [`KvmVm::memory`],
+//! [`KvmVm::kvm`]) then [`Pausable::resume`] (or [`KvmVm::start`]).
+
+use std::fmt;
+use std::fs::File;
+use std::path::Path;
+
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use migration_core::codec::CodecRegistry;
+use migration_core::container::{WriteOptions, WriteSummary};
+use migration_core::destination::{IncomingVm, ReceiveOptions};
+use migration_core::precopy::MigrationOptions;
+use migration_core::protocol::Arch;
+use migration_core::{
+    file, MemoryRange, MemoryRangeTable, MemorySink, MemorySource, Migratable, MigratableError,
+    Pausable, Snapshot, Snapshottable, Transportable, Versioned,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::dirty;
+use crate::error::KvmStateError;
+use crate::memory::{check_layout, GuestMemory, KvmMemoryError, KvmSlots, MemoryOptions};
+use crate::restore::EagerOptions;
+use crate::runner::{ExitHandler, VcpuRunner};
+use crate::snapshot_memory::{restore_eager_from, restore_lazy_from, SnapshotMemoryError};
+use crate::vcpu::{HostCaps, KvmVcpu};
+use crate::vm::{ClockRestore, KvmVmDevices};
+
+/// Most vCPUs a [`KvmVmConfig`] may ask for.
+pub const MAX_VCPUS: u32 = 256;
+/// Most memory regions a [`KvmVmConfig`] may have.
+pub const MAX_REGIONS: usize = 64;
+/// Encoded size of a config with `n` regions: header 24 bytes + 16 per region.
+const CONFIG_HEADER: usize = 24;
+const CONFIG_MAGIC: &[u8; 4] = b"KVMC";
+const CONFIG_VERSION: u32 = 1;
+/// The snapshot tree's root id.
+pub const VM_ID: &str = "vm";
+/// The config section's id.
+pub const CONFIG_SECTION: &str = "config";
+
+/// Errors of decoding a [`KvmVmConfig`] (all input is untrusted).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// Fewer bytes than the header or the declared regions need.
+    #[error("config truncated: {needed} bytes needed, {found} present")]
+    Truncated {
+        /// Bytes needed.
+        needed: usize,
+        /// Bytes present.
+        found: usize,
+    },
+    /// The bytes do not start with `KVMC`.
+    #[error("not a KVM VM config (bad magic)")]
+    BadMagic,
+    /// A config version this reader does not know.
+    #[error("config version {0} is not supported (this reader knows version 1)")]
+    Version(u32),
+    /// More bytes than the declared regions.
+    #[error("{0} trailing bytes after the config")]
+    TrailingBytes(usize),
+    /// Zero vCPUs or more than [`MAX_VCPUS`].
+    #[error("{0} vCPUs: a VM has 1 to 256")]
+    Vcpus(u32),
+    /// More than [`MAX_REGIONS`] regions.
+    #[error("{0} memory regions: at most 64")]
+    Regions(u32),
+    /// An unknown clock-restore code or flag bits.
+    #[error("invalid field `{0}`")]
+    Field(&'static str),
+    /// The layout is empty, unsorted, overlapping or unaligned.
+    #[error("invalid memory layout: {0}")]
+    Layout(String),
+}
+
+/// What a KVM VM is made of: its RAM layout, vCPU count, how kvmclock is restored
+/// and how fresh memory is mapped. Travels as bytes in the migration handshake
+/// ([`MigrationOptions::config`]) and in the `config` section of a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvmVmConfig {
+    /// Guest RAM regions, sorted, page aligned.
+    pub layout: Vec<MemoryRange>,
+    /// Number of vCPUs (1 to [`MAX_VCPUS`]).
+    pub vcpus: u32,
+    /// How kvmclock is set when state is restored into this VM.
+    pub clock_restore: ClockRestore,
+    /// How fresh guest memory is mapped.
+    pub memory: MemoryOptions,
+}
+
+impl KvmVmConfig {
+    /// One region of `mem_size` bytes at guest-physical 0, `vcpus` vCPUs, exact clock
+    /// restore, default memory options.
+    pub fn new(mem_size: u64, vcpus: u32) -> Self {
+        Self {
+            layout: vec![MemoryRange::new(0, mem_size)],
+            vcpus,
+            clock_restore: ClockRestore::Exact,
+            memory: MemoryOptions::default(),
+        }
+    }
+
+    /// Total RAM bytes.
+    pub fn mem_size(&self) -> u64 {
+        self.layout.iter().map(|r| r.length).sum()
+    }
+
+    /// Checks vCPU count and layout.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if self.layout.len() > MAX_REGIONS {
+            return Err(ConfigError::Regions(
+                u32::try_from(self.layout.len()).unwrap_or(u32::MAX),
+            ));
+        }
+        check_layout(&self.layout).map_err(|e| ConfigError::Layout(e.to_string()))
+    }
+
+    /// The encoding: `KVMC`, version u32, vCPUs u32, clock u8 (0 exact, 1 advance by
+    /// wall time), flags u8 (bit 0 huge pages, bit 1 populate), 2 zero bytes,
+    /// region count u32, reserved u32 (0), then per region gpa u64 and length u64;
+    /// all little endian.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(CONFIG_HEADER + 16 * self.layout.len());
+        b.extend_from_slice(CONFIG_MAGIC);
+        b.extend_from_slice(&CONFIG_VERSION.to_le_bytes());
+        b.extend_from_slice(&self.vcpus.to_le_bytes());
+        b.push(match self.clock_restore {
+            ClockRestore::Exact => 0,
+            ClockRestore::AdvanceByWallTime => 1,
+        });
+        b.push(u8::from(self.memory.huge_pages) | (u8::from(self.memory.populate) << 1));
+        b.extend_from_slice(&[0, 0]);
+        b.extend_from_slice(&(self.layout.len() as u32).to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        for r in &self.layout {
+            b.extend_from_slice(&r.gpa.to_le_bytes());
+            b.extend_from_slice(&r.length.to_le_bytes());
+        }
+        b
+    }
+
+    /// Decodes and validates [`to_bytes`](Self::to_bytes)' output. Never allocates
+    /// more than [`MAX_REGIONS`] regions, whatever the input says.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ConfigError> {
+        if bytes.len() < CONFIG_HEADER {
+            return Err(ConfigError::Truncated {
+                needed: CONFIG_HEADER,
+                found: bytes.len(),
+            });
+        }
+        if &bytes[..4] != CONFIG_MAGIC {
+            return Err(ConfigError::BadMagic);
+        }
+        let u32_at =
+            |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let version = u32_at(4);
+        if version != CONFIG_VERSION {
+            return Err(ConfigError::Version(version));
+        }
+        let vcpus = u32_at(8);
+        let clock_restore = match bytes[12] {
+            0 => ClockRestore::Exact,
+            1 => ClockRestore::AdvanceByWallTime,
+            _ => return Err(ConfigError::Field("clock_restore")),
+        };
+        let flags = bytes[13];
+        if flags & !3 != 0 {
+            return Err(ConfigError::Field("memory flags"));
+        }
+        if bytes[14] != 0 || bytes[15] != 0 || u32_at(20) != 0 {
+            return Err(ConfigError::Field("reserved"));
+        }
+        let n = u32_at(16);
+        if n as usize > MAX_REGIONS {
+            return Err(ConfigError::Regions(n));
+        }
+        let needed = CONFIG_HEADER + 16 * n as usize;
+        if bytes.len() < needed {
+            return Err(ConfigError::Truncated {
+                needed,
+                found: bytes.len(),
+            });
+        }
+        if bytes.len() > needed {
+            return Err(ConfigError::TrailingBytes(bytes.len() - needed));
+        }
+        let layout = bytes[CONFIG_HEADER..]
+            .chunks_exact(16)
+            .map(|c| {
+                let mut gpa = [0u8; 8];
+                let mut len = [0u8; 8];
+                gpa.copy_from_slice(&c[..8]);
+                len.copy_from_slice(&c[8..]);
+                MemoryRange::new(u64::from_le_bytes(gpa), u64::from_le_bytes(len))
+            })
+            .collect();
+        let config = Self {
+            layout,
+            vcpus,
+            clock_restore,
+            memory: MemoryOptions {
+                huge_pages: flags & 1 != 0,
+                populate: flags & 2 != 0,
+            },
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// The `config` section of the `vm` node: [`KvmVmConfig::to_bytes`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ConfigSection {
+    #[serde(with = "serde_bytes")]
+    bytes: Vec<u8>,
+}
+
+impl Versioned for ConfigSection {
+    const VERSION: u32 = 1;
+}
+
+/// Errors of building, running and snapshotting a [`KvmVm`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KvmVmError {
+    /// A KVM ioctl of VM construction failed.
+    #[error("{step}: {source}")]
+    Kvm {
+        /// What was being done (`"KVM_CREATE_VM"`…).
+        step: &'static str,
+        /// The ioctl error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The configuration is invalid.
+    #[error("VM config: {0}")]
+    Config(#[from] ConfigError),
+    /// The config does not match what it must match (the incoming layout, a
+    /// snapshot's config…).
+    #[error("config mismatch: {0}")]
+    Mismatch(String),
+    /// Guest memory or its KVM slots.
+    #[error(transparent)]
+    Memory(#[from] KvmMemoryError),
+    /// vCPU or VM state, or a vCPU thread.
+    #[error(transparent)]
+    State(#[from] KvmStateError),
+    /// Snapshotting, restoring or writing a snapshot.
+    #[error(transparent)]
+    Migratable(#[from] MigratableError),
+    /// Restoring memory from a snapshot file.
+    #[error(transparent)]
+    SnapshotMemory(#[from] SnapshotMemoryError),
+    /// File I/O.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<KvmVmError> for MigratableError {
+    fn from(e: KvmVmError) -> Self {
+        match e {
+            KvmVmError::Migratable(m) => m,
+            other => MigratableError::Restore {
+                path: VM_ID.to_owned(),
+                source: Box::new(other),
+            },
+        }
+    }
+}
+
+fn kvm_err(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmVmError {
+    move |source| KvmVmError::Kvm { step, source }
+}
+
+/// How [`KvmVm::restore_from_file`] brings memory back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// Copy the file's data runs into fresh memory (zero pages never read).
+    Eager(EagerOptions),
+    /// Map the file's extents `MAP_PRIVATE` (copy on write); pages load on first
+    /// touch. The file must not be truncated while the VM lives.
+    Lazy,
+}
+
+/// A KVM VM: in-kernel irqchip and PIT2, [`GuestMemory`] in KVM slots, one
+/// [`VcpuRunner`] thread per vCPU. [`Migratable`] (and so [`Snapshottable`] and
+/// [`Transportable`]).
+///
+/// Created paused. Exit handlers (one per vCPU, from the factory given to the
+/// constructor) see the guest's port I/O.
+pub struct KvmVm {
+    config: KvmVmConfig,
+    codecs: CodecRegistry,
+    // Drop order matters and is enforced in `Drop`: vCPU threads stop first, then
+    // the slots are removed, then the VM fd and the memory go.
+    vcpus: Vec<VcpuRunner>,
+    slots: Option<KvmSlots>,
+    devices: KvmVmDevices<VmFd>,
+    memory: GuestMemory,
+    kvm: Kvm,
+    running: bool,
+}
+
+impl fmt::Debug for KvmVm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KvmVm")
+            .field("config", &self.config)
+            .field("running", &self.running)
+            .field("vcpus", &self.vcpus)
+            .field("codecs", &self.codecs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for KvmVm {
+    fn drop(&mut self) {
+        // Stop every vCPU thread before KVM loses the memory.
+        self.vcpus.clear();
+        if let Some(slots) = self.slots.take() {
+            // On failure the slots leak their mappings (never unmapped): safe.
+            let _ = slots.unregister(self.devices.vm());
+        }
+    }
+}
+
+impl KvmVm {
+    /// Builds a paused VM with fresh zeroed memory for `config.layout`. `handlers`
+    /// is called once per vCPU index for its exit handler. Codecs default to
+    /// `migration_serde::registry()` ([`set_codecs`](Self::set_codecs) changes them).
+    pub fn new(
+        config: KvmVmConfig,
+        handlers: impl FnMut(u32) -> ExitHandler,
+    ) -> Result<Self, KvmVmError> {
+        config.validate()?;
+        let memory = GuestMemory::anonymous_with(&config.layout, config.memory)?;
+        Self::with_memory(config, memory, handlers)
+    }
+
+    /// Builds a paused VM around existing guest `memory` (e.g. restored from a file),
+    /// whose layout must be `config.layout`.
+    pub fn with_memory(
+        config: KvmVmConfig,
+        memory: GuestMemory,
+        mut handlers: impl FnMut(u32) -> ExitHandler,
+    ) -> Result<Self, KvmVmError> {
+        config.validate()?;
+        if memory.layout() != config.layout.as_slice() {
+            return Err(KvmVmError::Mismatch(format!(
+                "memory layout {:x?} is not the config's {:x?}",
+                memory.layout(),
+                config.layout
+            )));
+        }
+        let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        // Irqchip and PIT before any vCPU.
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.create_pit2(kvm_pit_config::default())
+            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        let slots = memory.register(&vm, 0, false)?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let caps = HostCaps::probe(&kvm, &vm)?;
+        let mut fds = Vec::with_capacity(config.vcpus as usize);
+        for i in 0..config.vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(i))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            fds.push(fd);
+        }
+        let mut this = Self {
+            devices: KvmVmDevices::new(vm, config.clock_restore),
+            config,
+            codecs: migration_serde::registry(),
+            vcpus: Vec::with_capacity(fds.len()),
+            slots: Some(slots),
+            memory,
+            kvm,
+            running: false,
+        };
+        for (i, fd) in fds.into_iter().enumerate() {
+            let i = i as u32;
+            let runner = VcpuRunner::spawn(KvmVcpu::new(i, fd, caps.clone()), handlers(i))?;
+            this.vcpus.push(runner);
+        }
+        Ok(this)
+    }
+
+    /// The paused destination VM of a live migration, built from the source's
+    /// handshake: `incoming.config` must be a [`KvmVmConfig`] whose layout is
+    /// `incoming.layout`, for x86_64. Its memory reads as zero.
+    pub fn for_incoming(
+        incoming: &IncomingVm,
+        codecs: CodecRegistry,
+        handlers: impl FnMut(u32) -> ExitHandler,
+    ) -> Result<Self, KvmVmError> {
+        if incoming.arch != Arch::X86_64 {
+            return Err(KvmVmError::Mismatch(format!(
+                "architecture {:?} is not x86_64",
+                incoming.arch
+            )));
+        }
+        let config = KvmVmConfig::from_bytes(&incoming.config)?;
+        if config.layout != incoming.layout {
+            return Err(KvmVmError::Mismatch(format!(
+                "config layout {:x?} differs from the announced layout {:x?}",
+                config.layout, incoming.layout
+            )));
+        }
+        let mut vm = Self::new(config, handlers)?;
+        vm.codecs = codecs;
+        Ok(vm)
+    }
+
+    /// Options for [`send_migration`](migration_core::precopy::send_migration) with
+    /// this VM's config and architecture filled in (other fields default).
+    pub fn migration_options(&self) -> MigrationOptions {
+        MigrationOptions {
+            arch: Arch::X86_64,
+            config: self.config.to_bytes(),
+            ..MigrationOptions::default()
+        }
+    }
+
+    /// Options for [`receive_migration`](migration_core::destination::receive_migration)
+    /// on this host with `codecs`.
+    pub fn receive_options(codecs: CodecRegistry) -> ReceiveOptions {
+        ReceiveOptions {
+            arch: Arch::X86_64,
+            codecs,
+        }
+    }
+
+    /// The config the VM was built with.
+    pub fn config(&self) -> &KvmVmConfig {
+        &self.config
+    }
+
+    /// Replaces the codec registry ([`Transportable::codecs`]).
+    pub fn set_codecs(&mut self, codecs: CodecRegistry) {
+        self.codecs = codecs;
+    }
+
+    /// Changes how kvmclock is restored by later restores into this VM.
+    pub fn set_clock_restore(&mut self, clock: ClockRestore) {
+        self.config.clock_restore = clock;
+        self.devices.set_clock_restore(clock);
+    }
+
+    /// The `/dev/kvm` handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The VM fd.
+    pub fn vm_fd(&self) -> &VmFd {
+        self.devices.vm()
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// The vCPU runners (to wait for a self-parked vCPU, read its last exit…).
+    pub fn vcpus(&self) -> &[VcpuRunner] {
+        &self.vcpus
+    }
+
+    /// Runs `f` on vCPU `index`'s thread with its `VcpuFd` (e.g. to load a guest
+    /// before the first resume). The VM must be paused.
+    pub fn with_vcpu<R: Send + 'static>(
+        &self,
+        index: usize,
+        f: impl FnOnce(&VcpuFd) -> R + Send + 'static,
+    ) -> Result<R, KvmVmError> {
+        let runner = self.vcpus.get(index).ok_or_else(|| {
+            KvmVmError::Mismatch(format!("no vCPU {index} (the VM has {})", self.vcpus.len()))
+        })?;
+        Ok(runner.with_vcpu(move |v| f(v.backend()))?)
+    }
+
+    /// Whether the vCPUs were resumed and not paused since (a vCPU may still have
+    /// parked itself through its exit handler).
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    /// Starts (resumes) every vCPU.
+    pub fn start(&mut self) -> Result<(), KvmVmError> {
+        for v in &self.vcpus {
+            v.resume()?;
+        }
+        self.running = true;
+        Ok(())
+    }
+
+    /// Pauses every vCPU: each is kicked out of `KVM_RUN`, its pending I/O completed,
+    /// and parked.
+    pub fn stop(&mut self) -> Result<(), KvmVmError> {
+        // Ask every vCPU first, so they stop together, then wait for each.
+        for v in &self.vcpus {
+            v.pause()?;
+        }
+        self.running = false;
+        Ok(())
+    }
+
+    /// Writes a snapshot of the VM (tree encoded with the preferred codec, and all
+    /// of guest memory) to `path`, atomically. A running VM is paused for the
+    /// snapshot and resumed after it.
+    pub fn save_snapshot(&mut self, path: impl AsRef<Path>) -> Result<WriteSummary, KvmVmError> {
+        let was_running = self.running;
+        if was_running {
+            self.stop()?;
+        }
+        let result = self.save_snapshot_paused(path.as_ref());
+        if was_running {
+            self.start()?;
+        }
+        result
+    }
+
+    fn save_snapshot_paused(&mut self, path: &Path) -> Result<WriteSummary, KvmVmError> {
+        let mut tree = self.snapshot()?;
+        let codec = self.codecs.preferred().cloned().ok_or_else(|| {
+            KvmVmError::Mismatch("the codec registry has no preferred codec".into())
+        })?;
+        tree.encode(&codec)?;
+        let options = WriteOptions::default();
+        Ok(file::write_snapshot_file(
+            path,
+            &tree,
+            Some(&self.memory as &dyn MemorySource),
+            &options,
+        )?)
+    }
+
+    /// Restores a snapshot file written by [`save_snapshot`](Self::save_snapshot)
+    /// into a fresh, paused VM built from the file's config. `codecs` decode the
+    /// sections and become the VM's registry.
+    pub fn restore_from_file(
+        path: impl AsRef<Path>,
+        mode: RestoreMode,
+        codecs: CodecRegistry,
+        handlers: impl FnMut(u32) -> ExitHandler,
+    ) -> Result<Self, KvmVmError> {
+        let mut f = File::open(path)?;
+        // The tree first (file form: memory is not read), for the layout.
+        let tree = migration_core::container::ContainerReader::open(&mut f)?.read_snapshot(
+            &codecs,
+            None,
+            &Default::default(),
+        )?;
+        let config = config_of(&tree)?;
+        let (tree, memory) = match mode {
+            RestoreMode::Eager(options) => {
+                restore_eager_from(&mut f, &config.layout, &codecs, options)?
+            }
+            RestoreMode::Lazy => restore_lazy_from(&mut f, &config.layout, &codecs)?,
+        };
+        let mut vm = Self::with_memory(config, memory, handlers)?;
+        vm.codecs = codecs;
+        vm.restore(&tree)?;
+        Ok(vm)
+    }
+}
+
+fn no_slots() -> MigratableError {
+    MigratableError::Memory(
+        KvmMemoryError::InvalidLayout {
+            gpa: 0,
+            length: 0,
+            reason: "memory slots are not registered",
+        }
+        .into(),
+    )
+}
+
+/// The [`KvmVmConfig`] recorded in a `vm` snapshot tree.
+pub fn config_of(tree: &Snapshot) -> Result<KvmVmConfig, KvmVmError> {
+    if tree.id() != VM_ID {
+        return Err(MigratableError::IdMismatch {
+            path: VM_ID.to_owned(),
+            found: tree.id().to_owned(),
+        }
+        .into());
+    }
+    let section: ConfigSection = tree.state(CONFIG_SECTION)?;
+    Ok(KvmVmConfig::from_bytes(&section.bytes)?)
+}
+
+impl Pausable for KvmVm {
+    fn pause(&mut self) -> Result<(), MigratableError> {
+        self.stop().map_err(|e| MigratableError::Pause {
+            path: VM_ID.to_owned(),
+            source: Box::new(e),
+        })
+    }
+
+    fn resume(&mut self) -> Result<(), MigratableError> {
+        self.start().map_err(|e| MigratableError::Resume {
+            path: VM_ID.to_owned(),
+            source: Box::new(e),
+        })
+    }
+}
+
+impl Snapshottable for KvmVm {
+    fn id(&self) -> String {
+        VM_ID.to_owned()
+    }
+
+    /// The `vm` tree: section `config`, child `devices`, children `vcpu<N>`. Every
+    /// vCPU must be paused.
+    fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
+        let mut s = Snapshot::new(VM_ID);
+        s.add_state(
+            CONFIG_SECTION,
+            ConfigSection {
+                bytes: self.config.to_bytes(),
+            },
+        );
+        s.snapshot_child(&mut self.devices)?;
+        for v in &mut self.vcpus {
+            s.snapshot_child(v)?;
+        }
+        Ok(s)
+    }
+
+    /// Restores devices, then every vCPU. The snapshot's config must have this VM's
+    /// layout and vCPU count. Every vCPU must be paused.
+    fn restore(&mut self, snapshot: &Snapshot) -> Result<(), MigratableError> {
+        let theirs = config_of(snapshot)?;
+        if theirs.layout != self.config.layout || theirs.vcpus != self.config.vcpus {
+            return Err(KvmVmError::Mismatch(format!(
+                "snapshot has {} vCPUs and layout {:x?}; this VM has {} vCPUs and {:x?}",
+                theirs.vcpus, theirs.layout, self.config.vcpus, self.config.layout
+            ))
+            .into());
+        }
+        snapshot.restore_child(&mut self.devices)?;
+        for v in &mut self.vcpus {
+            snapshot.restore_child(v)?;
+        }
+        Ok(())
+    }
+}
+
+impl Transportable for KvmVm {
+    fn codecs(&self) -> &CodecRegistry {
+        &self.codecs
+    }
+}
+
+impl Migratable for KvmVm {
+    fn start_dirty_log(&mut self) -> Result<(), MigratableError> {
+        let slots = self.slots.as_mut().ok_or_else(no_slots)?;
+        Ok(dirty::start_dirty_log(
+            self.devices.vm(),
+            slots,
+            &self.memory,
+        )?)
+    }
+
+    fn stop_dirty_log(&mut self) -> Result<(), MigratableError> {
+        let slots = self.slots.as_mut().ok_or_else(no_slots)?;
+        Ok(dirty::stop_dirty_log(self.devices.vm(), slots)?)
+    }
+
+    fn dirty_log(&mut self) -> Result<MemoryRangeTable, MigratableError> {
+        let slots = self.slots.as_ref().ok_or_else(no_slots)?;
+        Ok(dirty::dirty_log(self.devices.vm(), slots, &self.memory)?)
+    }
+
+    fn start_migration(&mut self) -> Result<(), MigratableError> {
+        Ok(())
+    }
+
+    fn complete_migration(&mut self) -> Result<(), MigratableError> {
+        Ok(())
+    }
+
+    fn memory_source(&self) -> &dyn MemorySource {
+        &self.memory
+    }
+
+    fn memory_sink(&self) -> &dyn MemorySink {
+        &self.memory
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_round_trips() {
+        let mut c = KvmVmConfig::new(64 << 20, 2);
+        c.clock_restore = ClockRestore::AdvanceByWallTime;
+        c.memory.populate = true;
+        c.layout.push(MemoryRange::new(1 << 32, 1 << 20));
+        assert_eq!(KvmVmConfig::from_bytes(&c.to_bytes()), Ok(c));
+    }
+
+    #[test]
+    fn hostile_configs_are_typed_errors() {
+        let good = KvmVmConfig::new(1 << 20, 1).to_bytes();
+        assert!(matches!(
+            KvmVmConfig::from_bytes(&good[..10]),
+            Err(ConfigError::Truncated { .. })
+        ));
+        let mut b = good.clone();
+        b[0] = b'X';
+        assert_eq!(KvmVmConfig::from_bytes(&b), Err(ConfigError::BadMagic));
+        let mut b = good.clone();
+        b[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            KvmVmConfig::from_bytes(&b),
+            Err(ConfigError::Regions(u32::MAX))
+        );
+        let mut b = good.clone();
+        b[16..20].copy_from_slice(&2u32.to_le_bytes());
+        assert!(matches!(
+            KvmVmConfig::from_bytes(&b),
+            Err(ConfigError::Truncated { .. })
+        ));
+        let mut b = good.clone();
+        b.push(0);
+        assert_eq!(
+            KvmVmConfig::from_bytes(&b),
+            Err(ConfigError::TrailingBytes(1))
+        );
+        let mut b = good.clone();
+        b[8..12].copy_from_slice(&0u32.to_le_bytes());
+        assert_eq!(KvmVmConfig::from_bytes(&b), Err(ConfigError::Vcpus(0)));
+        let mut b = good.clone();
+        b[12] = 7;
+        assert_eq!(
+            KvmVmConfig::from_bytes(&b),
+            Err(ConfigError::Field("clock_restore"))
+        );
+        // Unaligned region.
+        let c = KvmVmConfig {
+            layout: vec![MemoryRange::new(0, 123)],
+            ..KvmVmConfig::new(0, 1)
+        };
+        assert!(matches!(
+            KvmVmConfig::from_bytes(&c.to_bytes()),
+            Err(ConfigError::Layout(_))
+        ));
+    }
+}
