@@ -43,6 +43,7 @@
 //! # Ok::<(), migration_core::MigratableError>(())
 //! ```
 
+mod chunk_pipeline;
 mod error;
 mod extents;
 pub mod header;

@@ -2,6 +2,7 @@
 
 use std::io::{Seek, SeekFrom, Write};
 
+use super::chunk_pipeline::{for_each_chunk, Job, CHUNK};
 use super::extents::{encode_run_table, is_zero, DataRun, Extent};
 use super::header::{Arch, Form, Header, FORMAT_MAJOR, FORMAT_MINOR, HEADER_LEN};
 use super::{limits, metadata, FormatError};
@@ -9,8 +10,7 @@ use crate::checksum::Crc64;
 use crate::memory::{MemorySource, PAGE_SIZE};
 use crate::{MigratableError, Snapshot};
 
-/// Bytes of guest memory read per step (the bounce buffer; also the largest DATA record).
-pub(crate) const CHUNK: usize = 1 << 20;
+// A chunk is the largest DATA record of the stream form.
 const _: () = assert!(CHUNK as u64 <= limits::MAX_RECORD_LEN);
 
 /// Choices a writer makes that are not in the snapshot.
@@ -143,7 +143,8 @@ fn prefix<'s>(
 /// zero pages are seeked over, leaving holes, and the header is written last.
 ///
 /// Every section must be encoded ([`Snapshot::encode`]); memory is read through a
-/// 1 MiB buffer, never as a whole.
+/// 1 MiB buffer (two of them: zero pages and checksums of one chunk are found on a
+/// helper thread while the previous chunk is written), never as a whole.
 pub fn write_snapshot<W: Write + Seek>(
     w: &mut W,
     snapshot: &Snapshot,
@@ -167,39 +168,49 @@ pub fn write_snapshot<W: Write + Seek>(
     let mut summary = WriteSummary::default();
     let mut runs: Vec<DataRun> = Vec::new();
     if let Some(memory) = memory {
-        let mut buf = vec![0u8; CHUNK];
-        for (index, e) in extents.iter().enumerate() {
-            summary.memory_bytes += e.length;
-            let mut open: Option<(u64, Crc64)> = None; // run start offset, its CRC
-            let mut offset = 0u64;
-            while offset < e.length {
-                let n = (e.length - offset).min(CHUNK as u64) as usize;
-                let chunk = &mut buf[..n];
-                memory
-                    .read_memory(e.gpa + offset, chunk)
-                    .map_err(MigratableError::Memory)?;
-                for_each_span(chunk, |start, data, zero| {
-                    let at = offset + start as u64;
-                    if zero {
-                        if let Some((s, crc)) = open.take() {
-                            runs.push(run(index, e, s, at - s, crc.finish()));
-                        }
-                        return Ok(());
+        summary.memory_bytes = extents.iter().map(|e| e.length).sum();
+        // Scan (helper thread): the chunk's non-zero spans, and the data runs they
+        // close, with the CRC of the run still open carried from chunk to chunk.
+        let mut open: Option<(u64, Crc64)> = None; // run start offset in its extent, its CRC
+        let runs_out = &mut runs;
+        let scan = move |job: &Job, chunk: &[u8]| {
+            let mut spans = Vec::new();
+            let e = &job.extent;
+            for_each_span(chunk, |start, data, zero| {
+                let at = job.offset + start as u64;
+                if zero {
+                    if let Some((s, crc)) = open.take() {
+                        runs_out.push(run(job.index, e, s, at - s, crc.finish()));
                     }
+                } else {
                     let (_, crc) = open.get_or_insert_with(|| (at, Crc64::new()));
                     crc.update(data);
-                    w.seek(SeekFrom::Start(base + e.file_offset + at))
-                        .map_err(io_err)?;
-                    w.write_all(data).map_err(io_err)?;
-                    summary.data_bytes += data.len() as u64;
-                    Ok(())
-                })?;
-                offset += n as u64;
+                    spans.push((start, data.len()));
+                }
+            });
+            if job.last {
+                if let Some((s, crc)) = open.take() {
+                    runs_out.push(run(job.index, e, s, e.length - s, crc.finish()));
+                }
             }
-            if let Some((s, crc)) = open.take() {
-                runs.push(run(index, e, s, e.length - s, crc.finish()));
+            spans
+        };
+        // Write (this thread): each non-zero span at its offset; zero pages are
+        // seeked over and stay holes.
+        let mut pos: Option<u64> = None; // where `w` is, if known
+        let write = |job: &Job, chunk: &[u8], spans: Vec<(usize, usize)>| {
+            for (start, len) in spans {
+                let at = base + job.extent.file_offset + job.offset + start as u64;
+                if pos != Some(at) {
+                    w.seek(SeekFrom::Start(at)).map_err(io_err)?;
+                }
+                w.write_all(&chunk[start..start + len]).map_err(io_err)?;
+                pos = Some(at + len as u64);
+                summary.data_bytes += len as u64;
             }
-        }
+            Ok(())
+        };
+        for_each_chunk(memory, &extents, scan, write)?;
     }
     if runs.len() as u64 > limits::MAX_RUNS {
         return Err(FormatError::Unwritable {
@@ -240,10 +251,7 @@ fn run(index: usize, e: &Extent, offset: u64, length: u64, crc: u64) -> DataRun 
 
 /// Calls `f(start, bytes, all_zero)` for each maximal span of zero or non-zero pages
 /// of `chunk`, in order.
-fn for_each_span(
-    chunk: &[u8],
-    mut f: impl FnMut(usize, &[u8], bool) -> Result<(), MigratableError>,
-) -> Result<(), MigratableError> {
+fn for_each_span(chunk: &[u8], mut f: impl FnMut(usize, &[u8], bool)) {
     let page = PAGE_SIZE as usize;
     let mut start = 0;
     let mut state: Option<bool> = None;
@@ -253,7 +261,7 @@ fn for_each_span(
         let zero = is_zero(&chunk[i..end]);
         match state {
             Some(s) if s != zero => {
-                f(start, &chunk[start..i], s)?;
+                f(start, &chunk[start..i], s);
                 start = i;
             }
             _ => {}
@@ -262,9 +270,8 @@ fn for_each_span(
         i = end;
     }
     if let Some(s) = state {
-        f(start, &chunk[start..], s)?;
+        f(start, &chunk[start..], s);
     }
-    Ok(())
 }
 
 /// Writes `snapshot` and, if given, all of `memory` in the **stream form** to `w`
@@ -288,36 +295,37 @@ pub fn write_snapshot_stream<W: Write>(
         ..WriteSummary::default()
     };
     if let Some(memory) = memory {
-        let mut buf = vec![0u8; CHUNK];
-        for e in &extents {
-            summary.memory_bytes += e.length;
-            let mut offset = 0u64;
-            while offset < e.length {
-                let n = (e.length - offset).min(CHUNK as u64) as usize;
-                let chunk = &mut buf[..n];
-                memory
-                    .read_memory(e.gpa + offset, chunk)
-                    .map_err(MigratableError::Memory)?;
-                for_each_span(chunk, |start, data, zero| {
-                    if zero {
-                        return Ok(());
-                    }
-                    let gpa = e.gpa + offset + start as u64;
-                    let head = record_head(1, gpa, data.len() as u64);
-                    let mut crc = Crc64::new();
-                    crc.update(&head);
-                    crc.update(data);
-                    w.write_all(&head).map_err(io_err)?;
-                    w.write_all(&crc.finish().to_le_bytes()).map_err(io_err)?;
-                    w.write_all(data).map_err(io_err)?;
-                    summary.runs += 1;
-                    summary.data_bytes += data.len() as u64;
-                    summary.total_length += 32 + data.len() as u64;
-                    Ok(())
-                })?;
-                offset += n as u64;
+        summary.memory_bytes = extents.iter().map(|e| e.length).sum();
+        // Scan (helper thread): one DATA record per non-zero span (a chunk is at most
+        // one record long), its head and CRC.
+        let scan = |job: &Job, chunk: &[u8]| {
+            let mut records = Vec::new();
+            for_each_span(chunk, |start, data, zero| {
+                if zero {
+                    return;
+                }
+                let gpa = job.extent.gpa + job.offset + start as u64;
+                let head = record_head(1, gpa, data.len() as u64);
+                let mut crc = Crc64::new();
+                crc.update(&head);
+                crc.update(data);
+                records.push((start, data.len(), head, crc.finish()));
+            });
+            records
+        };
+        // Write (this thread): the records, in order. Zero pages are not sent.
+        let write = |_: &Job, chunk: &[u8], records: Vec<(usize, usize, [u8; 24], u64)>| {
+            for (start, len, head, crc) in records {
+                w.write_all(&head).map_err(io_err)?;
+                w.write_all(&crc.to_le_bytes()).map_err(io_err)?;
+                w.write_all(&chunk[start..start + len]).map_err(io_err)?;
+                summary.runs += 1;
+                summary.data_bytes += len as u64;
+                summary.total_length += 32 + len as u64;
             }
-        }
+            Ok(())
+        };
+        for_each_chunk(memory, &extents, scan, write)?;
     }
     let head = record_head(2, 0, summary.runs);
     w.write_all(&head).map_err(io_err)?;
