@@ -84,8 +84,8 @@ pub trait DemoTarget {
     fn restore(&mut self, path: &Path) -> anyhow::Result<Self::Vm>;
     /// Builds migration destinations from the source's HELLO.
     fn destination(&self) -> BuildFn<Self::Vm>;
-    /// Migration options (without the progress callback).
-    fn migration_options(&self) -> MigrationOptions;
+    /// Options to migrate `vm` (without the progress callback).
+    fn migration_options(&self, vm: &Self::Vm) -> MigrationOptions;
     /// Receive options.
     fn receive_options(&self) -> ReceiveOptions;
 }
@@ -227,7 +227,7 @@ fn migrate<T: DemoTarget>(
     let dest = thread::Builder::new()
         .name(format!("vmsnap-dest-{round}"))
         .spawn(move || receive_migration_over(b, &recv_options, build))?;
-    let mut options = target.migration_options();
+    let mut options = target.migration_options(&vm);
     let (callback, bar) = progress::migration(&format!("migration {round}"));
     options.progress = Some(callback);
     let sent = send_migration_over(&mut vm, a, &mut options);

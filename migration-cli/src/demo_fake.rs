@@ -133,7 +133,7 @@ impl DemoTarget for FakeTarget {
         Box::new(|incoming: &IncomingVm| FakeVm::destination(&incoming.layout, Self::registry()))
     }
 
-    fn migration_options(&self) -> MigrationOptions {
+    fn migration_options(&self, _vm: &FakeVm) -> MigrationOptions {
         MigrationOptions {
             downtime_limit: Duration::from_millis(50),
             ..MigrationOptions::default()

@@ -1,9 +1,209 @@
-//! The demo on a KVM guest (filled in once `migration_kvm::KvmVm` lands).
+//! The demo on a real KVM guest: migration-kvm's `KvmVm` running one of
+//! migration-testkit's self-checking guests (or `--guest FILE`), judged from its
+//! port writes by a [`GuestLog`].
 
-use crate::demo::DemoArgs;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
-/// Placeholder until KvmVm lands: runs the fake target.
-pub type KvmTarget = crate::demo_fake::FakeTarget;
+use anyhow::{anyhow, Context};
+use migration_core::{
+    CodecRegistry, IncomingVm, MemoryRangeTable, MemorySink, MemorySource, Migratable,
+    MigratableError, MigrationOptions, Pausable, ReceiveOptions, Snapshot, Snapshottable,
+    Transportable,
+};
+use migration_kvm::restore::EagerOptions;
+use migration_kvm::{KvmVm, KvmVmConfig, RestoreMode};
+use migration_testkit::guest::{configure_vcpu, write_boot_memory, Guest, GuestImage};
 
-#[allow(dead_code)]
-fn _unused(_: &DemoArgs) {}
+use crate::demo::{BuildFn, Check, DemoArgs, DemoTarget};
+use crate::guest_log::GuestLog;
+
+/// Default guest RAM.
+const DEFAULT_MEM: u64 = 256 << 20;
+/// The built-in guest's working set: [1 MiB, 33 MiB), 1/8 of it rewritten per pass.
+const WORKING_SET_END: u64 = 33 << 20;
+/// Progress events a check waits for.
+const REQUIRED: u64 = 3;
+/// Longest wait for them.
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A [`KvmVm`] with the log its exit handlers write to.
+#[derive(Debug)]
+pub struct DemoKvm {
+    vm: KvmVm,
+    log: Arc<GuestLog>,
+}
+
+impl Pausable for DemoKvm {
+    fn pause(&mut self) -> Result<(), MigratableError> {
+        self.vm.pause()
+    }
+    fn resume(&mut self) -> Result<(), MigratableError> {
+        self.vm.resume()
+    }
+}
+
+impl Snapshottable for DemoKvm {
+    fn id(&self) -> String {
+        self.vm.id()
+    }
+    fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
+        self.vm.snapshot()
+    }
+    fn restore(&mut self, snapshot: &Snapshot) -> Result<(), MigratableError> {
+        self.vm.restore(snapshot)
+    }
+}
+
+impl Transportable for DemoKvm {
+    fn codecs(&self) -> &CodecRegistry {
+        self.vm.codecs()
+    }
+}
+
+impl Migratable for DemoKvm {
+    fn start_dirty_log(&mut self) -> Result<(), MigratableError> {
+        self.vm.start_dirty_log()
+    }
+    fn stop_dirty_log(&mut self) -> Result<(), MigratableError> {
+        self.vm.stop_dirty_log()
+    }
+    fn dirty_log(&mut self) -> Result<MemoryRangeTable, MigratableError> {
+        self.vm.dirty_log()
+    }
+    fn start_migration(&mut self) -> Result<(), MigratableError> {
+        self.vm.start_migration()
+    }
+    fn complete_migration(&mut self) -> Result<(), MigratableError> {
+        self.vm.complete_migration()
+    }
+    fn memory_source(&self) -> &dyn MemorySource {
+        self.vm.memory_source()
+    }
+    fn memory_sink(&self) -> &dyn MemorySink {
+        self.vm.memory_sink()
+    }
+}
+
+/// The KVM target.
+#[derive(Debug)]
+pub struct KvmTarget {
+    mem: u64,
+    image: Vec<u8>,
+    name: String,
+    arg: u64,
+}
+
+impl KvmTarget {
+    /// A target for `args`: the built-in memory_pattern guest, or `--guest FILE`.
+    pub fn new(args: &DemoArgs) -> anyhow::Result<Self> {
+        let mem = args.mem.unwrap_or(DEFAULT_MEM);
+        let (image, name, arg) = match &args.guest {
+            Some(path) => {
+                let img = GuestImage::from_file(path)
+                    .with_context(|| format!("loading guest {}", path.display()))?;
+                (img.bytes().to_vec(), path.display().to_string(), 0)
+            }
+            None => (
+                Guest::MemoryPattern.image().to_vec(),
+                format!(
+                    "{} (verifies a {} MiB working set each pass and rewrites 1/8 of it)",
+                    Guest::MemoryPattern.name(),
+                    (WORKING_SET_END >> 20) - 1
+                ),
+                WORKING_SET_END,
+            ),
+        };
+        if args.guest.is_none() && mem < WORKING_SET_END {
+            return Err(anyhow!(
+                "--mem must be at least {} MiB for the built-in guest",
+                WORKING_SET_END >> 20
+            ));
+        }
+        Ok(Self {
+            mem,
+            image,
+            name,
+            arg,
+        })
+    }
+
+    fn codecs() -> CodecRegistry {
+        migration_serde::registry()
+    }
+}
+
+impl DemoTarget for KvmTarget {
+    type Vm = DemoKvm;
+
+    fn describe(&self) -> String {
+        format!(
+            "KVM guest {}, {} MiB of RAM, 1 vCPU",
+            self.name,
+            self.mem >> 20
+        )
+    }
+
+    fn guest_memory(&self) -> u64 {
+        self.mem
+    }
+
+    fn boot(&mut self) -> anyhow::Result<DemoKvm> {
+        let log = GuestLog::new();
+        let mut vm = KvmVm::new(KvmVmConfig::new(self.mem, 1), |_| log.handler())?;
+        let ram = write_boot_memory(vm.memory().mmap(), &self.image)?;
+        let arg = self.arg;
+        vm.with_vcpu(0, move |fd| -> anyhow::Result<()> {
+            let kvm = kvm_ioctls::Kvm::new()?;
+            configure_vcpu(fd, &kvm, ram, arg)?;
+            Ok(())
+        })??;
+        vm.start()?;
+        Ok(DemoKvm { vm, log })
+    }
+
+    fn check(&mut self, vm: &mut DemoKvm, mark: &mut u64) -> anyhow::Result<Check> {
+        Ok(vm.log.check(mark, REQUIRED, TIMEOUT))
+    }
+
+    fn snapshot(&mut self, vm: &mut DemoKvm, path: &Path) -> anyhow::Result<u64> {
+        vm.vm.stop()?;
+        let mark = vm.log.last_progress().unwrap_or(0);
+        let saved = vm.vm.save_snapshot(path);
+        vm.vm.start()?;
+        saved?;
+        Ok(mark)
+    }
+
+    fn restore(&mut self, path: &Path) -> anyhow::Result<DemoKvm> {
+        let log = GuestLog::new();
+        let mut vm = KvmVm::restore_from_file(
+            path,
+            RestoreMode::Eager(EagerOptions::default()),
+            Self::codecs(),
+            |_| log.handler(),
+        )?;
+        vm.start()?;
+        Ok(DemoKvm { vm, log })
+    }
+
+    fn destination(&self) -> BuildFn<DemoKvm> {
+        Box::new(|incoming: &IncomingVm| {
+            let log = GuestLog::new();
+            let vm = KvmVm::for_incoming(incoming, Self::codecs(), |_| log.handler())?;
+            Ok(DemoKvm { vm, log })
+        })
+    }
+
+    fn migration_options(&self, vm: &DemoKvm) -> MigrationOptions {
+        MigrationOptions {
+            downtime_limit: Duration::from_millis(100),
+            ..vm.vm.migration_options()
+        }
+    }
+
+    fn receive_options(&self) -> ReceiveOptions {
+        KvmVm::receive_options(Self::codecs())
+    }
+}

@@ -21,6 +21,7 @@ mod demo;
 mod demo_fake;
 mod demo_kvm;
 mod diff;
+mod guest_log;
 mod inspect;
 mod known;
 mod merge;
