@@ -1,0 +1,347 @@
+//! Live migration of a running 1 GiB KVM guest over loopback TCP, source and
+//! destination `KvmVm`s on two threads of one process, as a ratio to this machine's raw
+//! loopback TCP bandwidth measured in the same run:
+//! 1. all memory written once (random bytes in [16 MiB, 1 GiB), the memory-pattern
+//!    guest running in [1 MiB, 2 MiB)): total time, throughput, ratio (goal ≥ 0.5×);
+//! 2. idle (the timer guest, memory untouched): total time and downtime (goal: a few ms);
+//! 3. dirtying 256 MiB/s (a host thread writes random pages of [16 MiB, 1 GiB) through
+//!    the VMM's dirty-tracked mapping at that rate, the memory-pattern guest runs),
+//!    downtime limit 50 ms: rounds and downtime (goal: the limit holds).
+//!
+//! The destination guest must pass its self-check after each migration.
+//!
+//! Run: `cargo bench -p migration-kvm --bench migration` (env `BENCH_MIB`: guest
+//! size, default 1024; `BENCH_ITERS`: iterations of the raw copy and of scenario 1,
+//! default 2, best counts). Needs `/dev/kvm`.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Result};
+use migration_core::{
+    receive_migration, send_migration, ConvergencePolicy, Migratable, MigrationReport,
+};
+use migration_kvm::memory::GuestMemoryMmapBitmap;
+use migration_kvm::{ExitAction, ExitEvent, ExitHandler, KvmVm, KvmVmConfig};
+use migration_testkit::guest::{configure_vcpu, write_boot_memory, Guest, PortMonitor, Verdict};
+use migration_testkit::Rng;
+use vm_memory::{Bytes, GuestAddress};
+
+const BUF: usize = 2 << 20;
+const IO_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bytes below this are the guest's (boot structures, image, working set).
+const FILL_START: u64 = 16 << 20;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// A plain copy of `bytes` through 127.0.0.1 with 2 MiB reads and writes.
+fn loopback_copy(bytes: usize) -> Result<Duration> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let receiver = thread::spawn(move || -> Result<Instant> {
+        let (mut s, _) = listener.accept()?;
+        let mut buf = vec![0u8; BUF];
+        let mut done = 0;
+        while done < bytes {
+            let n = (bytes - done).min(BUF);
+            s.read_exact(&mut buf[..n])?;
+            done += n;
+        }
+        Ok(Instant::now())
+    });
+    let mut data = vec![0u8; BUF];
+    Rng::new(1).fill(&mut data);
+    let start = Instant::now();
+    let mut s = TcpStream::connect(addr)?;
+    let mut done = 0;
+    while done < bytes {
+        let n = (bytes - done).min(BUF);
+        s.write_all(&data[..n])?;
+        done += n;
+    }
+    let end = receiver.join().expect("receiver thread")?;
+    Ok(end - start)
+}
+
+fn handler(monitor: Arc<Mutex<PortMonitor>>) -> ExitHandler {
+    Box::new(move |ev| {
+        let mut m = monitor.lock().unwrap_or_else(|e| e.into_inner());
+        let verdict = match ev {
+            ExitEvent::IoOut { port, data } => m.on_io_out(port, data),
+            ExitEvent::IoIn { data, .. } => {
+                data.fill(0);
+                m.verdict().clone()
+            }
+            ExitEvent::Other(what) => m.on_unexpected_exit(what),
+        };
+        if matches!(verdict, Verdict::Fail(_)) {
+            ExitAction::Pause
+        } else {
+            ExitAction::Continue
+        }
+    })
+}
+
+fn wait_for(monitor: &Mutex<PortMonitor>, n: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = monitor.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Verdict::Fail(f) = m.verdict() {
+            bail!("guest failed: {f:?}");
+        }
+        if m.progress_events() >= n {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "timed out: {m:?}");
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A running 1-vCPU VM of `size` bytes with `guest` booted (memory-pattern: working
+/// set [1 MiB, 2 MiB)); `fill` writes random bytes to [FILL_START, size) first.
+fn source(size: u64, guest: Guest, fill: bool) -> Result<(KvmVm, Arc<Mutex<PortMonitor>>)> {
+    let monitor = Arc::new(Mutex::new(PortMonitor::new(2)));
+    let mut vm = KvmVm::new(KvmVmConfig::new(size, 1), |_| handler(monitor.clone()))?;
+    let ram = write_boot_memory(vm.memory().mmap(), guest.image())?;
+    vm.with_vcpu(0, move |fd| -> Result<()> {
+        let kvm = kvm_ioctls::Kvm::new()?;
+        configure_vcpu(fd, &kvm, ram, 2 << 20)?;
+        Ok(())
+    })??;
+    if fill {
+        let mut buf = vec![0u8; BUF];
+        let mut rng = Rng::new(7);
+        let mut gpa = FILL_START;
+        while gpa < size {
+            rng.fill(&mut buf);
+            let n = (size - gpa).min(BUF as u64) as usize;
+            vm.memory_sink().write_memory(gpa, &buf[..n])?;
+            gpa += n as u64;
+        }
+    }
+    vm.start()?;
+    wait_for(&monitor, 2)?;
+    Ok((vm, monitor))
+}
+
+/// Migrates `vm` over loopback TCP to a destination thread, then checks the
+/// destination guest goes on passing its self-check.
+fn migrate(vm: &mut KvmVm, limit: Duration, policy: ConvergencePolicy) -> Result<MigrationReport> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dest = thread::Builder::new()
+        .name("destination".into())
+        .spawn(move || -> Result<()> {
+            let monitor = Arc::new(Mutex::new(PortMonitor::new(3)));
+            let m = monitor.clone();
+            let (mut vm, _) = receive_migration(
+                "tcp://127.0.0.1:0",
+                &KvmVm::receive_options(migration_serde::registry()),
+                IO_TIMEOUT,
+                |url| {
+                    let _ = tx.send(url.to_owned());
+                },
+                move |incoming| {
+                    KvmVm::for_incoming(incoming, migration_serde::registry(), |_| {
+                        handler(m.clone())
+                    })
+                    .map_err(Into::into)
+                },
+            )?;
+            let seen = wait_for(&monitor, 3);
+            vm.stop()?;
+            seen
+        })?;
+    let url = rx.recv()?;
+    let mut options = vm.migration_options();
+    options.downtime_limit = limit;
+    options.max_rounds = 30;
+    options.policy = policy;
+    let report = send_migration(vm, &url, &mut options, IO_TIMEOUT)?;
+    dest.join().expect("destination thread")?;
+    Ok(report)
+}
+
+fn print_rounds(report: &MigrationReport) {
+    for r in &report.rounds {
+        println!(
+            "    round {:>2}: {:>7.1} MiB guest, {:>7} pages, {:>7} zero pages, {:>7.1} MiB wire, {:>8.2} ms",
+            r.round,
+            r.guest_bytes as f64 / (1 << 20) as f64,
+            r.pages,
+            r.zero_pages,
+            r.wire_bytes as f64 / (1 << 20) as f64,
+            ms(r.duration)
+        );
+    }
+    let d = &report.downtime;
+    println!(
+        "    downtime {:.2} ms = final round {:.2} + state capture {:.2} + state send {:.2} + resume {:.2}",
+        ms(d.total),
+        ms(d.final_round),
+        ms(d.state_capture),
+        ms(d.state_send),
+        ms(d.resume)
+    );
+}
+
+/// Writes random pages of [FILL_START, size) at `rate` bytes/s until `stop`, through
+/// the dirty-tracked mapping (as a device or the guest would).
+fn dirtier(
+    mem: &GuestMemoryMmapBitmap,
+    size: u64,
+    rate: u64,
+    stop: &AtomicBool,
+    written: &AtomicU64,
+) {
+    let pages = (size - FILL_START) / 4096;
+    let mut rng = Rng::new(99);
+    let mut page = [0u8; 4096];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let due = (start.elapsed().as_secs_f64() * rate as f64 / 4096.0) as u64;
+        if n >= due {
+            thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        let end = due.min(n + 256);
+        while n < end {
+            rng.fill(&mut page);
+            let gpa = FILL_START + (rng.next_u64() % pages) * 4096;
+            if mem.write_slice(&page, GuestAddress(gpa)).is_err() {
+                return;
+            }
+            n += 1;
+        }
+        written.store(n * 4096, Ordering::Relaxed);
+    }
+}
+
+fn main() -> Result<()> {
+    if let Err(reason) = migration_testkit::kvm_available() {
+        eprintln!("skipped: /dev/kvm not usable: {reason}");
+        return Ok(());
+    }
+    let size = (env_or("BENCH_MIB", 1024) as u64) << 20;
+    let iters = env_or("BENCH_ITERS", 2).max(1);
+    let gib = size as f64 / (1u64 << 30) as f64;
+
+    let mut raw = Duration::MAX;
+    for _ in 0..iters {
+        raw = raw.min(loopback_copy(size as usize)?);
+    }
+    let raw_bw = size as f64 / raw.as_secs_f64();
+    println!(
+        "raw loopback TCP copy of {gib:.2} GiB: {:.1} ms, {:.2} GB/s (best of {iters})",
+        ms(raw),
+        raw_bw / 1e9
+    );
+
+    // 1. All memory written once.
+    let mut best: Option<MigrationReport> = None;
+    for _ in 0..iters {
+        let (mut vm, _) = source(size, Guest::MemoryPattern, true)?;
+        let report = migrate(
+            &mut vm,
+            Duration::from_millis(300),
+            ConvergencePolicy::Force,
+        )?;
+        if best
+            .as_ref()
+            .is_none_or(|b| report.total_time < b.total_time)
+        {
+            best = Some(report);
+        }
+    }
+    let full = best.expect("an iteration");
+    println!("\n1. {gib:.2} GiB guest, all memory written once (best of {iters}):");
+    print_rounds(&full);
+
+    // 2. Idle guest.
+    let (mut vm, _) = source(size, Guest::Timer, false)?;
+    let idle = migrate(
+        &mut vm,
+        Duration::from_millis(300),
+        ConvergencePolicy::Force,
+    )?;
+    drop(vm);
+    println!("\n2. idle {gib:.2} GiB guest (timer guest):");
+    print_rounds(&idle);
+
+    // 3. Dirtying 256 MiB/s, 50 ms limit.
+    let limit = Duration::from_millis(50);
+    let rate = 256u64 << 20;
+    let (mut vm, _) = source(size, Guest::MemoryPattern, true)?;
+    let stop = AtomicBool::new(false);
+    let written = AtomicU64::new(0);
+    // A second handle on the same mappings and dirty bitmaps.
+    let mem = vm.memory().mmap().clone();
+    let t = Instant::now();
+    let dirty = thread::scope(|s| {
+        s.spawn(|| dirtier(&mem, size, rate, &stop, &written));
+        thread::sleep(Duration::from_millis(200));
+        let report = migrate(&mut vm, limit, ConvergencePolicy::Force);
+        stop.store(true, Ordering::Relaxed);
+        report
+    })?;
+    let measured = written.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64();
+    drop(vm);
+    println!(
+        "\n3. {gib:.2} GiB guest dirtying 256 MiB/s (measured {:.0} MiB/s), limit {} ms:",
+        measured / (1 << 20) as f64,
+        limit.as_millis()
+    );
+    print_rounds(&dirty);
+
+    let ratio = (size as f64 / full.total_time.as_secs_f64()) / raw_bw;
+    let met = |ok: bool| if ok { "met" } else { "NOT met" };
+    println!("\n| scenario | total | throughput | vs raw TCP | rounds | downtime | goal |");
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| raw loopback TCP, {gib:.2} GiB | {:.0} ms | {:.2} GB/s | 1.00× | | | |",
+        ms(raw),
+        raw_bw / 1e9
+    );
+    println!(
+        "| all memory written | {:.0} ms | {:.2} GB/s | {:.2}× | {} | {:.2} ms | ≥ 0.5× {} |",
+        ms(full.total_time),
+        size as f64 / full.total_time.as_secs_f64() / 1e9,
+        ratio,
+        full.rounds.len(),
+        ms(full.downtime.total),
+        met(ratio >= 0.5)
+    );
+    println!(
+        "| idle (timer guest) | {:.0} ms | | | {} | {:.2} ms | a few ms {} |",
+        ms(idle.total_time),
+        idle.rounds.len(),
+        ms(idle.downtime.total),
+        met(idle.downtime.total <= Duration::from_millis(5))
+    );
+    println!(
+        "| dirtying 256 MiB/s, limit 50 ms | {:.0} ms | | | {} | {:.2} ms | ≤ 50 ms {}{} |",
+        ms(dirty.total_time),
+        dirty.rounds.len(),
+        ms(dirty.downtime.total),
+        met(dirty.downtime.total <= limit),
+        if dirty.converged {
+            ""
+        } else {
+            " (forced: did not converge)"
+        }
+    );
+    Ok(())
+}
