@@ -15,6 +15,28 @@
 //!
 //! A `KvmVm` starts paused: load a guest ([`KvmVm::with_vcpu`], [`KvmVm::memory`],
 //! [`KvmVm::kvm`]) then [`Pausable::resume`] (or [`KvmVm::start`]).
+//!
+//! ```
+//! use migration_core::{Pausable, Snapshottable};
+//! use migration_kvm::{ExitAction, KvmVm, KvmVmConfig};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! if kvm_ioctls::Kvm::new().is_err() {
+//!     eprintln!("skipped: /dev/kvm not usable");
+//!     return Ok(());
+//! }
+//! // 4 MiB of RAM, one vCPU; every exit just re-enters the guest.
+//! let config = KvmVmConfig::new(4 << 20, 1);
+//! let mut vm = KvmVm::new(config.clone(), |_vcpu| Box::new(|_exit| ExitAction::Continue))?;
+//! // The handshake carries the config; the destination rebuilds it from the bytes.
+//! assert_eq!(KvmVmConfig::from_bytes(&vm.migration_options().config)?, config);
+//! // Paused from birth: a snapshot is consistent.
+//! vm.pause()?;
+//! let tree = vm.snapshot()?;
+//! assert!(tree.find("vm/devices").is_some() && tree.find("vm/vcpu0").is_some());
+//! # Ok(())
+//! # }
+//! ```
 
 use std::fmt;
 use std::fs::File;
@@ -526,7 +548,7 @@ impl KvmVm {
     /// Pauses every vCPU: each is kicked out of `KVM_RUN`, its pending I/O completed,
     /// and parked.
     pub fn stop(&mut self) -> Result<(), KvmVmError> {
-        // Ask every vCPU first, so they stop together, then wait for each.
+        // One after the other: each returns once its vCPU is parked.
         for v in &self.vcpus {
             v.pause()?;
         }
