@@ -178,8 +178,11 @@ impl MemoryRangeTable {
         self.ranges.clear();
     }
 
-    /// Adds a range, merging it with the ranges it touches.
+    /// Adds a range, merging it with the ranges it touches. A range running past the
+    /// end of the address space is cut at `u64::MAX` (no memory lives there), so every
+    /// range's end is representable and [`chunks`](Self::chunks) cannot wrap around.
     pub fn push(&mut self, range: MemoryRange) {
+        let range = MemoryRange::new(range.gpa, range.length.min(u64::MAX - range.gpa));
         if range.length == 0 {
             return;
         }

@@ -33,6 +33,8 @@
 //! - [`netns`]: two network namespaces joined by a shaped veth pair, for
 //!   migrations between processes on different "hosts".
 //! - [`Rng`]: the deterministic generator behind every seed.
+//! - [`fuzz_bodies`]: the fuzz targets' bodies (container, protocol, KVM state codecs,
+//!   memory ranges) and their seeds, run by `fuzz/` and as proptests.
 
 #![warn(missing_docs)]
 #![warn(missing_debug_implementations)]
@@ -43,6 +45,7 @@ pub mod fake_manager;
 pub mod fake_memory;
 pub mod fake_vm;
 pub mod fault;
+pub mod fuzz_bodies;
 pub mod guest;
 pub mod kvm;
 pub mod netns;

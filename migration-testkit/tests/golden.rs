@@ -1,0 +1,345 @@
+//! Golden files: every supported container format version and every section version
+//! of every state type, as bytes written by an earlier build, checked in under
+//! `tests/golden/`. Each must still load and restore. A change that breaks reading an
+//! old file fails here.
+//!
+//! Regenerate (only when adding a version, never to paper over a break):
+//! `UPDATE_GOLDEN=1 cargo test -p migration-testkit --test golden`
+//! (the KVM files need a usable `/dev/kvm`).
+//!
+//! | file | what |
+//! |---|---|
+//! | `container_v1.0_file.bin`, `container_v1.0_stream.bin` | container format 1.0, both forms, a tree (json and pcd1 sections) and memory |
+//! | `fake_device_v1.json` | `FakeDevice` state section version 1 (shared with `conformance.rs`) |
+//! | `fake_device_v2.{json,bin2,pcd1}` | `FakeDevice` state section version 2, each codec |
+//! | `fake_vm_v1.bin` | a `FakeVm` (layout v1, workload v1, devices v2) with its memory, container 1.0 stream form |
+//! | `kvm_v1.{json,bin2,pcd1}.bin` | KVM `VcpuState` (every section, version 1) and `VmState` (version 1) of a real vCPU, container 1.0 |
+
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::Kvm;
+use migration_core::codec::{self, Codec};
+use migration_core::container::{self, WriteOptions};
+use migration_core::{MemorySink, MemorySource, Pausable, Snapshot, Snapshottable};
+use migration_kvm::{ClockRestore, HostCaps, KvmVcpu, KvmVmDevices, VcpuState, VmState};
+use migration_testkit::fuzz_bodies::{seeds, small_layout};
+use migration_testkit::{FakeDevice, FakeDeviceManager, FakeMemory, FakeVm};
+
+fn path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name)
+}
+
+fn update() -> bool {
+    std::env::var("UPDATE_GOLDEN").is_ok_and(|v| v == "1")
+}
+
+fn read(name: &str) -> Vec<u8> {
+    std::fs::read(path(name)).unwrap_or_else(|e| panic!("golden file {name}: {e}"))
+}
+
+fn write(name: &str, bytes: &[u8]) {
+    std::fs::write(path(name), bytes).unwrap();
+    eprintln!("rewrote tests/golden/{name}");
+}
+
+fn codecs() -> Vec<Arc<dyn Codec>> {
+    vec![
+        Arc::new(migration_serde::JsonCodec::new()),
+        Arc::new(migration_serde::BincodeCodec),
+        Arc::new(migration_serde::PostcardCodec),
+    ]
+}
+
+fn ext(codec: &dyn Codec) -> String {
+    codec.id().to_string()
+}
+
+// ---- Container format 1.0 ------------------------------------------------------------
+
+/// The memory the container golden files hold.
+fn golden_memory() -> FakeMemory {
+    let m = FakeMemory::new(&small_layout()).unwrap();
+    m.write_memory(0x1000, &[0xab; 0x1800]).unwrap();
+    m.write_memory(0x10000, &[0x5a; 0x100]).unwrap();
+    m
+}
+
+#[test]
+fn container_v1_0_both_forms_load() {
+    if update() {
+        let tree = seeds::sample_tree();
+        let mut file = Cursor::new(Vec::new());
+        container::write_snapshot(
+            &mut file,
+            &tree,
+            Some(&golden_memory()),
+            &WriteOptions::default(),
+        )
+        .unwrap();
+        write("container_v1.0_file.bin", file.get_ref());
+        let mut stream = Vec::new();
+        container::write_snapshot_stream(
+            &mut stream,
+            &tree,
+            Some(&golden_memory()),
+            &WriteOptions::default(),
+        )
+        .unwrap();
+        write("container_v1.0_stream.bin", &stream);
+    }
+    let registry = migration_serde::registry();
+    let file = read("container_v1.0_file.bin");
+    let stream = read("container_v1.0_stream.bin");
+    // The header says 1.0 (bytes 8..12: major, minor as u16 each, per docs/format.md).
+    for bytes in [&file, &stream] {
+        let info = container::inspect(Cursor::new(bytes)).unwrap();
+        assert_eq!((info.header.major, info.header.minor), (1, 0));
+    }
+    let report = container::verify(Cursor::new(&file)).unwrap();
+    assert_eq!(report.sections, 2);
+    let mut r = &stream[..];
+    assert_eq!(container::verify_stream(&mut r).unwrap().sections, 2);
+
+    let want = golden_memory();
+    for (form, bytes) in [("file", &file), ("stream", &stream)] {
+        let memory = FakeMemory::new(&small_layout()).unwrap();
+        let tree = if form == "file" {
+            container::read_snapshot(Cursor::new(bytes), &registry, Some(&memory)).unwrap()
+        } else {
+            let mut r = &bytes[..];
+            container::read_snapshot_stream(&mut r, &registry, Some(&memory), &Default::default())
+                .unwrap()
+        };
+        let clock: u64 = tree.section("clock").unwrap().decode().unwrap();
+        assert_eq!(clock, 42, "{form}");
+        let serial: (u8, Vec<u8>) = tree
+            .find("vm/devices")
+            .unwrap()
+            .section("serial0")
+            .unwrap()
+            .decode()
+            .unwrap();
+        assert_eq!(serial, (3, b"uart".to_vec()), "{form}");
+        assert_eq!(
+            memory.first_difference(&want).unwrap(),
+            None,
+            "{form}: memory differs"
+        );
+    }
+}
+
+// ---- FakeDevice section versions 1 and 2 --------------------------------------------
+
+fn golden_device() -> FakeDevice {
+    let mut d = FakeDevice::new("blk0", 2);
+    d.step(1);
+    d.step(2);
+    d
+}
+
+#[test]
+fn fake_device_v1_and_v2_load_and_restore() {
+    if update() {
+        for c in codecs() {
+            let mut s = golden_device().snapshot().unwrap();
+            s.encode(&c).unwrap();
+            write(
+                &format!("fake_device_v2.{}", ext(c.as_ref())),
+                &codec::encode(c.as_ref(), &s).unwrap(),
+            );
+        }
+        // fake_device_v1.json is written by conformance.rs (its version-upgrade test).
+    }
+    let registry = migration_serde::registry();
+    let want = golden_device();
+    for c in codecs() {
+        let name = format!("fake_device_v2.{}", ext(c.as_ref()));
+        let mut s: Snapshot = codec::decode(c.as_ref(), &read(&name)).unwrap();
+        s.resolve_codecs(&registry);
+        assert_eq!(s.section("state").unwrap().version(), 2, "{name}");
+        let mut fresh = FakeDevice::new("blk0", 2);
+        fresh.restore(&s).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(fresh.content_digest(), want.content_digest(), "{name}");
+    }
+    // Version 1 (no `features`) upgrades on restore.
+    let json = &codecs()[0];
+    let mut s: Snapshot = codec::decode(json.as_ref(), &read("fake_device_v1.json")).unwrap();
+    s.resolve_codecs(&registry);
+    assert_eq!(s.section("state").unwrap().version(), 1);
+    let mut fresh = FakeDevice::new("blk0", 2);
+    fresh.restore(&s).unwrap();
+}
+
+// ---- FakeVm (layout v1, workload v1, a device tree) with memory -----------------------
+
+fn golden_vm() -> FakeVm {
+    let vm = FakeVm::builder()
+        .memory_size(256 << 10)
+        .devices(FakeDeviceManager::new().with_device(golden_device()))
+        .workload(0, 7)
+        .codecs(migration_serde::registry())
+        .paused()
+        .build()
+        .unwrap();
+    vm.run_workload_writes(8).unwrap();
+    vm
+}
+
+#[test]
+fn fake_vm_v1_loads_restores_and_self_checks() {
+    if update() {
+        let mut vm = golden_vm();
+        let mut s = vm.snapshot().unwrap();
+        s.encode(&(Arc::new(migration_serde::PostcardCodec) as Arc<dyn Codec>))
+            .unwrap();
+        // Stream form: only the pages the workload wrote are stored.
+        let mut out = Vec::new();
+        container::write_snapshot_stream(
+            &mut out,
+            &s,
+            Some(vm.memory().as_ref()),
+            &WriteOptions::default(),
+        )
+        .unwrap();
+        write("fake_vm_v1.bin", &out);
+    }
+    let source = golden_vm();
+    let mut dest = FakeVm::destination_for(&source).unwrap();
+    let bytes = read("fake_vm_v1.bin");
+    let s = container::read_snapshot_stream(
+        &mut &bytes[..],
+        &migration_serde::registry(),
+        Some(dest.memory().as_ref()),
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(s.section("layout").unwrap().version(), 1);
+    assert_eq!(s.section("workload").unwrap().version(), 1);
+    dest.restore(&s).unwrap();
+    assert_eq!(dest.workload().writes, 8);
+    dest.verify().unwrap();
+    // Restored, it runs on: more writes still self-check.
+    dest.run_workload_writes(10).unwrap();
+    dest.verify().unwrap();
+}
+
+// ---- KVM VcpuState / VmState sections version 1 ----------------------------------------
+
+/// Marker values the generator puts in the vCPU so the test can tell a real load.
+const RAX: u64 = 0x601d_e4f1_1e00_0001;
+const RBX: u64 = 0xfeed_beef;
+
+fn kvm_vm(kvm: &Kvm) -> (KvmVmDevices<kvm_ioctls::VmFd>, KvmVcpu<kvm_ioctls::VcpuFd>) {
+    let vm = kvm.create_vm().unwrap();
+    vm.create_irq_chip().unwrap();
+    vm.create_pit2(Default::default()).unwrap();
+    let fd = vm.create_vcpu(0).unwrap();
+    fd.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap())
+        .unwrap();
+    let caps = HostCaps::probe(kvm, &vm).unwrap();
+    (
+        KvmVmDevices::new(vm, ClockRestore::Exact),
+        KvmVcpu::new(0, fd, caps),
+    )
+}
+
+fn kvm_tree(vcpu: &VcpuState, vm: &VmState, codec: &Arc<dyn Codec>) -> Snapshot {
+    let mut root = Snapshot::new("vm");
+    let mut v = Snapshot::new("vcpu0");
+    vcpu.add_to(&mut v);
+    let mut d = Snapshot::new("devices");
+    vm.add_to(&mut d);
+    root.add_child(v);
+    root.add_child(d);
+    root.encode(codec).unwrap();
+    root
+}
+
+#[test]
+fn kvm_state_v1_loads_and_restores_into_a_real_vcpu() {
+    if update() {
+        migration_testkit::require_kvm!();
+        let kvm = Kvm::new().unwrap();
+        let (devices, vcpu) = kvm_vm(&kvm);
+        let mut regs = vcpu.backend().get_regs().unwrap();
+        regs.rax = RAX;
+        regs.rbx = RBX;
+        vcpu.backend().set_regs(&regs).unwrap();
+        let vs = vcpu.save_state().unwrap();
+        let ms = devices.save_state().unwrap();
+        for c in codecs() {
+            let tree = kvm_tree(&vs, &ms, &c);
+            let mut out = Cursor::new(Vec::new());
+            container::write_snapshot(&mut out, &tree, None, &WriteOptions::default()).unwrap();
+            write(&format!("kvm_v1.{}.bin", ext(c.as_ref())), out.get_ref());
+        }
+    }
+    let registry = migration_serde::registry();
+    let mut loaded = Vec::new();
+    for c in codecs() {
+        let name = format!("kvm_v1.{}.bin", ext(c.as_ref()));
+        let tree = container::read_snapshot(Cursor::new(read(&name)), &registry, None).unwrap();
+        let v = tree.find("vm/vcpu0").unwrap();
+        for (id, section) in v.sections() {
+            assert_eq!(section.version(), 1, "{name}: vcpu0/{id}");
+            assert_eq!(section.codec_id(), Some(c.id()), "{name}: vcpu0/{id}");
+        }
+        let vs = VcpuState::from_snapshot(v).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let ms = VmState::from_snapshot(tree.find("vm/devices").unwrap())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!((vs.regs.get().rax, vs.regs.get().rbx), (RAX, RBX), "{name}");
+        assert!(!vs.msrs.0.is_empty() && !vs.cpuid.0.is_empty(), "{name}");
+        loaded.push((name, vs, ms));
+    }
+    // Every codec's file holds the same state.
+    for w in loaded.windows(2) {
+        assert!(
+            w[0].1 == w[1].1 && w[0].2 == w[1].2,
+            "{} and {} differ",
+            w[0].0,
+            w[1].0
+        );
+    }
+
+    migration_testkit::require_kvm!();
+    let kvm = Kvm::new().unwrap();
+    for (name, vs, ms) in &loaded {
+        let (mut devices, mut vcpu) = kvm_vm(&kvm);
+        devices.pause().unwrap();
+        vcpu.pause().unwrap();
+        devices
+            .restore_state(ms)
+            .unwrap_or_else(|e| panic!("{name}: VM state: {e}"));
+        vcpu.restore_state(vs)
+            .unwrap_or_else(|e| panic!("{name}: vCPU state: {e}"));
+        let back = vcpu.save_state().unwrap();
+        assert_eq!(back.regs, vs.regs, "{name}");
+        assert_eq!(back.sregs, vs.sregs, "{name}");
+        assert_eq!(back.xcrs, vs.xcrs, "{name}");
+        assert_eq!(back.cpuid, vs.cpuid, "{name}");
+    }
+}
+
+#[test]
+fn every_golden_file_is_used() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let src = include_str!("golden.rs");
+    for n in names {
+        let stem = n.split('.').next().unwrap_or(&n);
+        assert!(
+            src.contains(stem),
+            "tests/golden/{n} is not checked by tests/golden.rs"
+        );
+    }
+    let _ = MemorySource::regions(&golden_memory());
+}
