@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use migration_core::container::WriteOptions;
 use migration_core::{
-    file, Codec, IncomingVm, MemoryRange, Migratable, MigrationOptions, Pausable, ReceiveOptions,
-    Snapshottable,
+    file, Codec, ConvergencePolicy, IncomingVm, MemoryRange, Migratable, MigrationOptions,
+    Pausable, ReceiveOptions, Snapshottable,
 };
 use migration_testkit::FakeVm;
 
@@ -136,6 +136,8 @@ impl DemoTarget for FakeTarget {
     fn migration_options(&self, _vm: &FakeVm) -> MigrationOptions {
         MigrationOptions {
             downtime_limit: Duration::from_millis(50),
+            max_rounds: 10,
+            policy: ConvergencePolicy::Force,
             ..MigrationOptions::default()
         }
     }

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use migration_core::{
-    CodecRegistry, IncomingVm, MemoryRangeTable, MemorySink, MemorySource, Migratable,
-    MigratableError, MigrationOptions, Pausable, ReceiveOptions, Snapshot, Snapshottable,
-    Transportable,
+    CodecRegistry, ConvergencePolicy, IncomingVm, MemoryRangeTable, MemorySink, MemorySource,
+    Migratable, MigratableError, MigrationOptions, Pausable, ReceiveOptions, Snapshot,
+    Snapshottable, Transportable,
 };
 use migration_kvm::restore::EagerOptions;
 use migration_kvm::{KvmVm, KvmVmConfig, RestoreMode};
@@ -199,6 +199,10 @@ impl DemoTarget for KvmTarget {
     fn migration_options(&self, vm: &DemoKvm) -> MigrationOptions {
         MigrationOptions {
             downtime_limit: Duration::from_millis(100),
+            // A demo always completes: on a loaded host, pause and send the rest
+            // (the report then says "converged: no (forced)").
+            max_rounds: 10,
+            policy: ConvergencePolicy::Force,
             ..vm.vm.migration_options()
         }
     }

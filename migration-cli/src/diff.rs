@@ -5,12 +5,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use migration_core::container::{ContainerReader, ReadOptions};
 use migration_core::memory::PAGE_SIZE;
-use migration_core::{MemoryRange, MemoryRangeTable, Snapshot};
+use migration_core::{Codec, MemoryRange, MemoryRangeTable, Section, Snapshot};
 
+use crate::known;
 use crate::report::bytes;
 use crate::sparse::SparseMemory;
 use crate::EXIT_FAILED;
@@ -50,21 +52,64 @@ pub fn load(path: &Path) -> anyhow::Result<Loaded> {
     })
 }
 
-fn sections(tree: &Snapshot) -> BTreeMap<String, (u32, String, Vec<u8>)> {
+/// A section and where it sits: node id, section id.
+type Located<'a> = (String, String, &'a Section);
+
+/// Every section of `tree`, keyed `path:id`.
+fn sections(tree: &Snapshot) -> BTreeMap<String, Located<'_>> {
     let mut out = BTreeMap::new();
     for (path, node) in tree.walk() {
         for (id, s) in node.sections() {
             out.insert(
                 format!("{path}:{id}"),
-                (
-                    s.version(),
-                    s.codec_id().map_or_else(|| "-".into(), |c| c.to_string()),
-                    s.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                ),
+                (node.id().to_owned(), id.to_owned(), s),
             );
         }
     }
     out
+}
+
+fn codec_name(s: &Section) -> String {
+    s.codec_id().map_or_else(|| "-".into(), |c| c.to_string())
+}
+
+/// Why two sections at the same path differ, or `None` if they do not. Sections of
+/// a known type that decode to the same state under different codecs are reported
+/// as equal state (second element `true`).
+fn compare(node: &str, id: &str, x: &Section, y: &Section) -> Option<(String, bool)> {
+    let (cx, cy) = (codec_name(x), codec_name(y));
+    if x.version() == y.version() && cx == cy && x.payload() == y.payload() {
+        return None;
+    }
+    let mut why = Vec::new();
+    if x.version() != y.version() {
+        why.push(format!("version {} vs {}", x.version(), y.version()));
+    }
+    if cx != cy {
+        why.push(format!("codec {cx} vs {cy}"));
+        if let Some(kind) = known::kind_of(node, id) {
+            // Same state? Decode both with their real type and encode them with one
+            // (deterministic) codec: equal bytes mean equal state.
+            let one: Arc<dyn Codec> = Arc::new(migration_serde::PostcardCodec);
+            if let (Ok(ex), Ok(ey)) = (known::recode(kind, x, &one), known::recode(kind, y, &one)) {
+                if ex.payload() == ey.payload() && x.version() == y.version() {
+                    why.push("same decoded state".into());
+                    return Some((why.join(", "), true));
+                }
+                why.push("decoded state differs".into());
+            }
+        }
+        return Some((why.join(", "), false));
+    }
+    let (px, py) = (x.payload().unwrap_or(&[]), y.payload().unwrap_or(&[]));
+    match px.iter().zip(py).position(|(p, q)| p != q) {
+        Some(i) => why.push(format!("payload differs at byte {i}")),
+        None if px.len() != py.len() => {
+            why.push(format!("payload {} vs {} bytes", px.len(), py.len()))
+        }
+        None => {}
+    }
+    Some((why.join(", "), false))
 }
 
 /// Runs `vmsnap diff`.
@@ -81,23 +126,15 @@ pub fn run(a: &Path, b: &Path) -> anyhow::Result<ExitCode> {
         match (sa.get(k), sb.get(k)) {
             (Some(_), None) => println!("  - {k}  only in A"),
             (None, Some(_)) => println!("  + {k}  only in B"),
-            (Some(x), Some(y)) if x != y => {
-                let mut why = Vec::new();
-                if x.0 != y.0 {
-                    why.push(format!("version {} vs {}", x.0, y.0));
+            (Some((node, id, x)), Some((_, _, y))) => match compare(node, id, x, y) {
+                None => continue,
+                Some((why, true)) => {
+                    println!("  = {k}  {why}");
+                    continue;
                 }
-                if x.1 != y.1 {
-                    why.push(format!("codec {} vs {}", x.1, y.1));
-                }
-                if x.2 != y.2 {
-                    match x.2.iter().zip(&y.2).position(|(p, q)| p != q) {
-                        Some(i) => why.push(format!("payload differs at byte {i}")),
-                        None => why.push(format!("payload {} vs {} bytes", x.2.len(), y.2.len())),
-                    }
-                }
-                println!("  ~ {k}  {}", why.join(", "));
-            }
-            _ => continue,
+                Some((why, false)) => println!("  ~ {k}  {why}"),
+            },
+            (None, None) => continue,
         }
         differences += 1;
     }
@@ -116,7 +153,9 @@ pub fn run(a: &Path, b: &Path) -> anyhow::Result<ExitCode> {
             differ.push(MemoryRange::new(p, PAGE_SIZE));
         }
     }
-    if !differ.is_empty() {
+    if differ.is_empty() {
+        println!("  same contents");
+    } else {
         differences += 1;
         println!(
             "  {} pages ({}) differ, in {} ranges:",
@@ -137,7 +176,7 @@ pub fn run(a: &Path, b: &Path) -> anyhow::Result<ExitCode> {
         }
     }
     if differences == 0 {
-        println!("identical: same sections, same memory");
+        println!("identical: same state in every section, same memory");
         Ok(ExitCode::SUCCESS)
     } else {
         Ok(ExitCode::from(EXIT_FAILED))

@@ -279,8 +279,17 @@ fn print_text(i: &Inspection) {
                 ty
             );
             let pad = "  ".repeat(depth + 3);
+            let mut zero_msrs = 0;
             for (k, v) in &s.ordered {
+                // Unnamed MSRs that hold zero would drown the rest; --json lists all.
+                if s.id == "msrs" && k.starts_with("msr ") && *v == known::Value::Hex(0) {
+                    zero_msrs += 1;
+                    continue;
+                }
                 println!("  {pad}{k} = {v}");
+            }
+            if zero_msrs > 0 {
+                println!("  {pad}({zero_msrs} other MSRs hold 0; --json lists every MSR)");
             }
             if let Some(e) = &s.decode_error {
                 println!("  {pad}cannot decode: {e}");

@@ -14,9 +14,9 @@ use kvm_bindings::{
 };
 use migration_core::{Codec, Section, Versioned};
 use migration_kvm::state::{CpuidState, MsrState, NestedState, TscKhz, XsaveState};
-use migration_kvm::{Raw, VcpuStep, VmStep};
+use migration_kvm::{KvmVmConfig, Raw, VcpuStep, VmStep};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Every vCPU step, in save order of the section ids.
 const VCPU_STEPS: [VcpuStep; 12] = [
@@ -42,9 +42,24 @@ const VM_STEPS: [VmStep; 5] = [
     VmStep::Ioapic,
 ];
 
+/// The `config` section of a `KvmVm` snapshot (`vm:config`): the bytes of a
+/// [`KvmVmConfig`], checked with [`KvmVmConfig::from_bytes`] on decode. The same serde
+/// shape as migration-kvm's own (private) section type.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ConfigSection {
+    #[serde(with = "serde_bytes")]
+    bytes: Vec<u8>,
+}
+
+impl Versioned for ConfigSection {
+    const VERSION: u32 = 1;
+}
+
 /// A section type `vmsnap` can decode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
+    /// The `KvmVm` configuration (`vm:config`).
+    VmConfig,
     /// One piece of a vCPU's state.
     Vcpu(VcpuStep),
     /// One piece of the VM's in-kernel device state.
@@ -55,6 +70,7 @@ impl Kind {
     /// The Rust type a section of this kind decodes into.
     pub fn type_name(self) -> &'static str {
         match self {
+            Kind::VmConfig => "KvmVmConfig",
             Kind::Vcpu(VcpuStep::TscKhz) => "TscKhz",
             Kind::Vcpu(VcpuStep::Cpuid) => "CpuidState",
             Kind::Vcpu(VcpuStep::MpState) => "Raw<kvm_mp_state>",
@@ -83,7 +99,9 @@ fn is_vcpu_node(node: &str) -> bool {
 
 /// The kind of section `section` of node `node` (the node's own id, not its path).
 pub fn kind_of(node: &str, section: &str) -> Option<Kind> {
-    if is_vcpu_node(node) {
+    if node == migration_kvm::kvm_vm::VM_ID && section == migration_kvm::kvm_vm::CONFIG_SECTION {
+        Some(Kind::VmConfig)
+    } else if is_vcpu_node(node) {
         VCPU_STEPS
             .iter()
             .find(|s| s.name() == section)
@@ -191,6 +209,21 @@ fn decode<T: DeserializeOwned + Clone + Any>(s: &Section) -> Result<T, String> {
 /// Decodes `section` as `kind` and returns its named fields.
 pub fn fields(kind: Kind, section: &Section) -> Result<Fields, String> {
     Ok(match kind {
+        Kind::VmConfig => {
+            let c = config(section)?;
+            let layout: Vec<String> = c
+                .layout
+                .iter()
+                .map(|r| format!("[{:#x}, +{:#x})", r.gpa, r.length))
+                .collect();
+            vec![
+                dec("vcpus", c.vcpus.into()),
+                dec("memory_bytes", c.mem_size()),
+                text("layout", layout.join(" ")),
+                text("clock_restore", format!("{:?}", c.clock_restore)),
+                text("memory_options", format!("{:?}", c.memory)),
+            ]
+        }
         Kind::Vcpu(VcpuStep::TscKhz) => vec![dec("tsc_khz", decode::<TscKhz>(section)?.0.into())],
         Kind::Vcpu(VcpuStep::Cpuid) => {
             let c = decode::<CpuidState>(section)?;
@@ -431,9 +464,18 @@ where
     Ok(out)
 }
 
+fn config(section: &Section) -> Result<KvmVmConfig, String> {
+    let c = decode::<ConfigSection>(section)?;
+    KvmVmConfig::from_bytes(&c.bytes).map_err(|e| e.to_string())
+}
+
 /// Decodes `section` with its real type and re-encodes it with `codec`.
 pub fn recode(kind: Kind, section: &Section, codec: &Arc<dyn Codec>) -> Result<Section, String> {
     match kind {
+        Kind::VmConfig => {
+            config(section)?;
+            recode_as::<ConfigSection>(section, codec)
+        }
         Kind::Vcpu(VcpuStep::TscKhz) => recode_as::<TscKhz>(section, codec),
         Kind::Vcpu(VcpuStep::Cpuid) => recode_as::<CpuidState>(section, codec),
         Kind::Vcpu(VcpuStep::MpState) => recode_as::<Raw<kvm_mp_state>>(section, codec),
