@@ -127,18 +127,25 @@ fn verdict_line(step: &str, c: &Check) -> String {
 pub fn flow<T: DemoTarget>(target: &mut T, args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     println!("vmsnap demo: {}", target.describe());
-    let mut failures = 0usize;
-    let mut note = |step: &str, c: &Check| {
+    // The first failure ends the demo: later steps would only wait on a dead guest.
+    let failed = |step: &str, c: &Check| -> Option<ExitCode> {
         println!("{}", verdict_line(step, c));
-        if !c.ok {
-            failures += 1;
+        if c.ok {
+            return None;
         }
+        println!(
+            "demo FAILED: the guest reported a failure after {step} ({} total)",
+            duration(started.elapsed())
+        );
+        Some(ExitCode::from(EXIT_FAILED))
     };
 
     let mut vm = target.boot().context("booting the guest")?;
     let mut mark = 0u64;
     let c = target.check(&mut vm, &mut mark)?;
-    note("boot", &c);
+    if let Some(code) = failed("boot", &c) {
+        return Ok(code);
+    }
 
     let temp;
     let dir = match &args.keep {
@@ -169,14 +176,18 @@ pub fn flow<T: DemoTarget>(target: &mut T, args: &DemoArgs) -> anyhow::Result<Ex
             bytes(target.guest_memory())
         );
         let c = target.check(&mut vm, &mut mark)?;
-        note("snapshot (source)", &c);
+        if let Some(code) = failed("snapshot (source)", &c) {
+            return Ok(code);
+        }
 
         let t = Instant::now();
         let mut restored = target.restore(&path).context("restore from file")?;
         let restore_time = t.elapsed();
         println!("restore: into a fresh VM in {}", duration(restore_time));
         let c = target.check(&mut restored, &mut snap_mark)?;
-        note("restore", &c);
+        if let Some(code) = failed("restore", &c) {
+            return Ok(code);
+        }
         drop(restored);
         if args.keep.is_some() {
             println!("  kept {}", path.display());
@@ -192,23 +203,17 @@ pub fn flow<T: DemoTarget>(target: &mut T, args: &DemoArgs) -> anyhow::Result<Ex
                 println!("  {l}");
             }
             let c = target.check(&mut vm, &mut mark)?;
-            note(&format!("migration {i}"), &c);
+            if let Some(code) = failed(&format!("migration {i}"), &c) {
+                return Ok(code);
+            }
         }
     }
     drop(vm);
-    if failures > 0 {
-        println!(
-            "demo FAILED: the guest reported {failures} failure(s) ({} total)",
-            duration(started.elapsed())
-        );
-        Ok(ExitCode::from(EXIT_FAILED))
-    } else {
-        println!(
-            "demo OK: the guest continued correctly after every step ({} total)",
-            duration(started.elapsed())
-        );
-        Ok(ExitCode::SUCCESS)
-    }
+    println!(
+        "demo OK: the guest continued correctly after every step ({} total)",
+        duration(started.elapsed())
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Migrates `vm` to a fresh destination in another thread; returns the destination

@@ -470,3 +470,47 @@ fn merge_applies_incrementals_and_refuses_a_broken_chain() {
     assert!(stdout(&out).contains("incremental #0"), "{}", all(&out));
     assert!(!wrong.exists());
 }
+
+#[test]
+fn demo_runs_a_guest_file_and_exits_non_zero_when_the_guest_fails() {
+    if !migration_testkit::skip_unless_kvm() {
+        return;
+    }
+    use migration_testkit::guest::Guest;
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("counter_avx.bin");
+    std::fs::write(&good, Guest::CounterAvx.image()).unwrap();
+    let out = vmsnap(&[
+        "demo",
+        "--guest",
+        p(&good),
+        "--mem",
+        "64M",
+        "--snapshot-only",
+    ]);
+    assert!(out.status.success(), "{}", all(&out));
+    let text = stdout(&out);
+    assert!(text.contains("counter_avx.bin, 64 MiB"), "{text}");
+    assert!(
+        text.contains("guest after restore: continued correctly"),
+        "{text}"
+    );
+    assert!(!text.contains("migration 1"), "--snapshot-only: {text}");
+
+    // A guest that reports a self-check failure at once:
+    // mov dx, 0x11; mov eax, 0xdead0001; out dx, eax; hlt; jmp $
+    let bad = dir.path().join("fails.bin");
+    std::fs::write(
+        &bad,
+        [
+            0x66, 0xba, 0x11, 0x00, 0xb8, 0x01, 0x00, 0xad, 0xde, 0xef, 0xf4, 0xeb, 0xfe,
+        ],
+    )
+    .unwrap();
+    let out = vmsnap(&["demo", "--guest", p(&bad), "--mem", "16M"]);
+    assert_eq!(out.status.code(), Some(1), "{}", all(&out));
+    let text = stdout(&out);
+    assert!(text.contains("guest after boot: FAILED"), "{text}");
+    assert!(text.contains("0xdead0001"), "{text}");
+    assert!(text.contains("demo FAILED"), "{text}");
+}
