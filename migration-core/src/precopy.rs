@@ -236,6 +236,7 @@ impl<S: Read + Write> Source<S> {
         for r in vm.memory_source().regions() {
             all.push(r);
         }
+        let precopy_start = Instant::now();
         let r0 = self.send_round(vm, &all, 0, false, version, &mut buf, options)?;
         let mut bandwidth = r0.bandwidth();
         rounds.push(r0);
@@ -266,6 +267,11 @@ impl<S: Read + Write> Source<S> {
                 bandwidth = report.bandwidth();
             }
             rounds.push(report);
+            // A short round mostly fills socket buffers and looks faster than the link:
+            // never trust it over the rate sustained since precopy began.
+            let sent: u64 = rounds.iter().map(|r| r.wire_bytes).sum();
+            let sustained = sent as f64 / precopy_start.elapsed().as_secs_f64().max(1e-6);
+            bandwidth = bandwidth.min(sustained.max(1.0));
         };
 
         // Downtime starts here.
