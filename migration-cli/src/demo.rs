@@ -162,10 +162,12 @@ pub fn flow<T: DemoTarget>(target: &mut T, args: &DemoArgs) -> anyhow::Result<Ex
     if !args.migrate_only {
         let path = dir.join("demo.snap");
         let t = Instant::now();
+        let spinner = progress::Spinner::start("writing the snapshot");
         let mut snap_mark = target
             .snapshot(&mut vm, &path)
             .context("snapshot to file")?;
         let snap_time = t.elapsed();
+        drop(spinner);
         let meta = std::fs::metadata(&path)?;
         println!(
             "snapshot: {} in {} — file {} ({} on disk) for {} of guest memory",
@@ -181,8 +183,10 @@ pub fn flow<T: DemoTarget>(target: &mut T, args: &DemoArgs) -> anyhow::Result<Ex
         }
 
         let t = Instant::now();
+        let spinner = progress::Spinner::start("restoring into a fresh VM");
         let mut restored = target.restore(&path).context("restore from file")?;
         let restore_time = t.elapsed();
+        drop(spinner);
         println!("restore: into a fresh VM in {}", duration(restore_time));
         let c = target.check(&mut restored, &mut snap_mark)?;
         if let Some(code) = failed("restore", &c) {

@@ -32,3 +32,39 @@ pub fn migration(label: &str) -> (ProgressFn, ProgressBar) {
     };
     (Box::new(callback), bar)
 }
+
+/// A spinner for a step with no progress callback (snapshot, restore): drawn on
+/// stderr only if the step is still running after a second; cleared when dropped.
+#[derive(Debug)]
+pub struct Spinner {
+    bar: ProgressBar,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Spinner {
+    /// Starts timing `what`.
+    pub fn start(what: &str) -> Self {
+        let bar = ProgressBar::hidden();
+        bar.set_message(what.to_owned());
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (b, d) = (bar.clone(), done.clone());
+        // Best effort: without the thread there is simply no spinner.
+        let _ = std::thread::Builder::new()
+            .name("vmsnap-spinner".into())
+            .spawn(move || {
+                std::thread::sleep(SHOW_AFTER);
+                if !d.load(std::sync::atomic::Ordering::Relaxed) {
+                    b.set_draw_target(ProgressDrawTarget::stderr());
+                    b.enable_steady_tick(Duration::from_millis(100));
+                }
+            });
+        Self { bar, done }
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.bar.finish_and_clear();
+    }
+}
