@@ -312,10 +312,23 @@ fn not_converging_cancels_or_forces_as_asked() {
         let mut source = FakeVm::builder()
             .memory_size(16 << 20)
             .workload(256 << 20, 5)
+            .workload_area(&[migration_core::MemoryRange::new(0, 8 << 20)])
             .codecs(codecs())
             .build()
             .expect("vm");
-        thread::sleep(Duration::from_millis(20));
+        // Whatever the scheduler does to the workload thread, every round finds dirty
+        // pages: a hammer rewrites the same bytes outside the workload area.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hammer = {
+            let (memory, stop) = (source.memory().clone(), stop.clone());
+            thread::spawn(move || {
+                use migration_core::MemorySink;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    memory.write_memory(12 << 20, &[0x5a; 4096]).expect("hammer");
+                    thread::sleep(Duration::from_micros(200));
+                }
+            })
+        };
         let mut opts = MigrationOptions {
             downtime_limit: Duration::ZERO,
             max_rounds: 2,
@@ -323,6 +336,8 @@ fn not_converging_cancels_or_forces_as_asked() {
             ..options()
         };
         let (result, dest) = migrate(&mut source, &mut opts, |s| s, |s| s);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        hammer.join().expect("hammer thread");
         match policy {
             ConvergencePolicy::Cancel => {
                 let err = result.expect_err("cancel");
