@@ -324,7 +324,9 @@ fn not_converging_cancels_or_forces_as_asked() {
             thread::spawn(move || {
                 use migration_core::MemorySink;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    memory.write_memory(12 << 20, &[0x5a; 4096]).expect("hammer");
+                    memory
+                        .write_memory(12 << 20, &[0x5a; 4096])
+                        .expect("hammer");
                     thread::sleep(Duration::from_micros(200));
                 }
             })
