@@ -575,5 +575,6 @@ fn fault_matrix_source_survives_every_boundary() {
             cases += 1;
         }
     }
+    eprintln!("fault matrix: {cases} cases");
     assert!(cases >= 30, "{cases} cases");
 }
