@@ -306,54 +306,103 @@ fn a_restore_error_on_the_destination_resumes_the_source() {
     assert_source_intact(&mut source, digest, "restore error");
 }
 
+/// A fake VM whose dirty log always holds a page: a guest that never converges,
+/// independent of how threads are scheduled.
+struct NeverConverges(FakeVm);
+
+impl Pausable for NeverConverges {
+    fn pause(&mut self) -> Result<(), MigratableError> {
+        self.0.pause()
+    }
+    fn resume(&mut self) -> Result<(), MigratableError> {
+        self.0.resume()
+    }
+}
+
+impl migration_core::Snapshottable for NeverConverges {
+    fn id(&self) -> String {
+        self.0.id()
+    }
+    fn snapshot(&mut self) -> Result<migration_core::Snapshot, MigratableError> {
+        self.0.snapshot()
+    }
+    fn restore(&mut self, s: &migration_core::Snapshot) -> Result<(), MigratableError> {
+        self.0.restore(s)
+    }
+}
+
+impl migration_core::Transportable for NeverConverges {
+    fn codecs(&self) -> &CodecRegistry {
+        self.0.codecs()
+    }
+}
+
+impl migration_core::Migratable for NeverConverges {
+    fn start_dirty_log(&mut self) -> Result<(), MigratableError> {
+        self.0.start_dirty_log()
+    }
+    fn stop_dirty_log(&mut self) -> Result<(), MigratableError> {
+        self.0.stop_dirty_log()
+    }
+    fn dirty_log(&mut self) -> Result<migration_core::MemoryRangeTable, MigratableError> {
+        let mut dirty = self.0.dirty_log()?;
+        dirty.push(migration_core::MemoryRange::new(12 << 20, 4096));
+        Ok(dirty)
+    }
+    fn start_migration(&mut self) -> Result<(), MigratableError> {
+        self.0.start_migration()
+    }
+    fn complete_migration(&mut self) -> Result<(), MigratableError> {
+        self.0.complete_migration()
+    }
+    fn memory_source(&self) -> &dyn migration_core::MemorySource {
+        self.0.memory_source()
+    }
+    fn memory_sink(&self) -> &dyn migration_core::MemorySink {
+        self.0.memory_sink()
+    }
+}
+
 #[test]
 fn not_converging_cancels_or_forces_as_asked() {
     for policy in [ConvergencePolicy::Cancel, ConvergencePolicy::Force] {
-        let mut source = FakeVm::builder()
+        let vm = FakeVm::builder()
             .memory_size(16 << 20)
-            .workload(256 << 20, 5)
-            .workload_area(&[migration_core::MemoryRange::new(0, 8 << 20)])
+            .workload(64 << 20, 5)
             .codecs(codecs())
             .build()
             .expect("vm");
-        // Whatever the scheduler does to the workload thread, every round finds dirty
-        // pages: a hammer rewrites the same bytes outside the workload area.
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let hammer = {
-            let (memory, stop) = (source.memory().clone(), stop.clone());
-            thread::spawn(move || {
-                use migration_core::MemorySink;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    memory
-                        .write_memory(12 << 20, &[0x5a; 4096])
-                        .expect("hammer");
-                    thread::sleep(Duration::from_micros(200));
-                }
-            })
-        };
+        let mut source = NeverConverges(vm);
         let mut opts = MigrationOptions {
             downtime_limit: Duration::ZERO,
             max_rounds: 2,
             policy,
             ..options()
         };
-        let (result, dest) = migrate(&mut source, &mut opts, |s| s, |s| s);
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        hammer.join().expect("hammer thread");
+        let (a, b) = UnixStream::pair().expect("socketpair");
+        let dest = thread::spawn(move || {
+            receive_migration_over(b, &receive_options(), |incoming| {
+                build_destination(&incoming.layout)
+            })
+        });
+        let result = send_migration_over(&mut source, a, &mut opts);
+        let dest = dest.join().expect("destination thread");
         match policy {
             ConvergencePolicy::Cancel => {
                 let err = result.expect_err("cancel");
                 assert!(matches!(err, MigrationError::NotConverged { .. }), "{err}");
                 assert!(dest.is_err());
-                assert!(source.is_running());
+                assert!(source.0.is_running());
+                assert!(!source.0.is_dirty_logging());
             }
             ConvergencePolicy::Force => {
                 let report = result.expect("forced");
                 assert!(!report.converged);
+                assert_eq!(report.rounds.len(), 4, "round 0, two capped rounds, final");
                 let (mut dest, _) = dest.expect("destination");
                 dest.pause().expect("pause");
                 dest.verify().expect("self-check");
-                assert!(dest.workload().writes >= source.workload().writes);
+                assert!(dest.workload().writes >= source.0.workload().writes);
             }
         }
     }
