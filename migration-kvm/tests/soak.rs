@@ -11,20 +11,14 @@
 //! (1000 of each by default.) Each migration builds a fresh destination VM (the
 //! source is dropped once the destination runs), so "two VMs" are the two ends of each hop.
 
-use std::sync::{mpsc, Arc, Mutex};
-use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
-use kvm_ioctls::Kvm;
+use anyhow::{ensure, Context, Result};
 use migration_core::codec::CodecRegistry;
-use migration_core::destination::receive_migration;
-use migration_core::precopy::{send_migration, MigrationReport};
-use migration_core::{MigratableError, Pausable};
-use migration_kvm::{ExitAction, ExitEvent, ExitHandler, KvmVm, KvmVmConfig, RestoreMode};
-use migration_testkit::guest::{
-    configure_vcpu, write_boot_memory, Guest, PortEvent, PortMonitor, Verdict,
-};
+use migration_core::precopy::MigrationReport;
+use migration_core::Pausable;
+use migration_kvm::{KvmVm, RestoreMode};
+use migration_testkit::guest::{Guest, GuestLog as Log, RunningGuest as Running};
 use migration_testkit::require_kvm;
 
 const MEM: u64 = 64 << 20;
@@ -40,164 +34,21 @@ fn codecs() -> CodecRegistry {
     migration_serde::registry()
 }
 
-/// What a vCPU reported: port writes, and any other exit (which parks the vCPU).
-#[derive(Clone, Debug)]
-enum Ev {
-    Port(PortEvent),
-    Exit(String),
-}
-
-/// The events of one VM's guest, recorded by its exit handlers.
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<Ev>>>);
-
-impl Log {
-    fn handlers(&self) -> impl FnMut(u32) -> ExitHandler {
-        let log = self.0.clone();
-        move |_| {
-            let log = log.clone();
-            Box::new(move |ev| {
-                let mut l = log.lock().unwrap();
-                match ev {
-                    ExitEvent::IoOut { port, data } => {
-                        l.push(Ev::Port(PortEvent::from_io_out(port, data)));
-                        ExitAction::Continue
-                    }
-                    ExitEvent::IoIn { data, .. } => {
-                        data.fill(0);
-                        ExitAction::Continue
-                    }
-                    ExitEvent::Other(what) => {
-                        l.push(Ev::Exit(what));
-                        ExitAction::Pause
-                    }
-                }
-            })
-        }
-    }
-
-    /// Replays the events into a monitor requiring `required` progress events after
-    /// `baseline` (if any).
-    fn monitor(&self, baseline: Option<u32>, required: u64) -> PortMonitor {
-        let mut m = match baseline {
-            Some(b) => PortMonitor::with_baseline(required, b),
-            None => PortMonitor::new(required),
-        };
-        for ev in self.0.lock().unwrap().iter() {
-            match ev {
-                Ev::Port(p) => m.on_event(*p),
-                Ev::Exit(what) => m.on_unexpected_exit(what.clone()),
-            };
-        }
-        m
-    }
-
-    /// Waits until the guest has made `required` progress events (counting from the
-    /// start of the log) with every self-check passing, and returns the monitor.
-    fn wait(&self, baseline: Option<u32>, required: u64) -> Result<PortMonitor> {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let m = self.monitor(baseline, required);
-            match m.verdict() {
-                Verdict::Pass => return Ok(m),
-                Verdict::Fail(f) => bail!("guest failed: {f:?} (monitor {m:?})"),
-                _ if Instant::now() >= deadline => {
-                    let mut m = m;
-                    m.on_timeout();
-                    bail!("guest too slow: {:?}", m.verdict())
-                }
-                _ => thread::sleep(Duration::from_millis(2)),
-            }
-        }
-    }
-}
-
-/// A VM and its guest's log.
-struct Running {
-    vm: KvmVm,
-    log: Log,
-    /// Progress value the guest had when it arrived here (None on the first VM).
-    baseline: Option<u32>,
-}
-
-impl Running {
-    /// A fresh VM running `guest`.
-    fn boot(guest: Guest) -> Result<Self> {
-        let log = Log::default();
-        let mut vm = KvmVm::new(KvmVmConfig::new(MEM, 1), log.handlers())?;
-        let ram = write_boot_memory(vm.memory().mmap(), guest.image())?;
-        let arg = if guest == Guest::MemoryPattern {
-            PATTERN_END
-        } else {
-            0
-        };
-        vm.with_vcpu(0, move |fd| {
-            let kvm = Kvm::new()?;
-            configure_vcpu(fd, &kvm, ram, arg)?;
-            Ok::<_, anyhow::Error>(())
-        })??;
-        vm.start()?;
-        Ok(Self {
-            vm,
-            log,
-            baseline: None,
-        })
-    }
-
-    /// Waits for `n` more progress events than the log holds now.
-    fn advance(&self, n: u64) -> Result<PortMonitor> {
-        let have = self.log.monitor(self.baseline, 0).progress_events();
-        self.log.wait(self.baseline, have + n)
-    }
-
-    /// The last progress value the guest reported here.
-    fn last_progress(&self) -> Result<u32> {
-        self.log
-            .monitor(self.baseline, 0)
-            .last_progress()
-            .or(self.baseline)
-            .ok_or_else(|| anyhow!("no progress yet"))
-    }
-}
-
-fn build(
-    incoming: &migration_core::destination::IncomingVm,
-    log: &Log,
-) -> Result<KvmVm, MigratableError> {
-    Ok(KvmVm::for_incoming(incoming, codecs(), log.handlers())?)
+/// A fresh VM running `guest` (the memory-pattern guest bounded to `PATTERN_END`).
+fn boot(guest: Guest) -> Result<Running> {
+    let arg = if guest == Guest::MemoryPattern {
+        PATTERN_END
+    } else {
+        0
+    };
+    Ok(Running::boot(guest, MEM, arg, TIMEOUT)?)
 }
 
 /// Migrates `src` to a fresh VM listening at `url` (`tcp://127.0.0.1:0` or a unix
 /// URL), checks the source stayed paused, and returns the destination.
 fn migrate_url(src: &mut Running, url: &str) -> Result<(Running, MigrationReport)> {
-    let log = Log::default();
-    let dlog = log.clone();
-    let (tx, rx) = mpsc::channel();
-    let listen = url.to_owned();
-    let dest = thread::spawn(move || {
-        receive_migration(
-            &listen,
-            &KvmVm::receive_options(codecs()),
-            IO_TIMEOUT,
-            |u| {
-                let _ = tx.send(u.to_owned());
-            },
-            |incoming| build(incoming, &dlog),
-        )
-    });
-    let target = rx.recv().context("destination never listened")?;
-    let mut opts = src.vm.migration_options();
-    let result = send_migration(&mut src.vm, &target, &mut opts, IO_TIMEOUT);
-    let dest = dest.join().map_err(|_| anyhow!("destination panicked"))?;
-    let report = result.with_context(|| format!("migration to {url}"))?;
-    let (vm, _) = dest.context("destination")?;
-    ensure!(
-        !src.vm.is_running(),
-        "the source must stay paused after handing over"
-    );
-    ensure!(vm.is_running(), "the destination must run");
-    let baseline = Some(src.last_progress()?);
-    Ok((Running { vm, log, baseline }, report))
+    src.migrate_to(url, codecs(), IO_TIMEOUT)
+        .with_context(|| format!("migration to {url}"))
 }
 
 fn count(var: &str) -> usize {
@@ -216,7 +67,7 @@ fn soak_ping_pong_migrations_and_snapshot_restores() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let started = Instant::now();
 
-    let mut vm = Running::boot(Guest::MemoryPattern)?;
+    let mut vm = boot(Guest::MemoryPattern)?;
     vm.advance(BEFORE)?;
     let mut last = vm.last_progress()?;
     let (mut unix, mut tcp) = (0usize, 0usize);
@@ -280,6 +131,7 @@ fn soak_ping_pong_migrations_and_snapshot_restores() -> Result<()> {
                 vm: fresh,
                 log,
                 baseline: Some(base),
+                timeout: TIMEOUT,
             },
         ));
         vm.advance(1)
