@@ -206,7 +206,8 @@ where
     let mut fresh = true; // round 0: memory is still all zero
     let mut state: Vec<u8> = Vec::new();
     loop {
-        // MEMORY data goes from the socket straight into guest memory.
+        // MEMORY data goes from the socket straight into guest memory (checked against
+        // the layout first); a MEMORY frame without data never decodes.
         let message = match ch.recv_into(vm.memory_sink(), &layout)? {
             Received::MemoryWritten(range) => {
                 report.memory_bytes += range.length;
@@ -215,12 +216,6 @@ where
             Received::Message(message) => message,
         };
         match message {
-            Message::Memory { gpa, data } => {
-                let range = MemoryRange::new(gpa, data.len() as u64);
-                check_range(&layout, range)?;
-                vm.memory_sink().write_memory(gpa, data)?;
-                report.memory_bytes += range.length;
-            }
             Message::Zero(ranges) => {
                 if version < 2 {
                     return Err(MigrationError::Malformed(
