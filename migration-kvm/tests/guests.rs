@@ -258,9 +258,11 @@ fn msrs_before_lapic_kills_the_timer() -> Result<()> {
     let msrs = wrong.iter().position(|s| *s == VcpuStep::Msrs).unwrap();
     wrong.swap(lapic, msrs);
     let dead = Machine::restore(&saved, Some(wrong), None)?;
-    let m = dead.run_for(1, DEAD_TIMER_WAIT)?;
+    // A tick already pending in the saved LAPIC / vCPU events may still be
+    // delivered once after restore; a dead timer is one that does not keep ticking.
+    let m = dead.run_for(2, DEAD_TIMER_WAIT)?;
     match m.verdict() {
-        Verdict::Fail(Failure::Timeout { seen: 0, .. }) => {}
+        Verdict::Fail(Failure::Timeout { seen, .. }) if *seen <= 1 => {}
         v => bail!("with MSRs before lapic the timer should be dead, got {v:?}"),
     }
 
