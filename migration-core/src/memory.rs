@@ -309,6 +309,15 @@ pub trait MemorySource {
         }
         Ok(())
     }
+
+    /// This source as one several threads may read at once, if it is one.
+    ///
+    /// Writers that find `Some` read guest memory on a helper thread, so the copy out
+    /// of guest memory overlaps their own writes. The default, `None`, keeps every read
+    /// on the calling thread; a `Sync` implementation overrides it with `Some(self)`.
+    fn as_sync(&self) -> Option<&(dyn MemorySource + Sync)> {
+        None
+    }
 }
 
 /// Guest memory that restores and migrations write into.

@@ -512,6 +512,10 @@ impl MemorySource for GuestMemory {
         }
         Ok(())
     }
+
+    fn as_sync(&self) -> Option<&(dyn MemorySource + Sync)> {
+        Some(self)
+    }
 }
 
 impl MemorySink for GuestMemory {

@@ -226,6 +226,10 @@ impl MemorySource for DirtyView<'_> {
         check_range(&self.ranges, MemoryRange::new(gpa, length))?;
         self.memory.write_memory_to(gpa, length, out)
     }
+
+    fn as_sync(&self) -> Option<&(dyn MemorySource + Sync)> {
+        Some(self)
+    }
 }
 
 /// The [`ContentDigest`] of a file-form container (validated on the way: header,

@@ -349,6 +349,10 @@ impl MemorySource for FakeMemory {
         }
         Ok(())
     }
+
+    fn as_sync(&self) -> Option<&(dyn MemorySource + Sync)> {
+        Some(self)
+    }
 }
 
 impl MemorySink for FakeMemory {

@@ -143,8 +143,9 @@ fn prefix<'s>(
 /// zero pages are seeked over, leaving holes, and the header is written last.
 ///
 /// Every section must be encoded ([`Snapshot::encode`]); memory is read through a
-/// 1 MiB buffer (two of them: zero pages and checksums of one chunk are found on a
-/// helper thread while the previous chunk is written), never as a whole.
+/// few 1 MiB buffers, never as a whole: zero pages and checksums of the next chunks
+/// are found on a helper thread (which also reads them out of a
+/// [`Sync`](MemorySource::as_sync) source) while this thread writes.
 pub fn write_snapshot<W: Write + Seek>(
     w: &mut W,
     snapshot: &Snapshot,
