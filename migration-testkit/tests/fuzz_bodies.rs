@@ -188,3 +188,13 @@ fn regression_range_at_the_top_of_the_address_space_does_not_wrap() {
         );
     }
 }
+
+/// protocol, libFuzzer: a 16-byte ZERO range legitimately zeroes 4 MiB of a 4 MiB
+/// guest, which broke the fuzz body's own bound (guest bytes ≤ 4096 × stream bytes), not
+/// the destination. Fixed in the body: data bytes ≤ stream bytes, and each ZERO range
+/// covers at most the layout.
+#[test]
+fn regression_a_small_zero_range_may_cover_megabytes() {
+    let data = include_bytes!("fuzz_regressions/protocol_zero_range_covers_megabytes.bin");
+    fuzz_bodies::protocol(data);
+}
