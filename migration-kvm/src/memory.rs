@@ -324,6 +324,17 @@ impl GuestMemory {
         Ok((region, range.gpa - region.start_addr().0))
     }
 
+    /// Marks `len` bytes at `gpa` (inside one region) dirty in vm-memory's bitmap, for
+    /// writes that bypass a `VolatileSlice`.
+    fn mark_dirty(&self, gpa: u64, len: usize) {
+        if let Some(region) = self.mmap.find_region(GuestAddress(gpa)) {
+            use vm_memory::bitmap::Bitmap;
+            region
+                .bitmap()
+                .mark_dirty((gpa - region.start_addr().0) as usize, len);
+        }
+    }
+
     /// Host address of `range` (checked), for syscalls that take a pointer.
     pub(crate) fn host_ptr(&self, range: MemoryRange) -> Result<*mut u8, MemoryError> {
         let (region, offset) = self.locate(range)?;
@@ -529,24 +540,24 @@ impl MemorySink for GuestMemory {
         Ok(())
     }
 
+    /// Reads straight into guest memory: no bounce buffer, one copy (the kernel's,
+    /// for a socket or file) per byte.
     fn read_memory_from(
         &self,
         gpa: u64,
         length: u64,
         input: &mut dyn Read,
     ) -> Result<(), MemoryError> {
-        let slice = self.slice(MemoryRange::new(gpa, length))?;
-        let mut buf = vec![0u8; slice.len().min(BOUNCE)];
-        let mut done = 0usize;
-        while done < slice.len() {
-            let n = (slice.len() - done).min(buf.len());
-            input.read_exact(&mut buf[..n])?;
-            slice
-                .subslice(done, n)
-                .map_err(|e| MemoryError::Backend(Box::new(e)))?
-                .copy_from(&buf[..n]);
-            done += n;
-        }
+        let range = MemoryRange::new(gpa, length);
+        let ptr = self.host_ptr(range)?;
+        let len = usize::try_from(length).map_err(|_| out_of_range(range))?;
+        // SAFETY: `host_ptr` checked that the whole range is guest memory mapped by
+        // `self`, which stays mapped while `self` is borrowed. Its bytes have no
+        // invariants; as with `read(2)` into guest memory (vm-memory's
+        // `read_volatile`), a guest running meanwhile may see them change.
+        let dst = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+        input.read_exact(dst)?;
+        self.mark_dirty(gpa, len);
         Ok(())
     }
 
@@ -556,12 +567,7 @@ impl MemorySink for GuestMemory {
         let len = usize::try_from(length).map_err(|_| out_of_range(range))?;
         // SAFETY: `host_ptr` checked the whole range is guest memory owned by `self`.
         unsafe { std::ptr::write_bytes(ptr, 0, len) };
-        if let Some(region) = self.mmap.find_region(GuestAddress(gpa)) {
-            use vm_memory::bitmap::Bitmap;
-            region
-                .bitmap()
-                .mark_dirty((gpa - region.start_addr().0) as usize, len);
-        }
+        self.mark_dirty(gpa, len);
         Ok(())
     }
 }
@@ -685,6 +691,25 @@ mod tests {
         // Nothing was consumed from the stream.
         assert_eq!(input.len(), 16);
         assert!(m.zero_memory(u64::MAX - 10, 20).is_err());
+    }
+
+    #[test]
+    fn every_write_path_marks_the_vmm_dirty_bitmap() {
+        let m = mem();
+        crate::dirty::clear_vmm_dirty(&m);
+        m.write_memory(0x20_0000, &[1]).unwrap();
+        m.read_memory_from(0x20_3000, 0x2000, &mut &[2u8; 0x2000][..])
+            .unwrap();
+        m.zero_memory(0x20_8000, 0x1000).unwrap();
+        let dirty = crate::dirty::vmm_dirty_log(&m).ranges().to_vec();
+        assert_eq!(
+            dirty,
+            vec![
+                MemoryRange::new(0x20_0000, 0x1000),
+                MemoryRange::new(0x20_3000, 0x2000),
+                MemoryRange::new(0x20_8000, 0x1000),
+            ]
+        );
     }
 
     #[test]
