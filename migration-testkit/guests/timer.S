@@ -1,5 +1,7 @@
 # timer.S -- LAPIC timer in TSC-deadline mode (x2APIC), ring-0 handler counts
 # ticks and re-arms the deadline; the ring-3 loop reports every new tick count.
+# With load argument 1 (idle mode) a ring-0 loop halts until each tick and
+# reports it instead, so the vCPU thread sleeps between ticks.
 #
 # Detects: tick count going backwards (ERR_BACKWARDS); a lost timer (disarmed
 # deadline, masked LVT, lost IDT/TSS/APIC state...) shows as no progress, which
@@ -15,6 +17,7 @@
         .set TIMER_VECTOR, 0x20
         .set SPURIOUS_VECTOR, 0xff
         .set TSC_DELTA, 3000000         # TSC cycles per tick: <= 1 kHz up to a 3 GHz TSC
+        .set ARG_IDLE, 1                # load argument: halt between ticks (idle_loop)
         .set V_TICKS, VARS_ADDR + 0x40
         .set MSR_APIC_BASE, 0x1b
         .set MSR_TSC_DEADLINE, 0x6e0
@@ -59,7 +62,31 @@ guest_init:
         mov     $((2 << 17) | TIMER_VECTOR), %eax
         wrmsr
         call    arm_timer
+        cmpq    $ARG_IDLE, V_ARG
+        je      idle_loop
         ret
+
+# Idle mode (load argument ARG_IDLE): stay in ring 0 and halt until each tick,
+# so the vCPU sleeps in the host between ticks instead of spinning in ring 3.
+# r8 = last reported tick count.
+idle_loop:
+        mov     $TSC_DELTA, %eax
+        mov     $PORT_INFO, %edx
+        out     %eax, %dx
+        xor     %r8d, %r8d
+1:      sti                             # the STI shadow covers the HLT: no lost wake-up
+        hlt
+        cli
+        mov     V_TICKS, %rax
+        cmp     %r8, %rax
+        je      1b
+        jb      2f
+        mov     %rax, %r8
+        mov     $PORT_PROGRESS, %edx
+        out     %eax, %dx
+        jmp     1b
+2:      mov     $0xD0000001, %eax
+        jmp     report_error
 
 # arm_timer: IA32_TSC_DEADLINE = rdtsc + TSC_DELTA. Clobbers RAX, RCX, RDX.
 arm_timer:

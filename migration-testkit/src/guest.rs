@@ -38,7 +38,9 @@ mod running;
 mod vm;
 
 pub use error::GuestError;
-pub use image::{describe_error_code, Guest, GuestImage, IMAGE_ADDR, IMAGE_END, IMAGE_MAX_SIZE};
+pub use image::{
+    describe_error_code, Guest, GuestImage, IMAGE_ADDR, IMAGE_END, IMAGE_MAX_SIZE, TIMER_IDLE,
+};
 pub use loader::{
     configure_vcpu, guest_ram_size, load, load_with_arg, write_boot_memory, BOOT_GDT_ADDR,
     BOOT_PDPT_ADDR, BOOT_PD_ADDR, BOOT_PML4_ADDR, BOOT_STACK_TOP, IDENTITY_MAP_SIZE, MIN_RAM_SIZE,

@@ -26,12 +26,17 @@ pub enum Guest {
     CounterAvx,
     /// LAPIC timer in TSC-deadline mode (x2APIC), ring-0 handler counts ticks.
     /// Progress = tick count (about 1 kHz or less). No ticks = no progress.
+    /// Spins in ring 3 between ticks; with the load argument [`TIMER_IDLE`] it halts
+    /// in ring 0 instead, so its vCPU thread sleeps (an idle guest).
     Timer,
     /// Writes and re-verifies a generation pattern in every page of
     /// [1 MiB, end), rewriting 1/8 of the pages per pass.
     /// Progress = completed passes. The load argument bounds `end`.
     MemoryPattern,
 }
+
+/// Load argument of [`Guest::Timer`]: halt between ticks instead of spinning.
+pub const TIMER_IDLE: u64 = 1;
 
 impl Guest {
     /// Every built-in guest.
