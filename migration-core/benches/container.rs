@@ -28,6 +28,9 @@ impl MemorySource for VecMemory {
         buf.copy_from_slice(&m[at..at + buf.len()]);
         Ok(())
     }
+    fn as_sync(&self) -> Option<&(dyn MemorySource + Sync)> {
+        Some(self)
+    }
 }
 
 impl MemorySink for VecMemory {
