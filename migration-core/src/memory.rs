@@ -110,7 +110,24 @@ impl MemoryRangeTable {
     /// Counts the runs first (one pass of bit arithmetic) and reserves exactly, then
     /// finds run starts and ends a word at a time: `starts = w & !(w << 1 | carry)`,
     /// `ends = !w & (w << 1 | carry)`.
+    ///
+    /// Pages that would end past `u64::MAX` (and every page, if `page_size` is 0) are
+    /// not in the address space and are left out.
     pub fn append_bitmap(&mut self, bitmap: &[u64], start_gpa: u64, page_size: u64) {
+        // Keep only the pages whose end address fits in a u64.
+        let fitting = (u64::MAX - start_gpa).checked_div(page_size).unwrap_or(0);
+        let mut clamped: Vec<u64>;
+        let bitmap = if (bitmap.len() as u64).saturating_mul(64) > fitting {
+            let words = (fitting / 64) as usize;
+            clamped = bitmap[..words].to_vec();
+            let rest = fitting % 64;
+            if rest > 0 {
+                clamped.push(bitmap[words] & ((1u64 << rest) - 1));
+            }
+            &clamped[..]
+        } else {
+            bitmap
+        };
         let mut carry = 0u64;
         let mut runs = 0usize;
         for &w in bitmap {
@@ -388,6 +405,19 @@ mod tests {
             }
         }
         t.ranges
+    }
+
+    #[test]
+    fn from_bitmap_leaves_out_pages_past_the_address_space() {
+        // Pages 0..=3 at the top of the address space: only the first 3 end in it.
+        let start = u64::MAX - 3 * 4096 - 100;
+        let t = MemoryRangeTable::from_bitmap(&[0b1111, 1], start, 4096);
+        assert_eq!(t.ranges(), &[MemoryRange::new(start, 3 * 4096)]);
+        assert!(t.ranges().iter().all(|r| r.end().is_some()));
+        // A bitmap word that is partly past the end, and a page size of 0.
+        let t = MemoryRangeTable::from_bitmap(&[u64::MAX; 2], u64::MAX - 70 * 4096, 4096);
+        assert_eq!(t.total_bytes(), 70 * 4096);
+        assert!(MemoryRangeTable::from_bitmap(&[u64::MAX], 0, 0).is_empty());
     }
 
     #[test]
