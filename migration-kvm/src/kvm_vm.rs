@@ -296,6 +296,10 @@ pub enum KvmVmError {
     /// File I/O.
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The VM was migrated out: its guest runs on the destination now, and running
+    /// this copy too would run it twice.
+    #[error("the VM was migrated out; its guest runs on the destination")]
+    MigratedOut,
 }
 
 impl From<KvmVmError> for MigratableError {
@@ -341,6 +345,8 @@ pub struct KvmVm {
     memory: GuestMemory,
     kvm: Kvm,
     running: bool,
+    /// Set once a migration out of this VM completed: it must never run again.
+    migrated_out: bool,
 }
 
 impl fmt::Debug for KvmVm {
@@ -348,6 +354,7 @@ impl fmt::Debug for KvmVm {
         f.debug_struct("KvmVm")
             .field("config", &self.config)
             .field("running", &self.running)
+            .field("migrated_out", &self.migrated_out)
             .field("vcpus", &self.vcpus)
             .field("codecs", &self.codecs)
             .finish_non_exhaustive()
@@ -422,6 +429,7 @@ impl KvmVm {
             memory,
             kvm,
             running: false,
+            migrated_out: false,
         };
         for (i, fd) in fds.into_iter().enumerate() {
             let i = i as u32;
@@ -538,6 +546,9 @@ impl KvmVm {
 
     /// Starts (resumes) every vCPU.
     pub fn start(&mut self) -> Result<(), KvmVmError> {
+        if self.migrated_out {
+            return Err(KvmVmError::MigratedOut);
+        }
         for v in &self.vcpus {
             v.resume()?;
         }
@@ -727,7 +738,13 @@ impl Migratable for KvmVm {
         Ok(())
     }
 
+    /// On the source (paused: the destination runs the guest now) this VM is marked
+    /// migrated out, and [`start`](KvmVm::start) refuses from then on. On the
+    /// destination (already resumed) nothing changes.
     fn complete_migration(&mut self) -> Result<(), MigratableError> {
+        if !self.running {
+            self.migrated_out = true;
+        }
         Ok(())
     }
 

@@ -18,7 +18,7 @@ use migration_core::destination::{receive_migration_over, ReceiveOptions};
 use migration_core::precopy::{send_migration, send_migration_over, MigrationReport};
 use migration_core::protocol::{Arch, MigrationError};
 use migration_core::{MigratableError, Pausable};
-use migration_kvm::{KvmVm, KvmVmConfig, RestoreMode};
+use migration_kvm::{KvmVm, KvmVmConfig, KvmVmError, RestoreMode};
 use migration_testkit::guest::{Guest, GuestLog as Log, RunningGuest as Running};
 use migration_testkit::require_kvm;
 
@@ -65,6 +65,12 @@ fn migrate_running_guest(guest: Guest, url: &str) -> Result<()> {
     ensure!(
         report.rounds.len() >= 2,
         "round 0 and a final round: {report:?}"
+    );
+    // The source copy must never run again.
+    let restart = src.vm.start();
+    ensure!(
+        matches!(restart, Err(KvmVmError::MigratedOut)),
+        "restarting the migrated-out source: {restart:?}"
     );
     let m = dst.advance(AFTER)?;
     // Continued from where the source stopped (baseline check in the monitor), and
