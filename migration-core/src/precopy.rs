@@ -167,6 +167,42 @@ pub struct MigrationReport {
     pub codec: CodecId,
 }
 
+/// One line per round, then the downtime by phase:
+///
+/// ```text
+/// round  0:  1024.0 MiB guest,  258062 pages,    4082 zero pages,  1008.1 MiB wire,   295.55 ms
+/// round  1:     0.0 MiB guest,       2 pages,       0 zero pages,     0.0 MiB wire,     0.02 ms
+/// downtime 1.02 ms = final round 0.10 + state capture 0.24 + state send 0.46 + resume 0.23
+/// ```
+impl fmt::Display for MigrationReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        for r in &self.rounds {
+            writeln!(
+                f,
+                "round {:>2}: {:>7.1} MiB guest, {:>7} pages, {:>7} zero pages, {:>7.1} MiB wire, {:>8.2} ms",
+                r.round,
+                mib(r.guest_bytes),
+                r.pages,
+                r.zero_pages,
+                mib(r.wire_bytes),
+                ms(r.duration)
+            )?;
+        }
+        let d = &self.downtime;
+        write!(
+            f,
+            "downtime {:.2} ms = final round {:.2} + state capture {:.2} + state send {:.2} + resume {:.2}",
+            ms(d.total),
+            ms(d.final_round),
+            ms(d.state_capture),
+            ms(d.state_send),
+            ms(d.resume)
+        )
+    }
+}
+
 /// Migrates `vm` over a connected `stream` to a destination running
 /// [`receive_migration_over`](crate::destination::receive_migration_over).
 ///
@@ -581,6 +617,50 @@ fn page_runs(chunk: &[u8]) -> Vec<(usize, usize, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_prints_one_line_per_round_and_the_downtime() {
+        let round = |round, guest_bytes, duration| RoundReport {
+            round,
+            guest_bytes,
+            pages: guest_bytes / PAGE_SIZE,
+            zero_pages: 0,
+            wire_bytes: guest_bytes,
+            duration,
+        };
+        let report = MigrationReport {
+            rounds: vec![
+                round(0, 1 << 30, Duration::from_millis(300)),
+                round(1, 8 << 20, Duration::from_micros(2500)),
+            ],
+            bytes_sent: (1 << 30) + (8 << 20),
+            bandwidth: 3.5e9,
+            total_time: Duration::from_millis(310),
+            downtime: Downtime {
+                final_round: Duration::from_micros(2500),
+                state_capture: Duration::from_micros(250),
+                state_send: Duration::from_micros(500),
+                resume: Duration::from_micros(250),
+                total: Duration::from_micros(3500),
+            },
+            converged: true,
+            protocol_version: PROTOCOL_VERSION,
+            codec: CodecId(*b"pcd1"),
+        };
+        let text = report.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("round  0:  1024.0 MiB guest,  262144 pages"));
+        assert!(
+            lines[1].contains("8.0 MiB wire,     2.50 ms"),
+            "{}",
+            lines[1]
+        );
+        assert_eq!(
+            lines[2],
+            "downtime 3.50 ms = final round 2.50 + state capture 0.25 + state send 0.50 + resume 0.25"
+        );
+    }
 
     #[test]
     fn page_runs_split_zero_and_data_pages() {

@@ -187,26 +187,9 @@ fn migrate(vm: &mut KvmVm, limit: Duration, policy: ConvergencePolicy) -> Result
 }
 
 fn print_rounds(report: &MigrationReport) {
-    for r in &report.rounds {
-        println!(
-            "    round {:>2}: {:>7.1} MiB guest, {:>7} pages, {:>7} zero pages, {:>7.1} MiB wire, {:>8.2} ms",
-            r.round,
-            r.guest_bytes as f64 / (1 << 20) as f64,
-            r.pages,
-            r.zero_pages,
-            r.wire_bytes as f64 / (1 << 20) as f64,
-            ms(r.duration)
-        );
+    for line in report.to_string().lines() {
+        println!("    {line}");
     }
-    let d = &report.downtime;
-    println!(
-        "    downtime {:.2} ms = final round {:.2} + state capture {:.2} + state send {:.2} + resume {:.2}",
-        ms(d.total),
-        ms(d.final_round),
-        ms(d.state_capture),
-        ms(d.state_send),
-        ms(d.resume)
-    );
 }
 
 /// Writes random pages of [FILL_START, size) at `rate` bytes/s until `stop`, through
