@@ -108,7 +108,7 @@
 //! - [`Versioned`]: section versions and upgrades.
 //! - [`codec`]: the [`Codec`] trait and [`CodecRegistry`].
 //! - [`memory`]: [`MemoryRange`], [`MemoryRangeTable`], [`MemorySource`], [`MemorySink`].
-//! - [`container`]: the snapshot container format (`docs/format.md`); [`file`]: atomic
+//! - [`container`]: the snapshot container format (`docs/format.md`); [`file`](mod@file): atomic
 //!   snapshot files; [`checksum`]: CRC-64/NVME.
 //! - [`transport`]: `file://`, `tcp://`, `unix://`.
 //! - [`MigratableError`]: the error everything returns.

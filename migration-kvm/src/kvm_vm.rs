@@ -2,7 +2,7 @@
 //! that is [`Migratable`], and its configuration [`KvmVmConfig`].
 //!
 //! The pieces are this crate's: [`GuestMemory`] registered as KVM slots, dirty
-//! tracking from [`dirty`](crate::dirty), [`KvmVmDevices`] for the VM-wide device
+//! tracking from [`dirty`], [`KvmVmDevices`] for the VM-wide device
 //! state and one parked [`VcpuRunner`] per vCPU. `KvmVm` composes them:
 //!
 //! - snapshot tree: `vm` with section `config` ([`KvmVmConfig::to_bytes`]), child
