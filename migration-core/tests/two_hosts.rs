@@ -7,8 +7,6 @@
 //! Needs root and iproute2; skips visibly otherwise (fails under
 //! `MIGRATION_REQUIRE_KVM=1` when it could have run).
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Stdio};
 use std::thread;
 use std::time::Duration;
 
@@ -17,7 +15,7 @@ use migration_core::{
     receive_migration, send_migration, ConvergencePolicy, MigrationOptions, Pausable,
     ReceiveOptions,
 };
-use migration_testkit::netns::{skip_unless_netns, NetnsPair, Shape, Side};
+use migration_testkit::netns::{skip_unless_netns, HelperTests, NetnsPair, Shape};
 use migration_testkit::FakeVm;
 
 /// Selects the role of a helper process: `source` or `destination`.
@@ -29,18 +27,6 @@ const MEMORY: u64 = 128 << 20;
 const DIRTY_RATE: u64 = 24 << 20;
 const DOWNTIME_LIMIT: Duration = Duration::from_millis(200);
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Kills a helper process left running when the test fails early.
-struct Reap(Option<Child>);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        if let Some(child) = self.0.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 #[test]
 fn fake_vm_migrates_between_namespaces_over_a_shaped_link() {
@@ -56,63 +42,20 @@ fn fake_vm_migrates_between_namespaces_over_a_shaped_link() {
         .expect("shape the link");
     eprintln!("link: {shape}");
 
-    // Destination in namespace B; it prints the URL it listens on.
-    let mut dest = pair
-        .exec_test(Side::B, "helper_destination")
-        .expect("command")
-        .env(ROLE, "destination")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn destination");
-    let dest_out = dest.stdout.take().expect("piped stdout");
-    let mut dest = Reap(Some(dest));
-    let (url_tx, url_rx) = std::sync::mpsc::channel();
-    let dest_reader = thread::spawn(move || {
-        let mut lines = Vec::new();
-        let mut url_tx = Some(url_tx);
-        for line in BufReader::new(dest_out).lines() {
-            let Ok(line) = line else { break };
-            // libtest prints `test helper_destination ... ` without a newline first.
-            if let Some((_, url)) = line.split_once("LISTENING ") {
-                if let Some(tx) = url_tx.take() {
-                    let _ = tx.send(url.to_owned());
-                }
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    let url = url_rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("destination never listened");
-
-    // Source in namespace A.
-    let source = pair
-        .exec_test(Side::A, "helper_source")
-        .expect("command")
-        .env(ROLE, "source")
-        .env(URL, &url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn source");
-    let mut source = Reap(Some(source));
-    let mut source_out = String::new();
-    if let Some(out) = source.0.as_mut().and_then(|c| c.stdout.as_mut()) {
-        out.read_to_string(&mut source_out).expect("source output");
-    }
-    let source_status = source.0.take().expect("child").wait().expect("wait");
-    let dest_status = dest.0.take().expect("child").wait().expect("wait");
-    let dest_lines = dest_reader.join().expect("reader");
-
-    println!("--- source (namespace A) ---\n{source_out}");
-    println!(
-        "--- destination (namespace B) ---\n{}",
-        dest_lines.join("\n")
-    );
-    assert!(source_status.success(), "source failed: {source_status}");
-    assert!(dest_status.success(), "destination failed: {dest_status}");
+    let run = pair
+        .run_helpers(
+            &HelperTests {
+                role_var: ROLE,
+                url_var: URL,
+                destination: "helper_destination",
+                source: "helper_source",
+            },
+            Duration::from_secs(60),
+        )
+        .expect("helpers ran");
+    run.print();
+    run.check_status().unwrap();
+    let (source_out, dest_lines) = (&run.source_out, &run.destination_lines);
     assert!(
         source_out
             .lines()

@@ -7,8 +7,6 @@
 //! Needs KVM, root and iproute2; skips visibly otherwise (fails under
 //! `MIGRATION_REQUIRE_KVM=1` when it could have run).
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -17,7 +15,7 @@ use anyhow::{bail, ensure, Context, Result};
 use migration_core::{receive_migration, send_migration, ConvergencePolicy};
 use migration_kvm::{ExitAction, ExitEvent, ExitHandler, KvmVm, KvmVmConfig};
 use migration_testkit::guest::{configure_vcpu, write_boot_memory, Guest, PortMonitor, Verdict};
-use migration_testkit::netns::{skip_unless_netns, NetnsPair, Shape, Side};
+use migration_testkit::netns::{skip_unless_netns, HelperTests, NetnsPair, Shape};
 
 /// Selects the role of a helper process: `source` or `destination`.
 const ROLE: &str = "MIGRATION_KVM_TWO_HOSTS_ROLE";
@@ -34,18 +32,6 @@ const PASSES: u64 = 5;
 /// Generous: only a failing run waits this long.
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Kills a helper process left running when the test fails early.
-struct Reap(Option<Child>);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        if let Some(child) = self.0.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 #[test]
 fn kvm_guest_migrates_between_namespaces_over_a_shaped_link() -> Result<()> {
     migration_testkit::require_kvm!(Ok(()));
@@ -59,57 +45,18 @@ fn kvm_guest_migrates_between_namespaces_over_a_shaped_link() -> Result<()> {
     })?;
     eprintln!("link: {shape}");
 
-    let mut dest = pair
-        .exec_test(Side::B, "helper_kvm_destination")?
-        .env(ROLE, "destination")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let dest_out = dest.stdout.take().context("piped stdout")?;
-    let mut dest = Reap(Some(dest));
-    let (url_tx, url_rx) = std::sync::mpsc::channel();
-    let dest_reader = thread::spawn(move || {
-        let mut lines = Vec::new();
-        let mut url_tx = Some(url_tx);
-        for line in BufReader::new(dest_out).lines() {
-            let Ok(line) = line else { break };
-            // libtest prints `test helper_kvm_destination ... ` without a newline first.
-            if let Some((_, url)) = line.split_once("LISTENING ") {
-                if let Some(tx) = url_tx.take() {
-                    let _ = tx.send(url.to_owned());
-                }
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    let url = url_rx
-        .recv_timeout(TIMEOUT)
-        .context("the destination never listened")?;
-
-    let source = pair
-        .exec_test(Side::A, "helper_kvm_source")?
-        .env(ROLE, "source")
-        .env(URL, &url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let mut source = Reap(Some(source));
-    let mut source_out = String::new();
-    if let Some(out) = source.0.as_mut().and_then(|c| c.stdout.as_mut()) {
-        out.read_to_string(&mut source_out)?;
-    }
-    let source_status = source.0.take().context("child")?.wait()?;
-    let dest_status = dest.0.take().context("child")?.wait()?;
-    let dest_lines = dest_reader.join().expect("reader thread");
-
-    println!("--- source (namespace A) ---\n{source_out}");
-    println!(
-        "--- destination (namespace B) ---\n{}",
-        dest_lines.join("\n")
-    );
-    ensure!(source_status.success(), "source failed: {source_status}");
-    ensure!(dest_status.success(), "destination failed: {dest_status}");
+    let run = pair.run_helpers(
+        &HelperTests {
+            role_var: ROLE,
+            url_var: URL,
+            destination: "helper_kvm_destination",
+            source: "helper_kvm_source",
+        },
+        TIMEOUT,
+    )?;
+    run.print();
+    run.check_status().map_err(anyhow::Error::msg)?;
+    let (source_out, dest_lines) = (&run.source_out, &run.destination_lines);
     fn value<'a>(mut lines: impl Iterator<Item = &'a str>, key: &str) -> Option<u64> {
         lines.find_map(|l| l.split_once(key).and_then(|(_, v)| v.trim().parse().ok()))
     }

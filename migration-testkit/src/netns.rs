@@ -31,10 +31,13 @@
 //! ```
 
 use std::fmt;
+use std::io::{BufRead, BufReader, Read};
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::thread;
 use std::time::Duration;
 
 use crate::kvm::kvm_required;
@@ -66,6 +69,84 @@ pub enum NetnsError {
         /// What it printed on stderr.
         stderr: String,
     },
+    /// A helper test did not do what [`NetnsPair::run_helpers`] needs.
+    #[error("helper test `{test}`: {what}")]
+    Helper {
+        /// The helper test's name.
+        test: String,
+        /// What went wrong.
+        what: String,
+    },
+}
+
+/// The two helper tests of a two-host migration test ([`NetnsPair::run_helpers`]).
+#[derive(Clone, Copy, Debug)]
+pub struct HelperTests<'a> {
+    /// Environment variable that tells a helper its role: `source` or `destination`
+    /// (a helper run any other way should do nothing).
+    pub role_var: &'a str,
+    /// Environment variable that gives the source the destination's URL.
+    pub url_var: &'a str,
+    /// The destination's test, run in namespace B.
+    pub destination: &'a str,
+    /// The source's test, run in namespace A.
+    pub source: &'a str,
+}
+
+/// How the two helpers of [`NetnsPair::run_helpers`] ended and what they printed.
+#[derive(Debug)]
+pub struct HelperRun {
+    /// The source's exit status.
+    pub source_status: ExitStatus,
+    /// The source's stdout.
+    pub source_out: String,
+    /// The destination's exit status.
+    pub destination_status: ExitStatus,
+    /// The destination's stdout, by line.
+    pub destination_lines: Vec<String>,
+}
+
+impl HelperRun {
+    /// Prints both outputs (stdout: shown with `--nocapture` or when the test fails).
+    pub fn print(&self) {
+        println!("--- source (namespace A) ---\n{}", self.source_out);
+        println!(
+            "--- destination (namespace B) ---\n{}",
+            self.destination_lines.join("\n")
+        );
+    }
+
+    /// Whether both helpers exited successfully; if not, which one failed and how.
+    pub fn check_status(&self) -> Result<(), String> {
+        if !self.source_status.success() {
+            return Err(format!("source failed: {}", self.source_status));
+        }
+        if !self.destination_status.success() {
+            return Err(format!("destination failed: {}", self.destination_status));
+        }
+        Ok(())
+    }
+}
+
+/// Kills a helper process left running when [`NetnsPair::run_helpers`] returns early.
+struct Reap(Option<Child>);
+
+impl Reap {
+    fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        match self.0.take() {
+            Some(mut child) => child.wait(),
+            None => Err(std::io::Error::other("helper already reaped")),
+        }
+    }
+}
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// One side of a [`NetnsPair`].
@@ -278,6 +359,78 @@ impl NetnsPair {
             "--test-threads=1",
         ]);
         Ok(cmd)
+    }
+
+    /// Runs a two-host migration made of two helper tests of the current test binary
+    /// ([`exec_test`](Self::exec_test)): `tests.destination` in namespace B, which
+    /// must print `LISTENING <url>` on a line of its stdout, then, once it has,
+    /// `tests.source` in namespace A with `tests.url_var` set to that URL. Each gets
+    /// `tests.role_var` set to `destination` or `source`. Waits for both to end and
+    /// returns what they printed; a helper still running when this returns early is
+    /// killed.
+    pub fn run_helpers(
+        &self,
+        tests: &HelperTests<'_>,
+        listen_timeout: Duration,
+    ) -> Result<HelperRun, NetnsError> {
+        let spawn_error = |what: &str| {
+            let command = format!("helper test {what}");
+            move |source| NetnsError::Spawn { command, source }
+        };
+        let mut dest = self
+            .exec_test(Side::B, tests.destination)?
+            .env(tests.role_var, "destination")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(spawn_error(tests.destination))?;
+        let dest_out = dest.stdout.take();
+        let mut dest = Reap(Some(dest));
+        let (url_tx, url_rx) = mpsc::channel();
+        let dest_reader = thread::spawn(move || {
+            let mut lines = Vec::new();
+            let mut url_tx = Some(url_tx);
+            for line in dest_out.into_iter().flat_map(|o| BufReader::new(o).lines()) {
+                let Ok(line) = line else { break };
+                // libtest prints `test <name> ... ` without a newline before it.
+                if let Some((_, url)) = line.split_once("LISTENING ") {
+                    if let Some(tx) = url_tx.take() {
+                        let _ = tx.send(url.to_owned());
+                    }
+                }
+                lines.push(line);
+            }
+            lines
+        });
+        let url = url_rx
+            .recv_timeout(listen_timeout)
+            .map_err(|_| NetnsError::Helper {
+                test: tests.destination.to_owned(),
+                what: format!("printed no `LISTENING <url>` line in {listen_timeout:?}"),
+            })?;
+        let mut source = Reap(Some(
+            self.exec_test(Side::A, tests.source)?
+                .env(tests.role_var, "source")
+                .env(tests.url_var, &url)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .map_err(spawn_error(tests.source))?,
+        ));
+        let mut source_out = String::new();
+        if let Some(out) = source.0.as_mut().and_then(|c| c.stdout.as_mut()) {
+            out.read_to_string(&mut source_out)
+                .map_err(spawn_error(tests.source))?;
+        }
+        let source_status = source.wait().map_err(spawn_error(tests.source))?;
+        let destination_status = dest.wait().map_err(spawn_error(tests.destination))?;
+        let destination_lines = dest_reader.join().unwrap_or_default();
+        Ok(HelperRun {
+            source_status,
+            source_out,
+            destination_status,
+            destination_lines,
+        })
     }
 
     /// Deletes both namespaces now (also done on drop).
