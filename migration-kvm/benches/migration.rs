@@ -29,9 +29,9 @@ use migration_core::{
     receive_migration, send_migration, ConvergencePolicy, Migratable, MigrationReport,
 };
 use migration_kvm::memory::GuestMemoryMmapBitmap;
-use migration_kvm::{ExitAction, ExitEvent, ExitHandler, KvmVm, KvmVmConfig};
+use migration_kvm::{KvmVm, KvmVmConfig};
 use migration_testkit::guest::{
-    configure_vcpu, write_boot_memory, Guest, PortMonitor, Verdict, TIMER_IDLE,
+    configure_vcpu, monitor_handler, write_boot_memory, Guest, PortMonitor, Verdict, TIMER_IDLE,
 };
 use migration_testkit::Rng;
 use vm_memory::{Bytes, GuestAddress};
@@ -81,25 +81,6 @@ fn loopback_copy(bytes: usize) -> Result<Duration> {
     Ok(end - start)
 }
 
-fn handler(monitor: Arc<Mutex<PortMonitor>>) -> ExitHandler {
-    Box::new(move |ev| {
-        let mut m = monitor.lock().unwrap_or_else(|e| e.into_inner());
-        let verdict = match ev {
-            ExitEvent::IoOut { port, data } => m.on_io_out(port, data),
-            ExitEvent::IoIn { data, .. } => {
-                data.fill(0);
-                m.verdict().clone()
-            }
-            ExitEvent::Other(what) => m.on_unexpected_exit(what),
-        };
-        if matches!(verdict, Verdict::Fail(_)) {
-            ExitAction::Pause
-        } else {
-            ExitAction::Continue
-        }
-    })
-}
-
 fn wait_for(monitor: &Mutex<PortMonitor>, n: u64) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -126,7 +107,9 @@ fn source(
     fill: bool,
 ) -> Result<(KvmVm, Arc<Mutex<PortMonitor>>)> {
     let monitor = Arc::new(Mutex::new(PortMonitor::new(2)));
-    let mut vm = KvmVm::new(KvmVmConfig::new(size, 1), |_| handler(monitor.clone()))?;
+    let mut vm = KvmVm::new(KvmVmConfig::new(size, 1), |_| {
+        monitor_handler(monitor.clone())
+    })?;
     let ram = write_boot_memory(vm.memory().mmap(), guest.image())?;
     vm.with_vcpu(0, move |fd| -> Result<()> {
         let kvm = kvm_ioctls::Kvm::new()?;
@@ -167,7 +150,7 @@ fn migrate(vm: &mut KvmVm, limit: Duration, policy: ConvergencePolicy) -> Result
                 },
                 move |incoming| {
                     KvmVm::for_incoming(incoming, migration_serde::registry(), |_| {
-                        handler(m.clone())
+                        monitor_handler(m.clone())
                     })
                     .map_err(Into::into)
                 },

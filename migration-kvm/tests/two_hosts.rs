@@ -13,8 +13,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use migration_core::{receive_migration, send_migration, ConvergencePolicy};
-use migration_kvm::{ExitAction, ExitEvent, ExitHandler, KvmVm, KvmVmConfig};
-use migration_testkit::guest::{configure_vcpu, write_boot_memory, Guest, PortMonitor, Verdict};
+use migration_kvm::{KvmVm, KvmVmConfig};
+use migration_testkit::guest::{
+    configure_vcpu, monitor_handler, write_boot_memory, Guest, PortMonitor, Verdict,
+};
 use migration_testkit::netns::{skip_unless_netns, HelperTests, NetnsPair, Shape};
 
 /// Selects the role of a helper process: `source` or `destination`.
@@ -82,26 +84,6 @@ fn kvm_guest_migrates_between_namespaces_over_a_shaped_link() -> Result<()> {
     Ok(())
 }
 
-/// An exit handler feeding `monitor`; parks the vCPU when the guest reports failure.
-fn handler(monitor: Arc<Mutex<PortMonitor>>) -> ExitHandler {
-    Box::new(move |ev| {
-        let mut m = monitor.lock().unwrap_or_else(|e| e.into_inner());
-        let verdict = match ev {
-            ExitEvent::IoOut { port, data } => m.on_io_out(port, data),
-            ExitEvent::IoIn { data, .. } => {
-                data.fill(0);
-                m.verdict().clone()
-            }
-            ExitEvent::Other(what) => m.on_unexpected_exit(what),
-        };
-        if matches!(verdict, Verdict::Fail(_)) {
-            ExitAction::Pause
-        } else {
-            ExitAction::Continue
-        }
-    })
-}
-
 /// Waits until `monitor` has `n` progress events or a failure, up to `TIMEOUT`.
 fn wait_for(monitor: &Mutex<PortMonitor>, n: u64) -> Result<PortMonitor> {
     let deadline = Instant::now() + TIMEOUT;
@@ -136,7 +118,7 @@ fn helper_kvm_destination() -> Result<()> {
         |url| println!("LISTENING {url}"),
         move |incoming| {
             KvmVm::for_incoming(incoming, migration_serde::registry(), |_| {
-                handler(m.clone())
+                monitor_handler(m.clone())
             })
             .map_err(Into::into)
         },
@@ -165,7 +147,9 @@ fn helper_kvm_source() -> Result<()> {
     }
     let url = std::env::var(URL)?;
     let monitor = Arc::new(Mutex::new(PortMonitor::new(PASSES)));
-    let mut vm = KvmVm::new(KvmVmConfig::new(RAM, 1), |_| handler(monitor.clone()))?;
+    let mut vm = KvmVm::new(KvmVmConfig::new(RAM, 1), |_| {
+        monitor_handler(monitor.clone())
+    })?;
     let ram = write_boot_memory(vm.memory().mmap(), Guest::MemoryPattern.image())?;
     vm.with_vcpu(0, move |fd| -> Result<()> {
         let kvm = kvm_ioctls::Kvm::new()?;

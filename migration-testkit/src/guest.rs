@@ -47,5 +47,5 @@ pub use loader::{
 };
 pub use monitor::{Failure, PortEvent, PortMonitor, Verdict, PORT_ERROR, PORT_INFO, PORT_PROGRESS};
 pub use run::{complete_pending_io, install_kick_handler, kick_signal, run_until};
-pub use running::{GuestLog, RunningGuest, RunningGuestError};
+pub use running::{monitor_handler, GuestLog, RunningGuest, RunningGuestError};
 pub use vm::{TestVm, VmConfig};

@@ -52,6 +52,29 @@ enum Event {
     Exit(String),
 }
 
+/// A vCPU exit handler that feeds `monitor` directly: port writes are judged as they
+/// come, port reads read zero, and the vCPU parks once the guest has failed (a bad
+/// self-check or an unexpected exit). For one vCPU whose verdict a caller polls; use
+/// [`GuestLog`] to keep the events themselves.
+pub fn monitor_handler(monitor: Arc<Mutex<PortMonitor>>) -> ExitHandler {
+    Box::new(move |ev| {
+        let mut m = monitor.lock().unwrap_or_else(PoisonError::into_inner);
+        let verdict = match ev {
+            ExitEvent::IoOut { port, data } => m.on_io_out(port, data),
+            ExitEvent::IoIn { data, .. } => {
+                data.fill(0);
+                m.verdict().clone()
+            }
+            ExitEvent::Other(what) => m.on_unexpected_exit(what),
+        };
+        if matches!(verdict, Verdict::Fail(_)) {
+            ExitAction::Pause
+        } else {
+            ExitAction::Continue
+        }
+    })
+}
+
 /// The events of one VM's guest, recorded by its exit handlers.
 #[derive(Clone, Debug, Default)]
 pub struct GuestLog(Arc<Mutex<Vec<Event>>>);
