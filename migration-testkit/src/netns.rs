@@ -406,7 +406,7 @@ impl NetnsPair {
             .recv_timeout(listen_timeout)
             .map_err(|_| NetnsError::Helper {
                 test: tests.destination.to_owned(),
-                what: format!("printed no `LISTENING <url>` line in {listen_timeout:?}"),
+                what: format!("printed no `LISTENING <url>` line within {listen_timeout:?}"),
             })?;
         let mut source = Reap(Some(
             self.exec_test(Side::A, tests.source)?
