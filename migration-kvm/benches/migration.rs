@@ -108,7 +108,7 @@ fn source(
 ) -> Result<(KvmVm, Arc<Mutex<PortMonitor>>)> {
     let monitor = Arc::new(Mutex::new(PortMonitor::new(2)));
     let mut vm = KvmVm::new(KvmVmConfig::new(size, 1), |_| {
-        monitor_handler(monitor.clone())
+        monitor_handler(monitor.clone(), None)
     })?;
     let ram = write_boot_memory(vm.memory().mmap(), guest.image())?;
     vm.with_vcpu(0, move |fd| -> Result<()> {
@@ -150,7 +150,7 @@ fn migrate(vm: &mut KvmVm, limit: Duration, policy: ConvergencePolicy) -> Result
                 },
                 move |incoming| {
                     KvmVm::for_incoming(incoming, migration_serde::registry(), |_| {
-                        monitor_handler(m.clone())
+                        monitor_handler(m.clone(), None)
                     })
                     .map_err(Into::into)
                 },

@@ -11,10 +11,10 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use kvm_ioctls::VmFd;
 use migration_core::{Codec, Snapshot};
 use migration_kvm::{
-    restore_vm_state, save_vm_state, ClockRestore, ExitAction, ExitEvent, HostCaps, KvmVcpu,
-    KvmVmDevices, VcpuRunner, VcpuState, VcpuStep, VmState,
+    restore_vm_state, save_vm_state, ClockRestore, HostCaps, KvmVcpu, KvmVmDevices, VcpuRunner,
+    VcpuState, VcpuStep, VmState,
 };
-use migration_testkit::guest::{Failure, Guest, PortMonitor, TestVm, Verdict};
+use migration_testkit::guest::{monitor_handler, Failure, Guest, PortMonitor, TestVm, Verdict};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const RAM: usize = 32 << 20;
@@ -58,26 +58,9 @@ impl Machine {
         } = t;
         let caps = HostCaps::probe(&kvm, &vm)?;
         let monitor = Arc::new(Mutex::new(monitor));
-        let m = monitor.clone();
         let runner = VcpuRunner::spawn(
             KvmVcpu::new(0, vcpu, caps),
-            Box::new(move |ev| {
-                let mut m = m.lock().unwrap();
-                let verdict = match ev {
-                    ExitEvent::IoOut { port, data } => m.on_io_out(port, data),
-                    ExitEvent::IoIn { data, .. } => {
-                        data.fill(0);
-                        m.verdict().clone()
-                    }
-                    ExitEvent::Other(what) => m.on_unexpected_exit(what),
-                };
-                let enough = stop_after.is_some_and(|n| m.progress_events() >= n);
-                if enough || matches!(verdict, Verdict::Fail(_)) {
-                    ExitAction::Pause
-                } else {
-                    ExitAction::Continue
-                }
-            }),
+            monitor_handler(monitor.clone(), stop_after),
         )?;
         Ok(Self {
             vm,

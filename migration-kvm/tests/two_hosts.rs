@@ -118,7 +118,7 @@ fn helper_kvm_destination() -> Result<()> {
         |url| println!("LISTENING {url}"),
         move |incoming| {
             KvmVm::for_incoming(incoming, migration_serde::registry(), |_| {
-                monitor_handler(m.clone())
+                monitor_handler(m.clone(), None)
             })
             .map_err(Into::into)
         },
@@ -148,7 +148,7 @@ fn helper_kvm_source() -> Result<()> {
     let url = std::env::var(URL)?;
     let monitor = Arc::new(Mutex::new(PortMonitor::new(PASSES)));
     let mut vm = KvmVm::new(KvmVmConfig::new(RAM, 1), |_| {
-        monitor_handler(monitor.clone())
+        monitor_handler(monitor.clone(), None)
     })?;
     let ram = write_boot_memory(vm.memory().mmap(), Guest::MemoryPattern.image())?;
     vm.with_vcpu(0, move |fd| -> Result<()> {

@@ -54,9 +54,10 @@ enum Event {
 
 /// A vCPU exit handler that feeds `monitor` directly: port writes are judged as they
 /// come, port reads read zero, and the vCPU parks once the guest has failed (a bad
-/// self-check or an unexpected exit). For one vCPU whose verdict a caller polls; use
-/// [`GuestLog`] to keep the events themselves.
-pub fn monitor_handler(monitor: Arc<Mutex<PortMonitor>>) -> ExitHandler {
+/// self-check or an unexpected exit), or, with `park_after`, at the exit that brings
+/// the monitor's progress count to that number (a deterministic stopping point). For
+/// one vCPU whose verdict a caller polls; use [`GuestLog`] to keep the events.
+pub fn monitor_handler(monitor: Arc<Mutex<PortMonitor>>, park_after: Option<u64>) -> ExitHandler {
     Box::new(move |ev| {
         let mut m = monitor.lock().unwrap_or_else(PoisonError::into_inner);
         let verdict = match ev {
@@ -67,7 +68,8 @@ pub fn monitor_handler(monitor: Arc<Mutex<PortMonitor>>) -> ExitHandler {
             }
             ExitEvent::Other(what) => m.on_unexpected_exit(what),
         };
-        if matches!(verdict, Verdict::Fail(_)) {
+        let enough = park_after.is_some_and(|n| m.progress_events() >= n);
+        if enough || matches!(verdict, Verdict::Fail(_)) {
             ExitAction::Pause
         } else {
             ExitAction::Continue
