@@ -14,8 +14,6 @@
 //! The source and destination run in one process on two threads, as they would on
 //! two hosts: the destination allocates and writes its own memory.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -24,54 +22,11 @@ use migration_core::{
     receive_migration, send_migration, ConvergencePolicy, MemoryRange, MemorySink,
     MigrationOptions, MigrationReport, Pausable, ReceiveOptions,
 };
+use migration_testkit::bench::{env_or, loopback_tcp_copy, ms, print_report};
 use migration_testkit::{FakeVm, Rng};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
 const BUF: usize = 2 << 20;
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A plain copy of `bytes` through 127.0.0.1 with 2 MiB reads and writes; returns the
-/// time until the receiver has everything. With `sink`, the receiver also writes every
-/// 2 MiB it reads into that fresh fake VM's memory (first touch: page faults), which
-/// is the least a destination must do.
-fn loopback_copy(bytes: usize, sink: Option<FakeVm>) -> anyhow::Result<Duration> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let receiver = thread::Builder::new().name("tcp-receiver".into()).spawn(
-        move || -> anyhow::Result<Instant> {
-            let (mut s, _) = listener.accept()?;
-            let mut buf = vec![0u8; BUF];
-            let mut done = 0;
-            while done < bytes {
-                let n = (bytes - done).min(BUF);
-                s.read_exact(&mut buf[..n])?;
-                if let Some(vm) = &sink {
-                    vm.memory().write_memory(done as u64, &buf[..n])?;
-                }
-                done += n;
-            }
-            Ok(Instant::now())
-        },
-    )?;
-    let mut data = vec![0u8; BUF];
-    Rng::new(1).fill(&mut data);
-    let start = Instant::now();
-    let mut s = TcpStream::connect(addr)?;
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(BUF);
-        s.write_all(&data[..n])?;
-        left -= n;
-    }
-    let end = receiver.join().expect("receiver thread")?;
-    Ok(end - start)
-}
 
 /// Migrates `source` over loopback TCP to a destination thread; returns the source's
 /// report and the destination VM (paused).
@@ -133,16 +88,6 @@ fn guest(size: u64, written: u64) -> anyhow::Result<FakeVm> {
     Ok(vm)
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn print_rounds(report: &MigrationReport) {
-    for line in report.to_string().lines() {
-        println!("    {line}");
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let size = (env_or("BENCH_MIB", 1024) as u64) << 20;
     let iters = env_or("BENCH_ITERS", 2).max(1);
@@ -152,9 +97,12 @@ fn main() -> anyhow::Result<()> {
     let mut raw = Duration::MAX;
     let mut raw_fill = Duration::MAX;
     for _ in 0..iters {
-        raw = raw.min(loopback_copy(size as usize, None)?);
+        raw = raw.min(loopback_tcp_copy(size as usize, None)?);
         let fresh = FakeVm::destination(&[MemoryRange::new(0, size)], migration_serde::registry())?;
-        raw_fill = raw_fill.min(loopback_copy(size as usize, Some(fresh))?);
+        raw_fill = raw_fill.min(loopback_tcp_copy(
+            size as usize,
+            Some(fresh.memory().as_ref()),
+        )?);
     }
     let raw_bw = size as f64 / raw.as_secs_f64();
     let fill_bw = size as f64 / raw_fill.as_secs_f64();
@@ -190,7 +138,7 @@ fn main() -> anyhow::Result<()> {
     }
     let full = best.expect("at least one iteration");
     println!("\n1. {gib:.2} GiB guest, all memory written once (best of {iters}):");
-    print_rounds(&full);
+    print_report(&full);
 
     if std::env::var_os("BENCH_ONLY_FULL").is_some() {
         return Ok(());
@@ -202,7 +150,7 @@ fn main() -> anyhow::Result<()> {
     let (idle, _dest) = migrate(&mut source, &mut opts)?;
     drop((source, _dest));
     println!("\n2. idle {gib:.2} GiB guest (16 MiB written):");
-    print_rounds(&idle);
+    print_report(&idle);
 
     // 3. A guest dirtying 256 MiB/s, 50 ms downtime limit.
     let limit = Duration::from_millis(50);
@@ -225,7 +173,7 @@ fn main() -> anyhow::Result<()> {
         "\n3. {gib:.2} GiB guest dirtying 256 MiB/s (measured {dirty_rate:.0} MiB/s during the migration), limit {} ms:",
         limit.as_millis()
     );
-    print_rounds(&dirty);
+    print_report(&dirty);
 
     let ratio = (size as f64 / full.total_time.as_secs_f64()) / raw_bw;
     println!("\n| scenario | total | throughput | vs raw TCP | rounds | downtime | goal |");

@@ -17,8 +17,6 @@
 //! default 2, best counts; `BENCH_ONLY_FULL`: scenario 1 only, for profiling). Needs
 //! `/dev/kvm`.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -30,6 +28,7 @@ use migration_core::{
 };
 use migration_kvm::memory::GuestMemoryMmapBitmap;
 use migration_kvm::{KvmVm, KvmVmConfig};
+use migration_testkit::bench::{env_or, loopback_tcp_copy, ms, print_report};
 use migration_testkit::guest::{
     configure_vcpu, monitor_handler, write_boot_memory, Guest, PortMonitor, Verdict, TIMER_IDLE,
 };
@@ -40,46 +39,6 @@ const BUF: usize = 2 << 20;
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
 /// Bytes below this are the guest's (boot structures, image, working set).
 const FILL_START: u64 = 16 << 20;
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-/// A plain copy of `bytes` through 127.0.0.1 with 2 MiB reads and writes.
-fn loopback_copy(bytes: usize) -> Result<Duration> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let receiver = thread::spawn(move || -> Result<Instant> {
-        let (mut s, _) = listener.accept()?;
-        let mut buf = vec![0u8; BUF];
-        let mut done = 0;
-        while done < bytes {
-            let n = (bytes - done).min(BUF);
-            s.read_exact(&mut buf[..n])?;
-            done += n;
-        }
-        Ok(Instant::now())
-    });
-    let mut data = vec![0u8; BUF];
-    Rng::new(1).fill(&mut data);
-    let start = Instant::now();
-    let mut s = TcpStream::connect(addr)?;
-    let mut done = 0;
-    while done < bytes {
-        let n = (bytes - done).min(BUF);
-        s.write_all(&data[..n])?;
-        done += n;
-    }
-    let end = receiver.join().expect("receiver thread")?;
-    Ok(end - start)
-}
 
 fn wait_for(monitor: &Mutex<PortMonitor>, n: u64) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -169,12 +128,6 @@ fn migrate(vm: &mut KvmVm, limit: Duration, policy: ConvergencePolicy) -> Result
     Ok(report)
 }
 
-fn print_rounds(report: &MigrationReport) {
-    for line in report.to_string().lines() {
-        println!("    {line}");
-    }
-}
-
 /// Writes random pages of [FILL_START, size) at `rate` bytes/s until `stop`, through
 /// the dirty-tracked mapping (as a device or the guest would).
 fn dirtier(
@@ -219,7 +172,7 @@ fn main() -> Result<()> {
 
     let mut raw = Duration::MAX;
     for _ in 0..iters {
-        raw = raw.min(loopback_copy(size as usize)?);
+        raw = raw.min(loopback_tcp_copy(size as usize, None)?);
     }
     let raw_bw = size as f64 / raw.as_secs_f64();
     println!(
@@ -248,7 +201,7 @@ fn main() -> Result<()> {
     }
     let full = best.expect("an iteration");
     println!("\n1. {gib:.2} GiB guest, all memory written once (best of {iters}):");
-    print_rounds(&full);
+    print_report(&full);
 
     if std::env::var_os("BENCH_ONLY_FULL").is_some() {
         return Ok(());
@@ -263,7 +216,7 @@ fn main() -> Result<()> {
     )?;
     drop(vm);
     println!("\n2. idle {gib:.2} GiB guest (timer guest, idle mode):");
-    print_rounds(&idle);
+    print_report(&idle);
 
     // 3. Dirtying 256 MiB/s, 50 ms limit.
     let limit = Duration::from_millis(50);
@@ -288,7 +241,7 @@ fn main() -> Result<()> {
         measured / (1 << 20) as f64,
         limit.as_millis()
     );
-    print_rounds(&dirty);
+    print_report(&dirty);
 
     let ratio = (size as f64 / full.total_time.as_secs_f64()) / raw_bw;
     let met = |ok: bool| if ok { "met" } else { "NOT met" };

@@ -39,6 +39,7 @@
 #![warn(missing_docs)]
 #![warn(missing_debug_implementations)]
 
+pub mod bench;
 pub mod conformance;
 pub mod fake_device;
 pub mod fake_manager;
