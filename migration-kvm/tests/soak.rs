@@ -18,6 +18,7 @@ use migration_core::codec::CodecRegistry;
 use migration_core::precopy::MigrationReport;
 use migration_core::Pausable;
 use migration_kvm::{KvmVm, RestoreMode};
+use migration_testkit::bench::env_or;
 use migration_testkit::guest::{Guest, GuestLog as Log, RunningGuest as Running};
 use migration_testkit::require_kvm;
 
@@ -51,19 +52,12 @@ fn migrate_url(src: &mut Running, url: &str) -> Result<(Running, MigrationReport
         .with_context(|| format!("migration to {url}"))
 }
 
-fn count(var: &str) -> usize {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000)
-}
-
 #[test]
 #[ignore = "soak: minutes; run with --ignored"]
 fn soak_ping_pong_migrations_and_snapshot_restores() -> Result<()> {
     require_kvm!(Ok(()));
-    let migrations = count("SOAK_MIGRATIONS");
-    let snapshots = count("SOAK_SNAPSHOTS");
+    let migrations = env_or("SOAK_MIGRATIONS", 1000);
+    let snapshots = env_or("SOAK_SNAPSHOTS", 1000);
     let dir = tempfile::tempdir()?;
     let started = Instant::now();
 
