@@ -57,25 +57,13 @@ fn kvm_guest_migrates_between_namespaces_over_a_shaped_link() -> Result<()> {
         TIMEOUT,
     )?;
     run.print();
-    run.check_status().map_err(anyhow::Error::msg)?;
-    let (source_out, dest_lines) = (&run.source_out, &run.destination_lines);
-    fn value<'a>(mut lines: impl Iterator<Item = &'a str>, key: &str) -> Option<u64> {
-        lines.find_map(|l| l.split_once(key).and_then(|(_, v)| v.trim().parse().ok()))
-    }
-    ensure!(
-        source_out
-            .lines()
-            .any(|l| l.ends_with("RESULT converged=true")),
-        "the source did not report convergence"
-    );
-    ensure!(
-        dest_lines
-            .iter()
-            .any(|l| l.ends_with("RESULT self-check=pass")),
-        "the destination guest did not pass its self-check"
-    );
-    let src_last = value(source_out.lines(), "LAST_PROGRESS ").context("source progress")?;
-    let dst_last = value(dest_lines.iter().map(String::as_str), "LAST_PROGRESS ")
+    run.check("RESULT converged=true", "RESULT self-check=pass")
+        .map_err(anyhow::Error::msg)?;
+    let src_last = run
+        .source_value("LAST_PROGRESS ")
+        .context("source progress")?;
+    let dst_last = run
+        .destination_value("LAST_PROGRESS ")
         .context("destination progress")?;
     ensure!(
         dst_last > src_last,

@@ -116,16 +116,44 @@ impl HelperRun {
         );
     }
 
-    /// Whether both helpers exited successfully; if not, which one failed and how.
-    pub fn check_status(&self) -> Result<(), String> {
+    /// Checks that both helpers exited successfully and that each printed a line
+    /// ending with its expected result (`source_result`, `destination_result`, e.g.
+    /// `RESULT converged=true`); if not, says which one failed and how.
+    pub fn check(&self, source_result: &str, destination_result: &str) -> Result<(), String> {
         if !self.source_status.success() {
             return Err(format!("source failed: {}", self.source_status));
         }
         if !self.destination_status.success() {
             return Err(format!("destination failed: {}", self.destination_status));
         }
+        if !self.source_out.lines().any(|l| l.ends_with(source_result)) {
+            return Err(format!("the source did not print `{source_result}`"));
+        }
+        if !self
+            .destination_lines
+            .iter()
+            .any(|l| l.ends_with(destination_result))
+        {
+            return Err(format!(
+                "the destination did not print `{destination_result}`"
+            ));
+        }
         Ok(())
     }
+
+    /// The number after `key` on the first source line that has one.
+    pub fn source_value(&self, key: &str) -> Option<u64> {
+        value_after(self.source_out.lines(), key)
+    }
+
+    /// The number after `key` on the first destination line that has one.
+    pub fn destination_value(&self, key: &str) -> Option<u64> {
+        value_after(self.destination_lines.iter().map(String::as_str), key)
+    }
+}
+
+fn value_after<'a>(mut lines: impl Iterator<Item = &'a str>, key: &str) -> Option<u64> {
+    lines.find_map(|l| l.split_once(key).and_then(|(_, v)| v.trim().parse().ok()))
 }
 
 /// Kills a helper process left running when [`NetnsPair::run_helpers`] returns early.
