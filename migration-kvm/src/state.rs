@@ -429,6 +429,43 @@ fn bounded_vec<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     })
 }
 
+/// `Debug` (the length only), `Versioned` (version 1) and a bounded `Deserialize` for a
+/// `{ bytes: Vec<u8> }` state type with a `from_bytes(Vec<u8>) -> Option<Self>`
+/// validator: at most `$max` bytes are read (never allocated beyond), and bytes
+/// `from_bytes` rejects are an error saying `$invalid(len)`. The wire form is the
+/// struct `$name` with the one field `bytes`.
+macro_rules! byte_state_impls {
+    ($ty:ident, $name:literal, $max:expr, $what:literal, $invalid:expr) => {
+        impl fmt::Debug for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!($name, "({} bytes)"), self.bytes.len())
+            }
+        }
+
+        impl Versioned for $ty {
+            const VERSION: u32 = 1;
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                #[derive(Deserialize)]
+                #[serde(rename = $name)]
+                struct Wire {
+                    #[serde(deserialize_with = "bounded")]
+                    bytes: Vec<u8>,
+                }
+                fn bounded<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+                    bounded_bytes(d, $max, $what)
+                }
+                let invalid: fn(usize) -> String = $invalid;
+                let w = Wire::deserialize(deserializer)?;
+                let len = w.bytes.len();
+                $ty::from_bytes(w.bytes).ok_or_else(|| de::Error::custom(invalid(len)))
+            }
+        }
+    };
+}
+
 /// The xsave area of one vCPU (`kvm_xsave` or the larger `kvm_xsave2`), as bytes.
 ///
 /// Its length is at least [`XSAVE_LEGACY_BYTES`], a multiple of 4, and at most
@@ -454,36 +491,15 @@ impl XsaveState {
     }
 }
 
-impl fmt::Debug for XsaveState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "XsaveState({} bytes)", self.bytes.len())
-    }
-}
-
-impl Versioned for XsaveState {
-    const VERSION: u32 = 1;
-}
-
-impl<'de> Deserialize<'de> for XsaveState {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(rename = "XsaveState")]
-        struct Wire {
-            #[serde(deserialize_with = "xsave_bytes")]
-            bytes: Vec<u8>,
-        }
-        fn xsave_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-            bounded_bytes(d, MAX_XSAVE_BYTES, "xsave")
-        }
-        let w = Wire::deserialize(deserializer)?;
-        let len = w.bytes.len();
-        XsaveState::from_bytes(w.bytes).ok_or_else(|| {
-            de::Error::custom(format!(
-                "xsave: {len} bytes is not a valid xsave area (>= {XSAVE_LEGACY_BYTES}, multiple of 4)"
-            ))
-        })
-    }
-}
+byte_state_impls!(
+    XsaveState,
+    "XsaveState",
+    MAX_XSAVE_BYTES,
+    "xsave",
+    |len| format!(
+        "xsave: {len} bytes is not a valid xsave area (>= {XSAVE_LEGACY_BYTES}, multiple of 4)"
+    )
+);
 
 /// The nested-virtualization state of one vCPU (`KVM_GET_NESTED_STATE`), as bytes:
 /// a `kvm_nested_state` header followed by its data, `header.size` bytes in all.
@@ -510,33 +526,13 @@ impl NestedState {
     }
 }
 
-impl fmt::Debug for NestedState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "NestedState({} bytes)", self.bytes.len())
-    }
-}
-
-impl Versioned for NestedState {
-    const VERSION: u32 = 1;
-}
-
-impl<'de> Deserialize<'de> for NestedState {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(rename = "NestedState")]
-        struct Wire {
-            #[serde(deserialize_with = "nested_bytes")]
-            bytes: Vec<u8>,
-        }
-        fn nested_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-            bounded_bytes(d, MAX_NESTED_STATE_BYTES, "nested state")
-        }
-        let w = Wire::deserialize(deserializer)?;
-        let len = w.bytes.len();
-        NestedState::from_bytes(w.bytes)
-            .ok_or_else(|| de::Error::custom(format!("nested state: {len} bytes is too short")))
-    }
-}
+byte_state_impls!(
+    NestedState,
+    "NestedState",
+    MAX_NESTED_STATE_BYTES,
+    "nested state",
+    |len| format!("nested state: {len} bytes is too short")
+);
 
 /// The TSC frequency of a vCPU in kHz (`KVM_GET_TSC_KHZ`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
