@@ -68,6 +68,18 @@ use crate::vm::{ClockRestore, KvmVmDevices};
 pub const MAX_VCPUS: u32 = 256;
 /// Most memory regions a [`KvmVmConfig`] may have.
 pub const MAX_REGIONS: usize = 64;
+/// Most guest RAM, in bytes summed over all regions, a [`KvmVmConfig`] may ask for:
+/// 4 TiB.
+///
+/// The config arrives from untrusted places (the migration handshake, a snapshot
+/// file), and building a VM allocates host memory in proportion to its RAM before a
+/// single guest page is touched: vm-memory's dirty bitmap costs one bit per 4 KiB
+/// page, RAM / 32768 bytes (128 MiB at 4 TiB), and KVM's own dirty log the same
+/// again while logging. Without a cap, a region of 2^56 bytes asks for a 2 TiB
+/// bitmap and the process aborts on allocation failure. 4 TiB is above the RAM of
+/// the largest single hosts this crate targets while keeping that fixed overhead
+/// at a size any such host can afford.
+pub const MAX_GUEST_RAM: u64 = 4 << 40;
 /// Encoded size of a config with `n` regions: header 24 bytes + 16 per region.
 const CONFIG_HEADER: usize = 24;
 const CONFIG_MAGIC: &[u8; 4] = b"KVMC";
@@ -104,6 +116,9 @@ pub enum ConfigError {
     /// More than [`MAX_REGIONS`] regions.
     #[error("{0} memory regions: at most 64")]
     Regions(u32),
+    /// Total guest RAM (bytes, summed over the regions) above [`MAX_GUEST_RAM`].
+    #[error("{0} bytes of guest RAM: at most {max}", max = MAX_GUEST_RAM)]
+    GuestRam(u64),
     /// An unknown clock-restore code or flag bits.
     #[error("invalid field `{0}`")]
     Field(&'static str),
@@ -144,7 +159,8 @@ impl KvmVmConfig {
         self.layout.iter().map(|r| r.length).sum()
     }
 
-    /// Checks vCPU count and layout.
+    /// Checks vCPU count, layout and total RAM (at most [`MAX_GUEST_RAM`]). Allocates
+    /// nothing, so it is safe on untrusted configs.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::Vcpus(self.vcpus));
@@ -154,7 +170,17 @@ impl KvmVmConfig {
                 u32::try_from(self.layout.len()).unwrap_or(u32::MAX),
             ));
         }
-        check_layout(&self.layout).map_err(|e| ConfigError::Layout(e.to_string()))
+        check_layout(&self.layout).map_err(|e| ConfigError::Layout(e.to_string()))?;
+        // A valid layout is sorted and disjoint, so its sum cannot overflow; saturate
+        // anyway rather than rely on that.
+        let total = self
+            .layout
+            .iter()
+            .fold(0u64, |sum, r| sum.saturating_add(r.length));
+        if total > MAX_GUEST_RAM {
+            return Err(ConfigError::GuestRam(total));
+        }
+        Ok(())
     }
 
     /// The encoding: `KVMC`, version u32, vCPUs u32, clock u8 (0 exact, 1 advance by
@@ -442,6 +468,11 @@ impl KvmVm {
     /// The paused destination VM of a live migration, built from the source's
     /// handshake: `incoming.config` must be a [`KvmVmConfig`] whose layout is
     /// `incoming.layout`, for x86_64. Its memory reads as zero.
+    ///
+    /// The sender's [`MemoryOptions::populate`] is ignored: whether this host
+    /// faults in all of the guest's RAM up front (`MAP_POPULATE`) is this host's
+    /// decision, not the peer's, so the VM is built with `populate` off (and its
+    /// config says so). `huge_pages` is kept as sent: it only advises the kernel.
     pub fn for_incoming(
         incoming: &IncomingVm,
         codecs: CodecRegistry,
@@ -453,7 +484,8 @@ impl KvmVm {
                 incoming.arch
             )));
         }
-        let config = KvmVmConfig::from_bytes(&incoming.config)?;
+        let mut config = KvmVmConfig::from_bytes(&incoming.config)?;
+        config.memory.populate = false;
         if config.layout != incoming.layout {
             return Err(KvmVmError::Mismatch(format!(
                 "config layout {:x?} differs from the announced layout {:x?}",
@@ -816,5 +848,57 @@ mod tests {
             KvmVmConfig::from_bytes(&c.to_bytes()),
             Err(ConfigError::Layout(_))
         ));
+    }
+
+    #[test]
+    fn configs_above_max_guest_ram_are_rejected_before_any_allocation() {
+        // One region of 2^56 bytes: valid layout, but its dirty bitmap alone would
+        // be 2 TiB. Decoding must refuse it (decoding allocates nothing for RAM).
+        let huge = KvmVmConfig::new(1 << 56, 1);
+        assert_eq!(huge.validate(), Err(ConfigError::GuestRam(1 << 56)));
+        assert_eq!(
+            KvmVmConfig::from_bytes(&huge.to_bytes()),
+            Err(ConfigError::GuestRam(1 << 56))
+        );
+        // The sum counts, not the largest region: two regions of the cap each.
+        let mut two = KvmVmConfig::new(MAX_GUEST_RAM, 1);
+        two.layout
+            .push(MemoryRange::new(MAX_GUEST_RAM, MAX_GUEST_RAM));
+        assert_eq!(
+            KvmVmConfig::from_bytes(&two.to_bytes()),
+            Err(ConfigError::GuestRam(2 * MAX_GUEST_RAM))
+        );
+        // Exactly the cap is accepted (validation only: nothing is mapped).
+        let at_cap = KvmVmConfig::new(MAX_GUEST_RAM, 1);
+        assert_eq!(KvmVmConfig::from_bytes(&at_cap.to_bytes()), Ok(at_cap));
+    }
+
+    #[test]
+    fn incoming_vm_ignores_the_senders_populate_flag() {
+        migration_testkit::require_kvm!();
+        let mut sent = KvmVmConfig::new(4 << 20, 1);
+        sent.memory = MemoryOptions {
+            huge_pages: false,
+            populate: true,
+        };
+        let incoming = IncomingVm {
+            version: migration_core::protocol::PROTOCOL_VERSION,
+            arch: Arch::X86_64,
+            layout: sent.layout.clone(),
+            config: sent.to_bytes(),
+            producer: "test".to_owned(),
+        };
+        let vm = KvmVm::for_incoming(&incoming, migration_serde::registry(), |_| {
+            Box::new(|_| crate::ExitAction::Continue)
+        })
+        .expect("for_incoming");
+        // populate is the receiver's choice (off); huge_pages is kept as sent.
+        assert_eq!(
+            vm.config().memory,
+            MemoryOptions {
+                huge_pages: false,
+                populate: false,
+            }
+        );
     }
 }
