@@ -86,8 +86,10 @@ pub(crate) fn decode_run_table(b: &[u8], extents: &[Extent]) -> Result<Vec<DataR
             computed,
         });
     }
+    // The count the length allows (checked and bounded), not `run_table_len(count)`:
+    // a forged count would overflow that arithmetic.
     let count = u64_at(b, 0);
-    if run_table_len(count) != b.len() as u64 {
+    if count != check_run_table_len(b.len() as u64)? {
         return Err(FormatError::malformed(format!(
             "run_count {count} does not match the run table length {}",
             b.len()
@@ -153,4 +155,41 @@ pub(crate) fn is_zero(bytes: &[u8]) -> bool {
         .by_ref()
         .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0);
     whole && chunks.remainder().iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run table whose count field is forged so that `16 + 32 * count + 8` wraps to
+    /// the table's real length; its CRC is valid, as a hostile writer can make it.
+    fn forged(count: u64, runs: usize) -> Vec<u8> {
+        let mut b = count.to_le_bytes().to_vec();
+        b.extend_from_slice(&[0u8; 8]);
+        b.extend(std::iter::repeat_n(0u8, 32 * runs));
+        let crc = crc64(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn a_forged_run_count_is_malformed_not_a_panic() {
+        let extents = [Extent {
+            gpa: 0,
+            length: 1 << 20,
+            file_offset: 4096,
+        }];
+        // 32 * (1 + 2^59) wraps to 32 in a u64: the length matches one run.
+        let b = forged(1 + (1 << 59), 1);
+        let wrapped = 32u64.wrapping_mul(1 + (1 << 59)) + 24;
+        assert_eq!(wrapped as usize, b.len());
+        assert!(matches!(
+            decode_run_table(&b, &extents),
+            Err(FormatError::Malformed { .. })
+        ));
+        // The honest count still decodes (to a run the extent check then judges).
+        assert!(decode_run_table(&forged(0, 0), &extents)
+            .unwrap()
+            .is_empty());
+    }
 }

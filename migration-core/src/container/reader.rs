@@ -276,7 +276,12 @@ fn read_records<R: Read>(
             ei += 1;
             cursor = extents.get(ei).map_or(0, |e| e.gpa);
         }
-        let end = gpa + length;
+        let end = gpa.checked_add(length).ok_or_else(|| {
+            MigratableError::from(FormatError::malformed(format!(
+                "{}: runs past the address space",
+                what()
+            )))
+        })?;
         match extents.get(ei) {
             Some(e) if e.gpa <= gpa && end <= e.gpa + e.length => {}
             _ => {
