@@ -14,8 +14,8 @@ use crate::codec::{self, Codec, CodecRegistry};
 use crate::endpoint::Endpoint;
 use crate::memory::{check_range, MemoryRange};
 use crate::protocol::{
-    Arch, Channel, Hello, Message, MigrationError, Received, MAX_STATE, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    Arch, Channel, Hello, Message, MessageType, MigrationError, Received, MAX_STATE,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use crate::{Migratable, MigratableError, Snapshot};
 
@@ -205,17 +205,37 @@ where
     let mut report = ReceiveReport::default();
     let mut fresh = true; // round 0: memory is still all zero
     let mut state: Vec<u8> = Vec::new();
+    // READY sent: the state is restored, only GO (or ABORT) may follow.
+    let mut ready = false;
     loop {
         // MEMORY data goes from the socket straight into guest memory (checked against
-        // the layout first); a MEMORY frame without data never decodes.
-        let message = match ch.recv_into(vm.memory_sink(), &layout)? {
-            Received::MemoryWritten(range) => {
-                report.memory_bytes += range.length;
-                continue;
+        // the layout first); a MEMORY frame without data never decodes. After READY
+        // nothing may be written: frames are only decoded, and refused below.
+        let message = if ready {
+            ch.recv()?
+        } else {
+            match ch.recv_into(vm.memory_sink(), &layout)? {
+                Received::MemoryWritten(range) => {
+                    report.memory_bytes = report.memory_bytes.saturating_add(range.length);
+                    continue;
+                }
+                Received::Message(message) => message,
             }
-            Received::Message(message) => message,
         };
         match message {
+            Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
+            Message::Go if !ready => {
+                return Err(MigrationError::Unexpected {
+                    got: MessageType::Go,
+                    state: "receiving memory and state (no READY yet)",
+                })
+            }
+            other if ready && other.message_type() != MessageType::Go => {
+                return Err(MigrationError::Unexpected {
+                    got: other.message_type(),
+                    state: "waiting for GO after READY",
+                })
+            }
             Message::Zero(ranges) => {
                 if version < 2 {
                     return Err(MigrationError::Malformed(
@@ -227,12 +247,18 @@ where
                     if !fresh {
                         vm.memory_sink().zero_memory(r.gpa, r.length)?;
                     }
-                    report.zero_bytes += r.length;
+                    report.zero_bytes = report.zero_bytes.saturating_add(r.length);
                 }
             }
             Message::RoundEnd { round, .. } => {
+                if round != report.rounds {
+                    return Err(MigrationError::Malformed(format!(
+                        "ROUND_END of round {round}, expected round {}",
+                        report.rounds
+                    )));
+                }
                 fresh = false;
-                report.rounds = round + 1;
+                report.rounds += 1;
             }
             Message::State { last, data } => {
                 if state.len() + data.len() > MAX_STATE {
@@ -255,6 +281,7 @@ where
                     vm.restore(&snapshot)?;
                     ch.send(&Message::Ready)?;
                     ch.flush()?;
+                    ready = true;
                 }
             }
             Message::Go => {
@@ -265,7 +292,6 @@ where
                 let _ = ch.flush();
                 return Ok((vm, report));
             }
-            Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
             other => {
                 return Err(MigrationError::Unexpected {
                     got: other.message_type(),

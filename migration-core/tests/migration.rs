@@ -627,3 +627,99 @@ fn fault_matrix_source_survives_every_boundary() {
     eprintln!("fault matrix: {cases} cases");
     assert!(cases >= 30, "{cases} cases");
 }
+
+// ---------------------------------------------------------------------------------
+// The destination's order of frames.
+
+/// A source that replays recorded bytes and swallows the destination's replies.
+struct Replay(io::Cursor<Vec<u8>>);
+
+impl Read for Replay {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for Replay {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The recorded source stream re-cut by `edit`, which gets its frames (type, bytes).
+fn replayed(edit: impl FnOnce(&mut Vec<(u16, Vec<u8>)>)) -> DestResult {
+    let (to_dest, _) = recorded_run();
+    let starts = frames(&to_dest);
+    let mut cut: Vec<(u16, Vec<u8>)> = starts
+        .iter()
+        .enumerate()
+        .map(|(i, &(at, ty))| {
+            let end = starts.get(i + 1).map_or(to_dest.len(), |n| n.0 as usize);
+            (ty, to_dest[at as usize..end].to_vec())
+        })
+        .collect();
+    edit(&mut cut);
+    let stream: Vec<u8> = cut.into_iter().flat_map(|(_, b)| b).collect();
+    receive_migration_over(
+        Replay(io::Cursor::new(stream)),
+        &receive_options(),
+        |incoming| build_destination(&incoming.layout),
+    )
+}
+
+fn position(cut: &[(u16, Vec<u8>)], ty: MessageType) -> usize {
+    cut.iter()
+        .position(|(t, _)| *t == ty as u16)
+        .expect("frame in the recording")
+}
+
+#[test]
+fn the_destination_refuses_frames_out_of_order() {
+    // The recording itself is accepted.
+    replayed(|_| {}).expect("the recorded stream");
+
+    // GO before the state: the VM was never restored and must not resume.
+    let early_go = replayed(|cut| {
+        let go = cut.remove(position(cut, MessageType::Go));
+        cut.insert(position(cut, MessageType::State), go);
+    });
+    assert!(
+        matches!(
+            early_go,
+            Err(MigrationError::Unexpected {
+                got: MessageType::Go,
+                ..
+            })
+        ),
+        "{early_go:?}"
+    );
+
+    // Memory after READY (between the last STATE and GO): nothing may change any more.
+    let late_memory = replayed(|cut| {
+        let memory = cut[position(cut, MessageType::Memory)].clone();
+        cut.insert(position(cut, MessageType::Go), memory);
+    });
+    assert!(
+        matches!(
+            late_memory,
+            Err(MigrationError::Unexpected {
+                got: MessageType::Memory,
+                ..
+            })
+        ),
+        "{late_memory:?}"
+    );
+
+    // A round announced twice.
+    let repeated_round = replayed(|cut| {
+        let end = cut[position(cut, MessageType::RoundEnd)].clone();
+        cut.insert(position(cut, MessageType::RoundEnd), end);
+    });
+    assert!(
+        matches!(repeated_round, Err(MigrationError::Malformed(_))),
+        "{repeated_round:?}"
+    );
+}
