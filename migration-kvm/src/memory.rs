@@ -540,24 +540,29 @@ impl MemorySink for GuestMemory {
         Ok(())
     }
 
-    /// Reads straight into guest memory: no bounce buffer, one copy (the kernel's,
-    /// for a socket or file) per byte.
+    /// Reads through a bounce buffer of at most `BOUNCE` bytes, then copies into
+    /// guest memory with [`VolatileSlice::copy_from`] (which also marks vm-memory's
+    /// dirty bitmap). A `&mut [u8]` straight over guest memory would be unsound
+    /// here: this method takes `&self` on `Sync` memory, so another thread (or the
+    /// guest) may access the same bytes while the reference lives.
     fn read_memory_from(
         &self,
         gpa: u64,
         length: u64,
         input: &mut dyn Read,
     ) -> Result<(), MemoryError> {
-        let range = MemoryRange::new(gpa, length);
-        let ptr = self.host_ptr(range)?;
-        let len = usize::try_from(length).map_err(|_| out_of_range(range))?;
-        // SAFETY: `host_ptr` checked that the whole range is guest memory mapped by
-        // `self`, which stays mapped while `self` is borrowed. Its bytes have no
-        // invariants; as with `read(2)` into guest memory (vm-memory's
-        // `read_volatile`), a guest running meanwhile may see them change.
-        let dst = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-        input.read_exact(dst)?;
-        self.mark_dirty(gpa, len);
+        let slice = self.slice(MemoryRange::new(gpa, length))?;
+        let mut buf = vec![0u8; slice.len().min(BOUNCE)];
+        let mut done = 0usize;
+        while done < slice.len() {
+            let n = (slice.len() - done).min(buf.len());
+            input.read_exact(&mut buf[..n])?;
+            slice
+                .subslice(done, n)
+                .map_err(|e| MemoryError::Backend(Box::new(e)))?
+                .copy_from(&buf[..n]);
+            done += n;
+        }
         Ok(())
     }
 
