@@ -369,14 +369,23 @@ impl GuestMemory {
             .map_err(volatile_error)
     }
 
-    /// Whether the page-aligned `range` is all zeros (volatile reads; stops at the
-    /// first non-zero word).
+    /// Whether `range` is all zeros (volatile reads; stops at the first non-zero
+    /// word). `range.gpa` and `range.length` must be multiples of [`PAGE_SIZE`]:
+    /// otherwise, as when the range is not inside one region,
+    /// [`MemoryError::OutOfRange`].
     pub fn is_zero(&self, range: MemoryRange) -> Result<bool, MemoryError> {
+        if range.gpa % PAGE_SIZE != 0 || range.length % PAGE_SIZE != 0 {
+            return Err(out_of_range(range));
+        }
         let ptr = self.host_ptr(range)?;
+        let len = usize::try_from(range.length).map_err(|_| out_of_range(range))?;
         // SAFETY: `host_ptr` checked that the whole range is mapped guest memory, which
-        // stays mapped while `self` is borrowed; the pointer is page-aligned (the layout
-        // and range are), so u64 reads are aligned.
-        Ok(unsafe { is_zero_raw(ptr, range.length as usize) })
+        // stays mapped while `self` is borrowed. The pointer is page aligned, hence
+        // 8-byte aligned: every region starts at a page-aligned gpa (`check_layout`)
+        // and is mapped at a page-aligned host address (mmap), and `range.gpa` was
+        // checked page aligned above, so its offset into the region is whole pages.
+        // `len` is a multiple of the page size, hence of 8.
+        Ok(unsafe { is_zero_raw(ptr, len) })
     }
 
     /// Registers every region as a KVM memory slot, numbered from `first_slot`.
@@ -751,6 +760,24 @@ mod tests {
         assert!(!m.is_zero(page).unwrap());
         m.zero_memory(0x3000, 0x1000).unwrap();
         assert!(m.is_zero(page).unwrap());
+    }
+
+    #[test]
+    fn is_zero_rejects_ranges_that_are_not_whole_pages() {
+        let m = mem();
+        for range in [
+            MemoryRange::new(0x3001, 0x1000),
+            MemoryRange::new(0x3004, 0x0ffc),
+            MemoryRange::new(0x3000, 0x0ff8),
+            MemoryRange::new(0x3000, 7),
+        ] {
+            assert!(
+                matches!(m.is_zero(range), Err(MemoryError::OutOfRange { gpa, length })
+                    if gpa == range.gpa && length == range.length),
+                "{range:x?}"
+            );
+        }
+        assert!(m.is_zero(MemoryRange::new(0x3000, 0x2000)).unwrap());
     }
 
     #[test]
