@@ -64,20 +64,24 @@ impl Endpoint {
         }
     }
 
-    /// Listens on the endpoint. A unix socket path that exists is replaced.
+    /// Listens on the endpoint. A stale unix socket at the path is replaced; any other
+    /// file there is left alone (binding then fails with `AddrInUse`).
     pub fn bind(&self) -> io::Result<Listener> {
         match self {
             Endpoint::Tcp(addr) => Ok(Listener::Tcp(TcpListener::bind(addr)?)),
-            Endpoint::Unix(path) => {
-                match std::fs::remove_file(path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
-                Ok(Listener::Unix(UnixListener::bind(path)?))
-            }
+            Endpoint::Unix(path) => Ok(Listener::Unix(listen_unix(path)?)),
         }
     }
+}
+
+/// Binds a unix socket at `path`, replacing a stale socket from an earlier receiver,
+/// never any other kind of file.
+pub(crate) fn listen_unix(path: &std::path::Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        std::fs::remove_file(path)?;
+    }
+    UnixListener::bind(path)
 }
 
 /// A listening socket.
@@ -186,5 +190,21 @@ mod tests {
             Endpoint::parse("ftp://host/x"),
             Err(MigratableError::UnsupportedScheme { scheme, .. }) if scheme == "ftp"
         ));
+    }
+
+    #[test]
+    fn binding_replaces_a_stale_socket_but_never_another_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("migrate.sock");
+        let url = format!("unix://{}", path.display());
+        drop(Endpoint::parse(&url).unwrap().bind().unwrap());
+        // The socket file stays behind: a second receiver replaces it.
+        Endpoint::parse(&url).unwrap().bind().unwrap();
+
+        let disk = dir.path().join("disk.img");
+        std::fs::write(&disk, b"precious").unwrap();
+        let url = format!("unix://{}", disk.display());
+        assert!(Endpoint::parse(&url).unwrap().bind().is_err());
+        assert_eq!(std::fs::read(&disk).unwrap(), b"precious");
     }
 }

@@ -232,12 +232,7 @@ pub fn recv_snapshot_with_memory(
 }
 
 fn listen_unix(path: &std::path::Path) -> Result<UnixListener, MigratableError> {
-    use std::os::unix::fs::FileTypeExt;
-    // A stale socket from an earlier receiver is replaced; any other file is not.
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-        std::fs::remove_file(path)?;
-    }
-    Ok(UnixListener::bind(path)?)
+    Ok(crate::endpoint::listen_unix(path)?)
 }
 
 fn connect<S>(f: impl Fn() -> io::Result<S>) -> Result<S, MigratableError> {
