@@ -543,7 +543,6 @@ impl<S: Read + Write> Source<S> {
                 ) =>
             {
                 // The destination may have closed after an ABORT: fetch its reason.
-                self.ch.discard_output();
                 if let Ok(Message::Abort(reason)) = self.ch.recv() {
                     error = MigrationError::PeerAborted(reason);
                 }

@@ -587,10 +587,13 @@ impl<S: Read + Write> Channel<S> {
         Ok(())
     }
 
+    /// Writes the queued frames. On failure they are dropped too: part of them may be
+    /// on the wire, so resending them (say, in front of an ABORT) would send garbage.
     fn flush_buffer(&mut self) -> io::Result<()> {
         if !self.out.is_empty() {
-            self.io.get_mut().write_all(&self.out)?;
+            let written = self.io.get_mut().write_all(&self.out);
             self.out.clear();
+            written?;
         }
         Ok(())
     }
@@ -698,12 +701,6 @@ impl<S: Read + Write> Channel<S> {
             return Err(MigrationError::Checksum(ty));
         }
         Message::decode(ty, payload)
-    }
-
-    /// Drops frames queued but not yet written (the connection is known broken, and
-    /// the peer's last message is still worth reading).
-    pub fn discard_output(&mut self) {
-        self.out.clear();
     }
 
     /// Sends ABORT with `reason`, ignoring failures (the connection may be gone).
