@@ -202,8 +202,11 @@ fn lapic_reg(l: &kvm_lapic_state, offset: usize) -> u64 {
     u64::from(u32::from_le_bytes([b(0), b(1), b(2), b(3)]))
 }
 
-fn decode<T: DeserializeOwned + Clone + Any>(s: &Section) -> Result<T, String> {
-    s.decode::<T>().map_err(|e| e.to_string())
+/// Decodes `s` as `T` at the version the section records: older accepted versions are
+/// upgraded, others refused (never read as if they were `T::VERSION`).
+fn decode<T: Versioned + DeserializeOwned + Clone + Any>(s: &Section) -> Result<T, String> {
+    s.read_versioned::<T>(s.version())
+        .map_err(|e| e.to_string())
 }
 
 /// Decodes `section` as `kind` and returns its named fields.
@@ -459,7 +462,7 @@ where
     T: Versioned + Serialize + DeserializeOwned + Clone + Any + Send + Sync,
 {
     let value = decode::<T>(section)?;
-    let mut out = Section::from_state(section.version(), value);
+    let mut out = Section::from_state(T::VERSION, value);
     out.encode(codec).map_err(|e| e.to_string())?;
     Ok(out)
 }

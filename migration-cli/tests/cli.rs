@@ -330,7 +330,29 @@ fn convert_reencodes_kvm_state_and_refuses_unknown_sections() {
     let d = vmsnap(&["diff", p(&src), p(&out_path)]);
     let text = stdout(&d);
     assert!(text.contains("codec pcd1 vs json"), "{text}");
+    // Decoded with their real types, the two encodings hold the same state.
+    assert!(text.contains("same decoded state"), "{text}");
+    assert!(!text.contains("decoded state differs"), "{text}");
     assert!(!text.contains("pages ("), "memory unchanged: {text}");
+
+    // A section recorded at a version its type does not have (regs v2; the type is
+    // v1): refused as undecodable, never relabelled or read as v1.
+    let mut tree = kvm_tree(0xabcd, postcard(), false);
+    let mut vcpu = tree.child("vcpu0").unwrap().clone();
+    let regs: Raw<kvm_regs> = vcpu.state("regs").unwrap();
+    vcpu.add_state_as("regs", 2, regs);
+    tree.add_child(vcpu);
+    tree.encode(&postcard()).unwrap();
+    let src = write_snap(dir.path(), "v2.snap", &tree, 3);
+    let refused = dir.path().join("v2-json.snap");
+    let out = vmsnap(&["convert", p(&src), "--codec", "json", "-o", p(&refused)]);
+    assert_eq!(out.status.code(), Some(1), "{}", all(&out));
+    assert!(
+        stdout(&out).contains("cannot decode: vm/vcpu0:regs"),
+        "{}",
+        all(&out)
+    );
+    assert!(!refused.exists(), "no output on refusal");
 
     // A section of a type vmsnap does not know: refused, named, nothing written.
     let src = write_snap(dir.path(), "u.snap", &kvm_tree(1, postcard(), true), 3);
