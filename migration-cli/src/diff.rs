@@ -37,6 +37,8 @@ pub fn load(path: &Path) -> anyhow::Result<Loaded> {
         .iter()
         .map(|e| MemoryRange::new(e.gpa, e.length))
         .collect();
+    check_declared_memory(&layout)
+        .with_context(|| format!("{} is not a snapshot vmsnap reads", path.display()))?;
     let memory = SparseMemory::new(layout.clone());
     let tree = reader
         .read_snapshot(
@@ -50,6 +52,23 @@ pub fn load(path: &Path) -> anyhow::Result<Loaded> {
         memory,
         layout,
     })
+}
+
+/// Refuses a snapshot declaring more guest memory than any VM may have
+/// ([`migration_kvm::kvm_vm::MAX_GUEST_RAM`]). A stream-form file's extents are not bounded by
+/// its length (zero pages are not sent), and `convert` reads every declared byte, so a
+/// small file could otherwise keep it busy for years.
+fn check_declared_memory(layout: &[MemoryRange]) -> anyhow::Result<()> {
+    let total = layout
+        .iter()
+        .try_fold(0u64, |sum, r| sum.checked_add(r.length));
+    match total {
+        Some(t) if t <= migration_kvm::kvm_vm::MAX_GUEST_RAM => Ok(()),
+        _ => anyhow::bail!(
+            "it declares more than {} bytes of guest memory",
+            migration_kvm::kvm_vm::MAX_GUEST_RAM
+        ),
+    }
 }
 
 /// A section and where it sits: node id, section id.
@@ -180,5 +199,22 @@ pub fn run(a: &Path, b: &Path) -> anyhow::Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     } else {
         Ok(ExitCode::from(EXIT_FAILED))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn declared_memory_is_bounded() {
+        let gib = MemoryRange::new(0, 1 << 30);
+        assert!(check_declared_memory(&[gib]).is_ok());
+        let max = MemoryRange::new(0, migration_kvm::kvm_vm::MAX_GUEST_RAM);
+        assert!(check_declared_memory(&[max]).is_ok());
+        assert!(check_declared_memory(&[max, MemoryRange::new(1 << 50, 4096)]).is_err());
+        assert!(check_declared_memory(&[MemoryRange::new(0, 1 << 62)]).is_err());
+        let wraps = [MemoryRange::new(0, u64::MAX), MemoryRange::new(0, 2)];
+        assert!(check_declared_memory(&wraps).is_err());
     }
 }
