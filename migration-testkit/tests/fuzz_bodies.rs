@@ -90,11 +90,81 @@ fn seeds_are_valid_inputs() {
     assert_eq!(report.rounds, 2);
     assert_eq!(report.memory_bytes, 512);
     assert!(vm.is_running());
+    // `fuzz_bodies::kvm_state` ignores what does not decode, so decode each seed here.
+    let mut kinds = std::collections::BTreeSet::new();
     for s in seeds::kvm_state() {
+        let [c, t, ..] = s[..] else {
+            panic!("kvm_state seed {s:?} has no codec and type bytes");
+        };
+        decode_kvm_seed(&s).unwrap_or_else(|e| panic!("kvm_state seed (codec {c}, type {t}): {e}"));
+        kinds.insert((c % 3, t % 18));
         fuzz_bodies::kvm_state(&s);
     }
+    assert_eq!(kinds.len(), 3 * 18, "a kvm_state seed per codec and type");
     for s in seeds::memory_ranges() {
         fuzz_bodies::memory_ranges(&s);
+    }
+}
+
+/// Decodes a `kvm_state` seed as `fuzz_bodies::kvm_state` reads it: byte 0 picks the
+/// codec (json, bincode, postcard), byte 1 the type, the rest is its encoding.
+fn decode_kvm_seed(seed: &[u8]) -> Result<(), String> {
+    use kvm_bindings::{
+        kvm_clock_data, kvm_debugregs, kvm_ioapic_state, kvm_lapic_state, kvm_mp_state,
+        kvm_pic_state, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    };
+    use migration_core::codec::{self, Codec};
+    use migration_core::Snapshot;
+    use migration_kvm::state::{CpuidState, MsrState, NestedState, TscKhz, XsaveState};
+    use migration_kvm::{Raw, VcpuState, VmState};
+
+    fn dec<T: serde::de::DeserializeOwned>(
+        codec: &dyn Codec,
+        payload: &[u8],
+    ) -> Result<(), String> {
+        codec::decode::<T>(codec, payload)
+            .map(drop)
+            .map_err(|e| format!("{} as {}: {e}", codec.name(), std::any::type_name::<T>()))
+    }
+    fn tree(codec: &dyn Codec, payload: &[u8]) -> Result<Snapshot, String> {
+        let mut s: Snapshot =
+            codec::decode(codec, payload).map_err(|e| format!("{} tree: {e}", codec.name()))?;
+        s.resolve_codecs(&migration_serde::registry());
+        Ok(s)
+    }
+
+    let [c, t, payload @ ..] = seed else {
+        return Err("shorter than two bytes".into());
+    };
+    let codecs: [&dyn Codec; 3] = [
+        &migration_serde::JsonCodec::new(),
+        &migration_serde::BincodeCodec,
+        &migration_serde::PostcardCodec,
+    ];
+    let codec = codecs[usize::from(*c) % codecs.len()];
+    match t % 18 {
+        0 => dec::<Raw<kvm_regs>>(codec, payload),
+        1 => dec::<Raw<kvm_sregs>>(codec, payload),
+        2 => dec::<Raw<kvm_xcrs>>(codec, payload),
+        3 => dec::<Raw<kvm_debugregs>>(codec, payload),
+        4 => dec::<Raw<kvm_lapic_state>>(codec, payload),
+        5 => dec::<Raw<kvm_mp_state>>(codec, payload),
+        6 => dec::<Raw<kvm_vcpu_events>>(codec, payload),
+        7 => dec::<Raw<kvm_pit_state2>>(codec, payload),
+        8 => dec::<Raw<kvm_clock_data>>(codec, payload),
+        9 => dec::<Raw<kvm_pic_state>>(codec, payload),
+        10 => dec::<Raw<kvm_ioapic_state>>(codec, payload),
+        11 => dec::<MsrState>(codec, payload),
+        12 => dec::<CpuidState>(codec, payload),
+        13 => dec::<XsaveState>(codec, payload),
+        14 => dec::<NestedState>(codec, payload),
+        15 => dec::<TscKhz>(codec, payload),
+        16 => VcpuState::from_snapshot(&tree(codec, payload)?)
+            .map(drop)
+            .map_err(|e| format!("{} VcpuState: {e}", codec.name())),
+        _ => VmState::from_snapshot(&tree(codec, payload)?)
+            .map(drop)
+            .map_err(|e| format!("{} VmState: {e}", codec.name())),
     }
 }
 
