@@ -272,11 +272,15 @@ impl<B: VcpuBackend> KvmVcpu<B> {
         let bytes = if size == XSAVE_LEGACY_BYTES {
             self.backend.get_xsave().map_err(get)?.as_bytes().to_vec()
         } else {
-            let mut xsave = xsave_buffer(size)?;
-            // SAFETY: `xsave_buffer(size)` holds at least `size` bytes, and `size` is
-            // the host's KVM_CAP_XSAVE2, the most the kernel writes.
+            // `size` comes from a public field callers may fill by hand: never hand
+            // the kernel less than it may write.
+            let mut xsave = xsave_buffer(size.max(kernel_xsave_bound()))?;
+            // SAFETY: the buffer holds at least `kernel_xsave_bound()` bytes, which is
+            // at least what KVM_GET_XSAVE2 writes (see `kernel_xsave_bound`).
             unsafe { self.backend.get_xsave2(&mut xsave) }.map_err(get)?;
-            xsave_bytes(&xsave)
+            let mut bytes = xsave_bytes(&xsave);
+            bytes.truncate(size);
+            bytes
         };
         XsaveState::from_bytes(bytes).ok_or_else(|| invalid(VcpuStep::Xsave, "bad xsave size"))
     }
@@ -363,10 +367,11 @@ impl<B: VcpuBackend> KvmVcpu<B> {
                         &format!("saved area is {} bytes, this host's is {size}", bytes.len()),
                     ));
                 }
-                let mut xsave = xsave_buffer(size)?;
+                let mut xsave = xsave_buffer(size.max(kernel_xsave_bound()))?;
                 fill_xsave(&mut xsave, bytes);
-                // SAFETY: the buffer holds `size` bytes, the host's KVM_CAP_XSAVE2 (or
-                // 4096 without it): all the kernel reads.
+                // SAFETY: the buffer holds at least `kernel_xsave_bound()` bytes, at
+                // least what KVM_SET_XSAVE reads (see `kernel_xsave_bound`), whatever
+                // `self.caps` says.
                 unsafe { be.set_xsave2(&xsave) }.map_err(set)?;
             }
             VcpuStep::Xcrs => be.set_xcrs(s.xcrs.get()).map_err(set)?,
@@ -408,6 +413,27 @@ fn invalid(step: VcpuStep, reason: &str) -> KvmStateError {
 }
 
 /// A `kvm_xsave2` buffer of at least `size` bytes.
+/// The most bytes KVM_GET_XSAVE2 writes or KVM_SET_XSAVE reads on this machine,
+/// independent of [`HostCaps`] (whose fields callers can fill by hand): the larger
+/// of 4096 (`struct kvm_xsave`) and CPUID.(EAX=0DH,ECX=0):ECX, the size of the
+/// standard-format XSAVE area for every feature the processor supports in XCR0.
+/// The kernel copies the vCPU's user-ABI xstate size, which covers only user
+/// features the kernel enabled (a subset of those), laid out at the offsets CPUID
+/// gives, so it is never larger; KVM_CAP_XSAVE2 is the same size, clamped to at
+/// least 4096.
+fn kernel_xsave_bound() -> usize {
+    // `__cpuid_count` is a safe fn from Rust 1.89 on, unsafe before (rust-version
+    // is 1.85).
+    #[allow(unused_unsafe)]
+    // SAFETY: CPUID exists on every x86_64 CPU and only writes registers; leaf 0xD
+    // exists on every CPU with XSAVE, which KVM_GET_XSAVE2 needs (without it the
+    // answer is 0 and the bound is 4096, all the kernel then copies).
+    let ecx = unsafe { std::arch::x86_64::__cpuid_count(0xd, 0) }.ecx;
+    usize::try_from(ecx)
+        .unwrap_or(usize::MAX)
+        .max(XSAVE_LEGACY_BYTES)
+}
+
 fn xsave_buffer(size: usize) -> Result<Xsave, KvmStateError> {
     let extra = size.saturating_sub(XSAVE_LEGACY_BYTES).div_ceil(4);
     Xsave::new(extra).map_err(|e| invalid(VcpuStep::Xsave, &format!("{size} bytes: {e:?}")))
@@ -529,5 +555,45 @@ impl FromIterator<(u32, u64)> for MsrState {
                 .map(|(index, data)| MsrEntry { index, data })
                 .collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_xsave_bound_covers_kvm_cap_xsave2() {
+        migration_testkit::require_kvm!();
+        let kvm = Kvm::new().expect("open /dev/kvm");
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+        let caps = HostCaps::probe(&kvm, &vm).expect("probe");
+        assert!(
+            kernel_xsave_bound() >= caps.xsave_size(),
+            "bound {} < KVM_CAP_XSAVE2 {}",
+            kernel_xsave_bound(),
+            caps.xsave_size()
+        );
+    }
+
+    #[test]
+    fn hand_made_xsave2_size_below_the_hosts_still_saves_and_restores() {
+        migration_testkit::require_kvm!();
+        let kvm = Kvm::new().expect("open /dev/kvm");
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+        let mut caps = HostCaps::probe(&kvm, &vm).expect("probe");
+        // Just above 4096 (takes the KVM_GET_XSAVE2 path) and below the bound: the
+        // buffer must still be what the kernel may write, not this.
+        caps.xsave2_size = XSAVE_LEGACY_BYTES + 64;
+        vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP");
+        let fd = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .expect("KVM_GET_SUPPORTED_CPUID");
+        fd.set_cpuid2(&cpuid).expect("KVM_SET_CPUID2");
+        let vcpu = KvmVcpu::new(0, fd, caps);
+        let state = vcpu.save_state().expect("save");
+        assert_eq!(state.xsave.as_bytes().len(), XSAVE_LEGACY_BYTES + 64);
+        vcpu.restore_state(&state).expect("restore");
     }
 }
