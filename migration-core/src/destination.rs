@@ -285,8 +285,10 @@ where
                 }
             }
             Message::Go => {
-                vm.resume()?;
+                // Complete before resuming: if it fails, the ABORT that follows is
+                // true (this guest never ran), and the source may resume its own.
                 vm.complete_migration()?;
+                vm.resume()?;
                 ch.send(&Message::Done)?;
                 // The VM runs here now, whether or not DONE reaches the source.
                 let _ = ch.flush();

@@ -33,7 +33,8 @@ pub trait Migratable: Send + Transportable {
     /// (destination).
     fn start_migration(&mut self) -> Result<(), MigratableError>;
 
-    /// Called when a migration has succeeded, on both sides.
+    /// Called when a migration has succeeded, on both sides: on the source after the
+    /// destination reported it runs, on the destination before it resumes the guest.
     fn complete_migration(&mut self) -> Result<(), MigratableError>;
 
     /// Guest memory to read from while migrating out.

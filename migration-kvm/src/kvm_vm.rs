@@ -373,6 +373,9 @@ pub struct KvmVm {
     running: bool,
     /// Set once a migration out of this VM completed: it must never run again.
     migrated_out: bool,
+    /// This VM is the source of the current migration (it started dirty logging after
+    /// `start_migration`).
+    migration_source: bool,
 }
 
 impl fmt::Debug for KvmVm {
@@ -456,6 +459,7 @@ impl KvmVm {
             kvm,
             running: false,
             migrated_out: false,
+            migration_source: false,
         };
         for (i, fd) in fds.into_iter().enumerate() {
             let i = i as u32;
@@ -748,6 +752,8 @@ impl Transportable for KvmVm {
 
 impl Migratable for KvmVm {
     fn start_dirty_log(&mut self) -> Result<(), MigratableError> {
+        // Only a migration's source tracks dirty pages (the destination never does).
+        self.migration_source = true;
         let slots = self.slots.as_mut().ok_or_else(no_slots)?;
         Ok(dirty::start_dirty_log(
             self.devices.vm(),
@@ -767,14 +773,15 @@ impl Migratable for KvmVm {
     }
 
     fn start_migration(&mut self) -> Result<(), MigratableError> {
+        self.migration_source = false;
         Ok(())
     }
 
-    /// On the source (paused: the destination runs the guest now) this VM is marked
-    /// migrated out, and [`start`](KvmVm::start) refuses from then on. On the
-    /// destination (already resumed) nothing changes.
+    /// On the source (it tracked dirty pages during this migration; the destination
+    /// runs the guest now) this VM is marked migrated out, and
+    /// [`start`](KvmVm::start) refuses from then on. On the destination nothing changes.
     fn complete_migration(&mut self) -> Result<(), MigratableError> {
-        if !self.running {
+        if self.migration_source {
             self.migrated_out = true;
         }
         Ok(())
