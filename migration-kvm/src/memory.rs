@@ -561,18 +561,25 @@ impl MemorySink for GuestMemory {
         input: &mut dyn Read,
     ) -> Result<(), MemoryError> {
         let slice = self.slice(MemoryRange::new(gpa, length))?;
-        let mut buf = vec![0u8; slice.len().min(BOUNCE)];
-        let mut done = 0usize;
-        while done < slice.len() {
-            let n = (slice.len() - done).min(buf.len());
-            input.read_exact(&mut buf[..n])?;
-            slice
-                .subslice(done, n)
-                .map_err(|e| MemoryError::Backend(Box::new(e)))?
-                .copy_from(&buf[..n]);
-            done += n;
+        thread_local! {
+            // One bounce buffer per thread, reused across calls (a migration calls this
+            // once per 2 MiB frame).
+            static BOUNCE_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        Ok(())
+        BOUNCE_BUF.with_borrow_mut(|buf| {
+            buf.resize(BOUNCE, 0);
+            let mut done = 0usize;
+            while done < slice.len() {
+                let n = (slice.len() - done).min(BOUNCE);
+                input.read_exact(&mut buf[..n])?;
+                slice
+                    .subslice(done, n)
+                    .map_err(|e| MemoryError::Backend(Box::new(e)))?
+                    .copy_from(&buf[..n]);
+                done += n;
+            }
+            Ok(())
+        })
     }
 
     fn zero_memory(&self, gpa: u64, length: u64) -> Result<(), MemoryError> {
