@@ -412,7 +412,6 @@ fn invalid(step: VcpuStep, reason: &str) -> KvmStateError {
     }
 }
 
-/// A `kvm_xsave2` buffer of at least `size` bytes.
 /// The most bytes KVM_GET_XSAVE2 writes or KVM_SET_XSAVE reads on this machine,
 /// independent of [`HostCaps`] (whose fields callers can fill by hand): the larger
 /// of 4096 (`struct kvm_xsave`) and CPUID.(EAX=0DH,ECX=0):ECX, the size of the
@@ -434,6 +433,7 @@ fn kernel_xsave_bound() -> usize {
         .max(XSAVE_LEGACY_BYTES)
 }
 
+/// A `kvm_xsave2` buffer of at least `size` bytes.
 fn xsave_buffer(size: usize) -> Result<Xsave, KvmStateError> {
     let extra = size.saturating_sub(XSAVE_LEGACY_BYTES).div_ceil(4);
     Xsave::new(extra).map_err(|e| invalid(VcpuStep::Xsave, &format!("{size} bytes: {e:?}")))
