@@ -28,8 +28,12 @@
 //! // 4 MiB of RAM, one vCPU; every exit just re-enters the guest.
 //! let config = KvmVmConfig::new(4 << 20, 1);
 //! let mut vm = KvmVm::new(config.clone(), |_vcpu| Box::new(|_exit| ExitAction::Continue))?;
-//! // The handshake carries the config; the destination rebuilds it from the bytes.
-//! assert_eq!(KvmVmConfig::from_bytes(&vm.migration_options().config)?, config);
+//! // The handshake carries the config, with the CPU model the guest got (this
+//! // host's: no template); the destination rebuilds it from the bytes.
+//! let sent = KvmVmConfig::from_bytes(&vm.migration_options().config)?;
+//! assert_eq!(sent, *vm.config());
+//! assert_eq!((sent.layout, sent.vcpus), (config.layout, config.vcpus));
+//! assert_eq!(sent.cpu.map(|m| m.name), Some("host".to_owned()));
 //! // Paused from birth: a snapshot is consistent.
 //! vm.pause()?;
 //! let tree = vm.snapshot()?;
@@ -42,7 +46,7 @@ use std::fmt;
 use std::fs::File;
 use std::path::Path;
 
-use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_cpuid_entry2, kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use migration_core::codec::CodecRegistry;
 use migration_core::container::{WriteOptions, WriteSummary};
@@ -55,6 +59,9 @@ use migration_core::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::cpu_check::{self, CpuIncompatible, CpuPolicy, CpuReport};
+use crate::cpu_model::{CpuModel, CpuModelError};
+use crate::cpu_template;
 use crate::dirty;
 use crate::error::KvmStateError;
 use crate::memory::{check_layout, GuestMemory, KvmMemoryError, KvmSlots, MemoryOptions};
@@ -83,7 +90,12 @@ pub const MAX_GUEST_RAM: u64 = 4 << 40;
 /// Encoded size of a config with `n` regions: header 24 bytes + 16 per region.
 const CONFIG_HEADER: usize = 24;
 const CONFIG_MAGIC: &[u8; 4] = b"KVMC";
-const CONFIG_VERSION: u32 = 1;
+/// Version 1: no CPU model; version 2: a CPU model follows the regions.
+const CONFIG_VERSION_V1: u32 = 1;
+const CONFIG_VERSION_V2: u32 = 2;
+/// Most bytes of the CPU model in a config (a full model is about 24 KiB at most:
+/// 256 CPUID entries and 4096 MSRs).
+pub const MAX_CPU_MODEL_BYTES: usize = 32 << 10;
 /// The snapshot tree's root id.
 pub const VM_ID: &str = "vm";
 /// The config section's id.
@@ -105,8 +117,11 @@ pub enum ConfigError {
     #[error("not a KVM VM config (bad magic)")]
     BadMagic,
     /// A config version this reader does not know.
-    #[error("config version {0} is not supported (this reader knows version 1)")]
+    #[error("config version {0} is not supported (this reader knows versions 1 and 2)")]
     Version(u32),
+    /// The CPU model (version 2) is invalid.
+    #[error("CPU model: {0}")]
+    Cpu(#[from] CpuModelError),
     /// More bytes than the declared regions.
     #[error("{0} trailing bytes after the config")]
     TrailingBytes(usize),
@@ -140,6 +155,13 @@ pub struct KvmVmConfig {
     pub clock_restore: ClockRestore,
     /// How fresh guest memory is mapped.
     pub memory: MemoryOptions,
+    /// The guest's CPU model. Building a VM from `Some(template)` gives each vCPU
+    /// this host's CPUID masked by the template ([`cpu_template::apply`]); `None`
+    /// gives the host's CPUID unchanged. A built VM's config always holds the model
+    /// its guest got (named after the template, or `host`), and so do its snapshots
+    /// and its migration handshake, where the destination checks it
+    /// (`docs/cpu.md`).
+    pub cpu: Option<CpuModel>,
 }
 
 impl KvmVmConfig {
@@ -151,6 +173,7 @@ impl KvmVmConfig {
             vcpus,
             clock_restore: ClockRestore::Exact,
             memory: MemoryOptions::default(),
+            cpu: None,
         }
     }
 
@@ -186,11 +209,22 @@ impl KvmVmConfig {
     /// The encoding: `KVMC`, version u32, vCPUs u32, clock u8 (0 exact, 1 advance by
     /// wall time), flags u8 (bit 0 huge pages, bit 1 populate), 2 zero bytes,
     /// region count u32, reserved u32 (0), then per region gpa u64 and length u64;
-    /// all little endian.
+    /// all little endian. Version 2 (written when [`cpu`](Self::cpu) is set) then
+    /// has the model's length u32 (at most [`MAX_CPU_MODEL_BYTES`]) and
+    /// [`CpuModel::to_bytes`]; without a model version 1 is written, which readers
+    /// of version 1 understand.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(CONFIG_HEADER + 16 * self.layout.len());
+        let cpu = self.cpu.as_ref().map(CpuModel::to_bytes);
+        let mut b = Vec::with_capacity(
+            CONFIG_HEADER + 16 * self.layout.len() + cpu.as_ref().map_or(0, |c| 4 + c.len()),
+        );
         b.extend_from_slice(CONFIG_MAGIC);
-        b.extend_from_slice(&CONFIG_VERSION.to_le_bytes());
+        let version = if cpu.is_some() {
+            CONFIG_VERSION_V2
+        } else {
+            CONFIG_VERSION_V1
+        };
+        b.extend_from_slice(&version.to_le_bytes());
         b.extend_from_slice(&self.vcpus.to_le_bytes());
         b.push(match self.clock_restore {
             ClockRestore::Exact => 0,
@@ -203,6 +237,10 @@ impl KvmVmConfig {
         for r in &self.layout {
             b.extend_from_slice(&r.gpa.to_le_bytes());
             b.extend_from_slice(&r.length.to_le_bytes());
+        }
+        if let Some(c) = cpu {
+            b.extend_from_slice(&(c.len() as u32).to_le_bytes());
+            b.extend_from_slice(&c);
         }
         b
     }
@@ -222,7 +260,7 @@ impl KvmVmConfig {
         let u32_at =
             |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
         let version = u32_at(4);
-        if version != CONFIG_VERSION {
+        if version != CONFIG_VERSION_V1 && version != CONFIG_VERSION_V2 {
             return Err(ConfigError::Version(version));
         }
         let vcpus = u32_at(8);
@@ -242,7 +280,18 @@ impl KvmVmConfig {
         if n as usize > MAX_REGIONS {
             return Err(ConfigError::Regions(n));
         }
-        let needed = CONFIG_HEADER + 16 * n as usize;
+        let regions_end = CONFIG_HEADER + 16 * n as usize;
+        let mut needed = regions_end;
+        if version == CONFIG_VERSION_V2 {
+            needed += 4;
+            if bytes.len() >= needed {
+                let cpu_len = u32_at(regions_end) as usize;
+                if cpu_len > MAX_CPU_MODEL_BYTES {
+                    return Err(ConfigError::Field("cpu model length"));
+                }
+                needed += cpu_len;
+            }
+        }
         if bytes.len() < needed {
             return Err(ConfigError::Truncated {
                 needed,
@@ -252,7 +301,12 @@ impl KvmVmConfig {
         if bytes.len() > needed {
             return Err(ConfigError::TrailingBytes(bytes.len() - needed));
         }
-        let layout = bytes[CONFIG_HEADER..]
+        let cpu = if version == CONFIG_VERSION_V2 {
+            Some(CpuModel::from_bytes(&bytes[regions_end + 4..])?)
+        } else {
+            None
+        };
+        let layout = bytes[CONFIG_HEADER..regions_end]
             .chunks_exact(16)
             .map(|c| {
                 let mut gpa = [0u8; 8];
@@ -270,6 +324,7 @@ impl KvmVmConfig {
                 huge_pages: flags & 1 != 0,
                 populate: flags & 2 != 0,
             },
+            cpu,
         };
         config.validate()?;
         Ok(config)
@@ -322,6 +377,12 @@ pub enum KvmVmError {
     /// File I/O.
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The guest's CPU does not fit this host ([`CpuPolicy`]; `docs/cpu.md`).
+    #[error(transparent)]
+    Cpu(#[from] CpuIncompatible),
+    /// A CPU template could not be applied to this host's CPU.
+    #[error(transparent)]
+    CpuTemplate(#[from] cpu_template::TemplateError),
     /// The VM was migrated out: its guest runs on the destination now, and running
     /// this copy too would run it twice.
     #[error("the VM was migrated out; its guest runs on the destination")]
@@ -376,6 +437,10 @@ pub struct KvmVm {
     /// This VM is the source of the current migration (it started dirty logging after
     /// `start_migration`).
     migration_source: bool,
+    /// What restores into this VM check the guest's CPU against.
+    cpu_policy: CpuPolicy,
+    /// The differences a forced restore let through.
+    cpu_forced: Option<CpuReport>,
 }
 
 impl fmt::Debug for KvmVm {
@@ -437,9 +502,7 @@ impl KvmVm {
         vm.create_pit2(kvm_pit_config::default())
             .map_err(kvm_err("KVM_CREATE_PIT2"))?;
         let slots = memory.register(&vm, 0, false)?;
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let cpuid = vcpu_cpuid(&kvm, config.cpu.as_ref())?;
         let caps = HostCaps::probe(&kvm, &vm)?;
         let mut fds = Vec::with_capacity(config.vcpus as usize);
         for i in 0..config.vcpus {
@@ -448,6 +511,13 @@ impl KvmVm {
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
             fds.push(fd);
+        }
+        // The model the guest got, named after its template: what snapshots and the
+        // migration handshake carry.
+        let mut config = config;
+        if let Some(fd) = fds.first() {
+            let name = config.cpu.as_ref().map_or("host", |t| t.name.as_str());
+            config.cpu = Some(CpuModel::of_backend(name, fd, &caps)?);
         }
         let mut this = Self {
             devices: KvmVmDevices::new(vm, config.clock_restore),
@@ -460,6 +530,8 @@ impl KvmVm {
             running: false,
             migrated_out: false,
             migration_source: false,
+            cpu_policy: CpuPolicy::default(),
+            cpu_forced: None,
         };
         for (i, fd) in fds.into_iter().enumerate() {
             let i = i as u32;
@@ -477,9 +549,26 @@ impl KvmVm {
     /// faults in all of the guest's RAM up front (`MAP_POPULATE`) is this host's
     /// decision, not the peer's, so the VM is built with `populate` off (and its
     /// config says so). `huge_pages` is kept as sent: it only advises the kernel.
+    ///
+    /// The guest's CPU model in the config is checked against this host before
+    /// anything is built ([`for_incoming_with`](Self::for_incoming_with)).
     pub fn for_incoming(
         incoming: &IncomingVm,
         codecs: CodecRegistry,
+        handlers: impl FnMut(u32) -> ExitHandler,
+    ) -> Result<Self, KvmVmError> {
+        Self::for_incoming_with(incoming, codecs, CpuPolicy::default(), handlers)
+    }
+
+    /// [`for_incoming`](Self::for_incoming), checking the guest's CPU with `cpu`:
+    /// an incompatible guest is refused with [`KvmVmError::Cpu`] before the VM is
+    /// built, and the destination's ABORT carries the diff. A source whose config
+    /// has no CPU model (version 1) is checked later, when its state arrives, before
+    /// any vCPU state is written.
+    pub fn for_incoming_with(
+        incoming: &IncomingVm,
+        codecs: CodecRegistry,
+        cpu: CpuPolicy,
         handlers: impl FnMut(u32) -> ExitHandler,
     ) -> Result<Self, KvmVmError> {
         if incoming.arch != Arch::X86_64 {
@@ -496,8 +585,14 @@ impl KvmVm {
                 config.layout, incoming.layout
             )));
         }
+        let forced = match &config.cpu {
+            Some(guest) => cpu.admit(guest)?,
+            None => None,
+        };
         let mut vm = Self::new(config, handlers)?;
         vm.codecs = codecs;
+        vm.cpu_policy = cpu;
+        vm.cpu_forced = forced;
         Ok(vm)
     }
 
@@ -520,9 +615,20 @@ impl KvmVm {
         }
     }
 
-    /// The config the VM was built with.
+    /// The config the VM was built with; its `cpu` is the guest's CPU model.
     pub fn config(&self) -> &KvmVmConfig {
         &self.config
+    }
+
+    /// What later restores into this VM check the guest's CPU against.
+    pub fn set_cpu_policy(&mut self, cpu: CpuPolicy) {
+        self.cpu_policy = cpu;
+    }
+
+    /// The differences between the guest's CPU and this host that a forced restore
+    /// or incoming migration let through (`None`: none, or not forced).
+    pub fn cpu_forced(&self) -> Option<&CpuReport> {
+        self.cpu_forced.as_ref()
     }
 
     /// Replaces the codec registry ([`Transportable::codecs`]).
@@ -635,11 +741,25 @@ impl KvmVm {
 
     /// Restores a snapshot file written by [`save_snapshot`](Self::save_snapshot)
     /// into a fresh, paused VM built from the file's config. `codecs` decode the
-    /// sections and become the VM's registry.
+    /// sections and become the VM's registry. Every vCPU's CPU is checked against
+    /// this host first ([`restore_from_file_with`](Self::restore_from_file_with)).
     pub fn restore_from_file(
         path: impl AsRef<Path>,
         mode: RestoreMode,
         codecs: CodecRegistry,
+        handlers: impl FnMut(u32) -> ExitHandler,
+    ) -> Result<Self, KvmVmError> {
+        Self::restore_from_file_with(path, mode, codecs, CpuPolicy::default(), handlers)
+    }
+
+    /// [`restore_from_file`](Self::restore_from_file), checking each vCPU's saved
+    /// CPU with `cpu` as soon as the tree is read: an incompatible guest is refused
+    /// with [`KvmVmError::Cpu`] before memory is read or any VM or vCPU is created.
+    pub fn restore_from_file_with(
+        path: impl AsRef<Path>,
+        mode: RestoreMode,
+        codecs: CodecRegistry,
+        cpu: CpuPolicy,
         handlers: impl FnMut(u32) -> ExitHandler,
     ) -> Result<Self, KvmVmError> {
         let mut f = File::open(path)?;
@@ -650,6 +770,7 @@ impl KvmVm {
             &Default::default(),
         )?;
         let config = config_of(&tree)?;
+        cpu_check::admit_snapshot(&tree, &guest_name(&config), &cpu)?;
         let (tree, memory) = match mode {
             RestoreMode::Eager(options) => {
                 restore_eager_from(&mut f, &config.layout, &codecs, options)?
@@ -658,6 +779,7 @@ impl KvmVm {
         };
         let mut vm = Self::with_memory(config, memory, handlers)?;
         vm.codecs = codecs;
+        vm.cpu_policy = cpu;
         vm.restore(&tree)?;
         Ok(vm)
     }
@@ -672,6 +794,40 @@ fn no_slots() -> MigratableError {
         }
         .into(),
     )
+}
+
+/// The CPUID for a new VM's vCPUs: this host's, masked by `template` if any.
+fn vcpu_cpuid(kvm: &Kvm, template: Option<&CpuModel>) -> Result<CpuId, KvmVmError> {
+    let Some(template) = template else {
+        return kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"));
+    };
+    let host = CpuModel::host()?;
+    let entries: Vec<kvm_cpuid_entry2> = cpu_template::apply(host, template)?
+        .iter()
+        .map(kvm_cpuid_entry2::from)
+        .collect();
+    CpuId::from_entries(&entries)
+        .map_err(|e| KvmVmError::Mismatch(format!("CPUID of {} entries: {e:?}", entries.len())))
+}
+
+/// The name a snapshot's guest CPU models get: the config's model's, or `guest`.
+fn guest_name(config: &KvmVmConfig) -> String {
+    config
+        .cpu
+        .as_ref()
+        .map_or_else(|| "guest".to_owned(), |m| m.name.clone())
+}
+
+impl From<cpu_check::CpuRefusal> for KvmVmError {
+    fn from(e: cpu_check::CpuRefusal) -> Self {
+        match e {
+            cpu_check::CpuRefusal::Incompatible(i) => KvmVmError::Cpu(i),
+            cpu_check::CpuRefusal::Probe(p) => KvmVmError::State(p),
+            cpu_check::CpuRefusal::State(m) => KvmVmError::Migratable(m),
+        }
+    }
 }
 
 /// The [`KvmVmConfig`] recorded in a `vm` snapshot tree.
@@ -726,7 +882,8 @@ impl Snapshottable for KvmVm {
     }
 
     /// Restores devices, then every vCPU. The snapshot's config must have this VM's
-    /// layout and vCPU count. Every vCPU must be paused.
+    /// layout and vCPU count, and every vCPU's saved CPU must pass this VM's
+    /// [`CpuPolicy`] (checked before anything is written). Every vCPU must be paused.
     fn restore(&mut self, snapshot: &Snapshot) -> Result<(), MigratableError> {
         let theirs = config_of(snapshot)?;
         if theirs.layout != self.config.layout || theirs.vcpus != self.config.vcpus {
@@ -736,10 +893,22 @@ impl Snapshottable for KvmVm {
             ))
             .into());
         }
+        let name = guest_name(&theirs);
+        let forced = cpu_check::admit_snapshot(snapshot, &name, &self.cpu_policy)
+            .map_err(KvmVmError::from)?;
         snapshot.restore_child(&mut self.devices)?;
         for v in &mut self.vcpus {
             snapshot.restore_child(v)?;
         }
+        // The guest's model is the restored one from now on (what a later snapshot
+        // or migration carries).
+        if let Some(m) = cpu_check::snapshot_models(snapshot, &name)?
+            .into_iter()
+            .next()
+        {
+            self.config.cpu = Some(m);
+        }
+        self.cpu_forced = forced;
         Ok(())
     }
 }

@@ -66,6 +66,10 @@
 //! - [`VcpuRunner`]: a vCPU on its own thread; the pause protocol (kick, complete I/O,
 //!   park); port I/O exits to an [`ExitHandler`].
 //! - [`KvmStateError`]: typed errors naming the failed step or MSR.
+//! - CPU compatibility: [`cpu_model`] (a CPU as data, this host's probed),
+//!   [`cpu_features`] (feature names from raw-cpuid), [`cpu_check`] (guest vs host,
+//!   the diff by feature name; [`CpuPolicy`]), [`cpu_template`] (templates and
+//!   baselines); `docs/cpu.md`.
 //! - [`KvmVm`] / [`KvmVmConfig`]: a whole VM (irqchip, PIT, memory slots, vCPU threads)
 //!   that is `Migratable`; snapshot files with [`KvmVm::save_snapshot`] and
 //!   [`KvmVm::restore_from_file`].
@@ -74,6 +78,10 @@
 #![warn(missing_debug_implementations)]
 
 mod backend;
+pub mod cpu_check;
+pub mod cpu_features;
+pub mod cpu_model;
+pub mod cpu_template;
 pub mod dirty;
 mod error;
 pub mod kvm_vm;
@@ -88,6 +96,8 @@ mod vcpu;
 mod vm;
 
 pub use backend::{Result as IoctlResult, VcpuBackend, VmBackend};
+pub use cpu_check::{CpuIncompatible, CpuPolicy};
+pub use cpu_model::CpuModel;
 pub use error::{Direction, KvmStateError, Step};
 pub use kvm_vm::{ConfigError, KvmVm, KvmVmConfig, KvmVmError, RestoreMode};
 pub use order::{Ordered, VcpuStep, VmStep};

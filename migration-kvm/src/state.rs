@@ -218,6 +218,37 @@ impl<'de, T: KvmStruct> Deserialize<'de> for Raw<T> {
     }
 }
 
+/// Deserializes a string of at most `max` bytes (longer ones are refused before
+/// they are copied).
+pub(crate) fn bounded_string<'de, D: Deserializer<'de>>(
+    deserializer: D,
+    max: usize,
+    what: &'static str,
+) -> Result<String, D::Error> {
+    struct V {
+        max: usize,
+        what: &'static str,
+    }
+    impl Visitor<'_> for V {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "{}: a string of at most {} bytes", self.what, self.max)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+            if v.len() > self.max {
+                return Err(E::custom(format!(
+                    "{}: expected at most {} bytes, found {}",
+                    self.what,
+                    self.max,
+                    v.len()
+                )));
+            }
+            Ok(v.to_owned())
+        }
+    }
+    deserializer.deserialize_str(V { max, what })
+}
+
 /// A short string (at most 64 bytes), for tags and field names.
 struct TagBuf(String);
 
@@ -393,7 +424,7 @@ impl<'de> Deserialize<'de> for CpuidState {
     }
 }
 
-fn bounded_vec<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+pub(crate) fn bounded_vec<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     deserializer: D,
     max: usize,
     what: &'static str,
