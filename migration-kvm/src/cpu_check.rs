@@ -10,10 +10,10 @@
 //! | max basic leaf (0 eax), max extended leaf (0x80000000 eax), max hypervisor leaf (0x40000000 eax), leaf 7's max subleaf (7.0 eax) | guest ≤ host |
 //! | physical and linear address bits (0x80000008 eax bits 0–7, 8–15) | guest ≤ host |
 //! | XSAVE: largest area for all supported components (0xd.0 ecx) | guest ≤ host |
-//! | XSAVE component layout (0xd.i eax size, ebx offset, each component the guest has) | equal |
+//! | XSAVE component layout (0xd.i eax size, ebx offset, each component the guest has and whose subleaf its table holds) | equal |
 //! | the saved xsave area | guest's length ≤ host's `KVM_CAP_XSAVE2` size |
 //! | MSRs | every saved MSR is one the host sets |
-//! | TSC frequency | equal, or the host can scale it |
+//! | TSC frequency | equal (within KVM's 250 ppm), or the host can scale it; a faster guest TSC is a note (KVM's catch-up mode), a slower one a refusal |
 //! | family, model, stepping (leaf 1 eax) | informational: a note, never a refusal |
 //!
 //! [`check`] runs in a few microseconds on full models (`benches/vcpu_state.rs`).
@@ -93,7 +93,8 @@ pub enum Difference {
     },
     /// A saved MSR the host cannot set.
     MissingMsr(u32),
-    /// The guest's TSC rate differs and the host cannot scale its TSC.
+    /// The guest's TSC is slower than the host's (beyond KVM's 250 ppm tolerance) and
+    /// the host cannot scale its TSC: KVM refuses the rate.
     Tsc {
         /// The guest's kHz.
         guest: u32,
@@ -373,7 +374,8 @@ pub fn check(guest: &CpuModel, host: &CpuModel) -> CpuReport {
     };
     let both = components(guest) & components(host);
     for c in 2..64u8 {
-        if both & (1 << c) == 0 {
+        // Only a layout the guest was told (its table has the subleaf) can differ.
+        if both & (1 << c) == 0 || guest.entry(0xd, u32::from(c)).is_none() {
             continue;
         }
         let layout = |m: &CpuModel| {
@@ -400,15 +402,18 @@ pub fn check(guest: &CpuModel, host: &CpuModel) -> CpuReport {
             differences.push(Difference::MissingMsr(index));
         }
     }
+    let mut notes = Vec::new();
     if let Some(g) = guest.tsc_khz {
-        if host.tsc_khz != Some(g) && !host.tsc_scaling {
-            differences.push(Difference::Tsc {
-                guest: g,
-                host: host.tsc_khz,
-            });
+        match host.tsc_khz {
+            _ if host.tsc_scaling => {}
+            Some(h) if within_tolerance(g, h) => {}
+            Some(h) if g > h => notes.push(format!(
+                "TSC at {g} kHz on a host at {h} kHz without TSC scaling: KVM emulates the \
+                 faster rate by catch-up (the guest's TSC advances in steps)"
+            )),
+            h => differences.push(Difference::Tsc { guest: g, host: h }),
         }
     }
-    let mut notes = Vec::new();
     let (gs, hs) = (signature(guest), signature(host));
     if gs != hs {
         notes.push(format!("CPU {gs} on a host with {hs} (informational)"));
@@ -419,6 +424,12 @@ pub fn check(guest: &CpuModel, host: &CpuModel) -> CpuReport {
         differences,
         notes,
     }
+}
+
+/// KVM sets a TSC rate within 250 ppm of the host's without scaling
+/// (`tsc_tolerance_ppm`).
+fn within_tolerance(guest: u32, host: u32) -> bool {
+    u64::from(guest.abs_diff(host)) * 1_000_000 <= u64::from(host) * 250
 }
 
 /// `family 0x19 model 0x11 stepping 1`, decoded by raw-cpuid from leaf 1.
@@ -606,6 +617,16 @@ mod tests {
         );
         fast.tsc_scaling = true;
         assert!(check(&guest, &fast).is_compatible());
+        // Within 250 ppm: KVM sets it without scaling.
+        let mut close = model("close");
+        close.tsc_khz = Some(2_000_400);
+        assert!(check(&guest, &close).is_compatible());
+        // A slower host: KVM catches up; allowed, with a note.
+        let mut slow = model("slow");
+        slow.tsc_khz = Some(1_000_000);
+        let r = check(&guest, &slow);
+        assert!(r.is_compatible());
+        assert!(r.notes[0].contains("catch-up"), "{:?}", r.notes);
     }
 
     #[test]

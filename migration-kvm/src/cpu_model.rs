@@ -33,7 +33,9 @@
 use std::fmt;
 use std::sync::OnceLock;
 
-use kvm_bindings::{KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{Cap, Kvm};
 use migration_core::Versioned;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -223,11 +225,12 @@ impl CpuModel {
         Ok(HOST.get_or_init(|| m))
     }
 
-    /// Probes what this host can give a guest, with a throwaway VM and vCPU:
-    /// `KVM_GET_SUPPORTED_CPUID` (plus the TSC-deadline timer when
-    /// `KVM_CAP_TSC_DEADLINE_TIMER` says KVM emulates it: the supported table leaves
-    /// it out), the MSRs a vCPU with that CPUID saves (all settable), the
-    /// `KVM_CAP_XSAVE2` size, the vCPU's TSC rate and `KVM_CAP_TSC_CONTROL`.
+    /// Probes what this host can give a guest, with a throwaway VM and vCPU: the
+    /// CPUID a vCPU has after `KVM_SET_CPUID2` of `KVM_GET_SUPPORTED_CPUID` (plus the
+    /// TSC-deadline timer when `KVM_CAP_TSC_DEADLINE_TIMER` says KVM emulates it: the
+    /// supported table leaves it out), read back with `KVM_GET_CPUID2`; the MSRs a
+    /// vCPU with that CPUID saves (all settable); the `KVM_CAP_XSAVE2` size; the
+    /// vCPU's TSC rate and `KVM_CAP_TSC_CONTROL`.
     pub fn probe_host(kvm: &Kvm) -> Result<Self, KvmStateError> {
         let setup = |what| KvmStateError::get(Step::Setup(what));
         let vm = kvm.create_vm().map_err(setup("KVM_CREATE_VM"))?;
@@ -243,6 +246,20 @@ impl CpuModel {
             }
         }
         let vcpu = vm.create_vcpu(0).map_err(setup("KVM_CREATE_VCPU"))?;
+        // What a vCPU given that table really has: KVM reports it back. The same
+        // table on hosts that honour KVM_SET_CPUID2; on kvm_pvm hosts the guest runs
+        // CPUID on the hardware, KVM_GET_SUPPORTED_CPUID understates it (no SSE3,
+        // no AVX) and the table read back is the truth.
+        let entries: Vec<kvm_cpuid_entry2> = cpuid.iter().map(kvm_cpuid_entry2::from).collect();
+        let table = CpuId::from_entries(&entries).map_err(|e| KvmStateError::Invalid {
+            step: Step::Setup("host CPU model"),
+            reason: format!("{} CPUID entries: {e:?}", entries.len()),
+        })?;
+        vcpu.set_cpuid2(&table).map_err(setup("KVM_SET_CPUID2"))?;
+        let back = vcpu
+            .get_cpuid2(MAX_CPUID_ENTRIES)
+            .map_err(setup("KVM_GET_CPUID2"))?;
+        let cpuid: Vec<CpuidEntry> = back.as_slice().iter().map(CpuidEntry::from).collect();
         let msrs = msr::save_list(
             &caps.msr_index_list,
             &cpuid,

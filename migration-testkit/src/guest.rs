@@ -39,11 +39,13 @@ mod vm;
 
 pub use error::GuestError;
 pub use image::{
-    describe_error_code, Guest, GuestImage, IMAGE_ADDR, IMAGE_END, IMAGE_MAX_SIZE, TIMER_IDLE,
+    cpuid_reports, describe_error_code, CpuidSeen, Guest, GuestImage, CPUID_REPORT_LEAVES,
+    IMAGE_ADDR, IMAGE_END, IMAGE_MAX_SIZE, TIMER_IDLE,
 };
 pub use loader::{
-    configure_vcpu, guest_ram_size, load, load_with_arg, write_boot_memory, BOOT_GDT_ADDR,
-    BOOT_PDPT_ADDR, BOOT_PD_ADDR, BOOT_PML4_ADDR, BOOT_STACK_TOP, IDENTITY_MAP_SIZE, MIN_RAM_SIZE,
+    configure_vcpu, configure_vcpu_registers, guest_ram_size, load, load_with_arg,
+    write_boot_memory, BOOT_GDT_ADDR, BOOT_PDPT_ADDR, BOOT_PD_ADDR, BOOT_PML4_ADDR, BOOT_STACK_TOP,
+    IDENTITY_MAP_SIZE, MIN_RAM_SIZE,
 };
 pub use monitor::{Failure, PortEvent, PortMonitor, Verdict, PORT_ERROR, PORT_INFO, PORT_PROGRESS};
 pub use run::{complete_pending_io, install_kick_handler, kick_signal, run_until};

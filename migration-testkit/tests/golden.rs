@@ -24,7 +24,14 @@ use kvm_ioctls::Kvm;
 use migration_core::codec::{self, Codec};
 use migration_core::container::{self, WriteOptions};
 use migration_core::{MemorySink, Pausable, Snapshot, Snapshottable};
-use migration_kvm::{ClockRestore, HostCaps, KvmVcpu, KvmVmDevices, VcpuState, VmState};
+use migration_kvm::cpu_check::{
+    admit_snapshot, check, CpuRefusal, CpuReport, Difference, MAX_LISTED,
+};
+use migration_kvm::cpu_template;
+use migration_kvm::state::CpuidState;
+use migration_kvm::{
+    ClockRestore, CpuModel, CpuPolicy, HostCaps, KvmVcpu, KvmVmDevices, VcpuState, VmState,
+};
 use migration_testkit::fuzz_bodies::{seeds, small_layout};
 use migration_testkit::{FakeDevice, FakeDeviceManager, FakeMemory, FakeVm};
 
@@ -342,21 +349,102 @@ fn kvm_state_v1_loads_and_restores_into_a_real_vcpu() {
 
     migration_testkit::require_kvm!();
     let kvm = Kvm::new().unwrap();
+    let host = CpuModel::host().unwrap();
     for (name, vs, ms) in &loaded {
-        let (mut devices, mut vcpu) = kvm_vm(&kvm);
-        devices.pause().unwrap();
-        vcpu.pause().unwrap();
-        devices
-            .restore_state(ms)
-            .unwrap_or_else(|e| panic!("{name}: VM state: {e}"));
-        vcpu.restore_state(vs)
-            .unwrap_or_else(|e| panic!("{name}: vCPU state: {e}"));
-        let back = vcpu.save_state().unwrap();
-        assert_eq!(back.regs, vs.regs, "{name}");
-        assert_eq!(back.sregs, vs.sregs, "{name}");
-        assert_eq!(back.xcrs, vs.xcrs, "{name}");
-        assert_eq!(back.cpuid, vs.cpuid, "{name}");
+        // The golden vCPU was recorded on some host (an AMD one with AVX-512); this
+        // one may lack part of its CPU. The check decides, before any vCPU ioctl.
+        let guest = CpuModel::of_vcpu("golden", vs);
+        let report = check(&guest, host);
+        let restored = if report.is_compatible() {
+            let back = restore_golden(&kvm, name, vs, ms);
+            assert_eq!(back.cpuid, vs.cpuid, "{name}");
+            back
+        } else {
+            refused_then_restored_reduced(&kvm, name, vs, ms, &guest, host, &report)
+        };
+        assert_eq!(restored.regs, vs.regs, "{name}");
+        assert_eq!(restored.sregs, vs.sregs, "{name}");
+        assert_eq!(restored.xcrs, vs.xcrs, "{name}");
     }
+}
+
+/// Restores `vs` and `ms` into a fresh VM and reads the vCPU back.
+fn restore_golden(kvm: &Kvm, name: &str, vs: &VcpuState, ms: &VmState) -> VcpuState {
+    let (mut devices, mut vcpu) = kvm_vm(kvm);
+    devices.pause().unwrap();
+    vcpu.pause().unwrap();
+    devices
+        .restore_state(ms)
+        .unwrap_or_else(|e| panic!("{name}: VM state: {e}"));
+    vcpu.restore_state(vs)
+        .unwrap_or_else(|e| panic!("{name}: vCPU state: {e}"));
+    vcpu.save_state().unwrap()
+}
+
+/// On a host that lacks part of the golden CPU: the checked restore refuses with a
+/// diff naming each missing feature, before touching a vCPU; the state restores
+/// with its CPUID reduced to what the host has (the host's model as a template),
+/// and the restored vCPU sees nothing the host lacks and every feature it was
+/// given.
+fn refused_then_restored_reduced(
+    kvm: &Kvm,
+    name: &str,
+    vs: &VcpuState,
+    ms: &VmState,
+    guest: &CpuModel,
+    host: &CpuModel,
+    report: &CpuReport,
+) -> VcpuState {
+    eprintln!("{name} on this host: {report}");
+    // The policy restores use refuses (admit_snapshot is what KvmVm::restore and
+    // restore_from_file run first).
+    let mut tree = Snapshot::new("vm");
+    let mut v = Snapshot::new("vcpu0");
+    vs.add_to(&mut v);
+    tree.add_child(v);
+    let policy = CpuPolicy::with_host(host.clone());
+    let refused = match admit_snapshot(&tree, "golden", &policy) {
+        Err(CpuRefusal::Incompatible(e)) => e,
+        other => panic!("{name}: not refused: {other:?}"),
+    };
+    let text = refused.to_string();
+    let mut missing = 0;
+    for d in &refused.report().differences {
+        if let Difference::MissingFeature(f) = d {
+            // Really missing, and named as "name (leaf L subleaf S, reg bit B)".
+            assert!(guest.has(f.bit) && !host.has(f.bit), "{name}: {f}");
+            assert!(
+                text.contains(&f.to_string()) || missing >= MAX_LISTED,
+                "{text}"
+            );
+            missing += 1;
+        }
+    }
+    assert!(missing > 0 || !refused.report().differences.is_empty());
+
+    // Reduced: the golden table masked by this host (features ANDed, limits lowered).
+    let mut reduced = vs.clone();
+    reduced.cpuid = CpuidState(cpu_template::apply(guest, host).unwrap());
+    let reduced_model = CpuModel::of_vcpu("reduced", &reduced);
+    let after = check(&reduced_model, host);
+    assert!(after.is_compatible(), "{name}: still incompatible: {after}");
+    let back = restore_golden(kvm, name, &reduced, ms);
+    // The restored vCPU's CPUID: nothing this host lacks, and every feature it was
+    // given. (Hosts that honour KVM_SET_CPUID2 read back exactly `reduced`; kvm_pvm
+    // hosts substitute their own values for some leaves.)
+    let seen = CpuModel::of_vcpu("restored", &back);
+    let r = check(&seen, host);
+    assert!(r.is_compatible(), "{name}: {r}");
+    let lost: Vec<_> = check(&reduced_model, &seen)
+        .differences
+        .into_iter()
+        .filter(|d| matches!(d, Difference::MissingFeature(_)))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{name}: features given but not seen: {lost:?}"
+    );
+    back
 }
 
 #[test]

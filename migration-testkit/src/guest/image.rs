@@ -14,6 +14,7 @@ pub const IMAGE_MAX_SIZE: usize = (IMAGE_END - IMAGE_ADDR) as usize;
 static COUNTER_AVX: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/counter_avx.bin"));
 static TIMER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/timer.bin"));
 static MEMORY_PATTERN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memory_pattern.bin"));
+static CPUID_REPORT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cpuid_report.bin"));
 
 /// The self-checking guests shipped with this crate (sources in `guests/`).
 ///
@@ -33,6 +34,53 @@ pub enum Guest {
     /// [1 MiB, end), rewriting 1/8 of the pages per pass.
     /// Progress = completed passes. The load argument bounds `end`.
     MemoryPattern,
+    /// Executes CPUID in ring 3 for each of [`CPUID_REPORT_LEAVES`] and reports the
+    /// results on the info port (6 values per leaf: leaf, subleaf, eax, ebx, ecx,
+    /// edx), then progress = round number; again every few milliseconds.
+    /// [`cpuid_reports`] decodes the info values.
+    CpuidReport,
+}
+
+/// The (leaf, subleaf) pairs [`Guest::CpuidReport`] reports each round, in order.
+pub const CPUID_REPORT_LEAVES: [(u32, u32); 7] = [
+    (0, 0),
+    (1, 0),
+    (7, 0),
+    (7, 1),
+    (0xd, 0),
+    (0xd, 1),
+    (0x8000_0001, 0),
+];
+
+/// One CPUID result as [`Guest::CpuidReport`] saw it: leaf, subleaf, eax, ebx, ecx,
+/// edx.
+pub type CpuidSeen = [u32; 6];
+
+/// Splits [`Guest::CpuidReport`]'s info values into complete rounds (the oldest
+/// values may have been dropped: the first complete round starts at a value equal to
+/// the first leaf with the expected subleaf, and every leaf of a round must come in
+/// [`CPUID_REPORT_LEAVES`] order).
+pub fn cpuid_reports(infos: &[u32]) -> Vec<Vec<CpuidSeen>> {
+    let n = CPUID_REPORT_LEAVES.len();
+    let mut rounds = Vec::new();
+    let mut i = 0;
+    while i + 6 * n <= infos.len() {
+        let round: Vec<CpuidSeen> = infos[i..i + 6 * n]
+            .chunks_exact(6)
+            .map(|c| [c[0], c[1], c[2], c[3], c[4], c[5]])
+            .collect();
+        let in_order = round
+            .iter()
+            .zip(CPUID_REPORT_LEAVES)
+            .all(|(seen, (leaf, sub))| seen[0] == leaf && seen[1] == sub);
+        if in_order {
+            rounds.push(round);
+            i += 6 * n;
+        } else {
+            i += 1;
+        }
+    }
+    rounds
 }
 
 /// Load argument of [`Guest::Timer`]: halt between ticks instead of spinning.
@@ -40,7 +88,12 @@ pub const TIMER_IDLE: u64 = 1;
 
 impl Guest {
     /// Every built-in guest.
-    pub const ALL: [Guest; 3] = [Guest::CounterAvx, Guest::Timer, Guest::MemoryPattern];
+    pub const ALL: [Guest; 4] = [
+        Guest::CounterAvx,
+        Guest::Timer,
+        Guest::MemoryPattern,
+        Guest::CpuidReport,
+    ];
 
     /// The flat binary image, to be loaded at [`IMAGE_ADDR`].
     pub fn image(&self) -> &'static [u8] {
@@ -48,15 +101,18 @@ impl Guest {
             Guest::CounterAvx => COUNTER_AVX,
             Guest::Timer => TIMER,
             Guest::MemoryPattern => MEMORY_PATTERN,
+            Guest::CpuidReport => CPUID_REPORT,
         }
     }
 
-    /// Short name, as in the source file name (`counter_avx`, `timer`, `memory_pattern`).
+    /// Short name, as in the source file name (`counter_avx`, `timer`,
+    /// `memory_pattern`, `cpuid_report`).
     pub fn name(&self) -> &'static str {
         match self {
             Guest::CounterAvx => "counter_avx",
             Guest::Timer => "timer",
             Guest::MemoryPattern => "memory_pattern",
+            Guest::CpuidReport => "cpuid_report",
         }
     }
 

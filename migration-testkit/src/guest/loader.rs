@@ -132,7 +132,13 @@ pub fn configure_vcpu(vcpu: &VcpuFd, kvm: &Kvm, ram_size: u64, arg: u64) -> Resu
         .map_err(GuestError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
     vcpu.set_cpuid2(&cpuid)
         .map_err(GuestError::kvm("KVM_SET_CPUID2"))?;
+    configure_vcpu_registers(vcpu, ram_size, arg)
+}
 
+/// [`configure_vcpu`] without its first step: the vCPU keeps the CPUID it has (a
+/// VMM that gives its vCPUs a CPU template, such as migration-kvm's `KvmVm`, has set
+/// it already). Order: `KVM_SET_SREGS`, `KVM_SET_REGS`, `KVM_SET_FPU`.
+pub fn configure_vcpu_registers(vcpu: &VcpuFd, ram_size: u64, arg: u64) -> Result<(), GuestError> {
     let mut sregs = vcpu.get_sregs().map_err(GuestError::kvm("KVM_GET_SREGS"))?;
     sregs.cs = segment(SEL_CODE, 0xb, true);
     let data = segment(SEL_DATA, 0x3, false);

@@ -9,7 +9,6 @@ use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::Kvm;
 use migration_core::codec::CodecRegistry;
 use migration_core::destination::{receive_migration, IncomingVm};
 use migration_core::precopy::{send_migration, MigrationReport};
@@ -18,7 +17,7 @@ use migration_core::MigratableError;
 use migration_kvm::{ExitAction, ExitEvent, ExitHandler, KvmVm, KvmVmConfig, KvmVmError};
 
 use super::{
-    configure_vcpu, write_boot_memory, Guest, GuestError, PortEvent, PortMonitor, Verdict,
+    configure_vcpu_registers, write_boot_memory, Guest, GuestError, PortEvent, PortMonitor, Verdict,
 };
 
 /// Errors of driving a [`RunningGuest`].
@@ -178,13 +177,22 @@ impl RunningGuest {
         arg: u64,
         timeout: Duration,
     ) -> Result<Self, RunningGuestError> {
+        Self::boot_with(guest, KvmVmConfig::new(mem, 1), arg, timeout)
+    }
+
+    /// [`boot`](Self::boot) into a VM built from `config` (its layout must start
+    /// with the guest's RAM at 0). The vCPUs keep the CPUID the VM gave them (the
+    /// host's, or masked by `config.cpu` as a template).
+    pub fn boot_with(
+        guest: Guest,
+        config: KvmVmConfig,
+        arg: u64,
+        timeout: Duration,
+    ) -> Result<Self, RunningGuestError> {
         let log = GuestLog::new();
-        let mut vm = KvmVm::new(KvmVmConfig::new(mem, 1), log.handlers())?;
+        let mut vm = KvmVm::new(config, log.handlers())?;
         let ram = write_boot_memory(vm.memory().mmap(), guest.image())?;
-        vm.with_vcpu(0, move |fd| {
-            let kvm = Kvm::new().map_err(GuestError::kvm("KVM_GET_API_VERSION"))?;
-            configure_vcpu(fd, &kvm, ram, arg)
-        })??;
+        vm.with_vcpu(0, move |fd| configure_vcpu_registers(fd, ram, arg))??;
         vm.start()?;
         Ok(Self {
             vm,
