@@ -33,7 +33,7 @@
 //! let sent = KvmVmConfig::from_bytes(&vm.migration_options().config)?;
 //! assert_eq!(sent, *vm.config());
 //! assert_eq!((sent.layout, sent.vcpus), (config.layout, config.vcpus));
-//! assert_eq!(sent.cpu.map(|m| m.name), Some("host".to_owned()));
+//! assert_eq!(sent.cpu.map(|m| m.name), Some("host-passthrough".to_owned()));
 //! // Paused from birth: a snapshot is consistent.
 //! vm.pause()?;
 //! let tree = vm.snapshot()?;
@@ -100,6 +100,9 @@ pub const MAX_CPU_MODEL_BYTES: usize = 32 << 10;
 pub const VM_ID: &str = "vm";
 /// The config section's id.
 pub const CONFIG_SECTION: &str = "config";
+/// The name of the CPU model of a VM built without a template (its vCPUs get this
+/// host's CPUID).
+pub const HOST_PASSTHROUGH: &str = "host-passthrough";
 
 /// Errors of decoding a [`KvmVmConfig`] (all input is untrusted).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -516,7 +519,10 @@ impl KvmVm {
         // migration handshake carry.
         let mut config = config;
         if let Some(fd) = fds.first() {
-            let name = config.cpu.as_ref().map_or("host", |t| t.name.as_str());
+            let name = config
+                .cpu
+                .as_ref()
+                .map_or(HOST_PASSTHROUGH, |t| t.name.as_str());
             config.cpu = Some(CpuModel::of_backend(name, fd, &caps)?);
         }
         let mut this = Self {
@@ -830,6 +836,16 @@ impl From<cpu_check::CpuRefusal> for KvmVmError {
     }
 }
 
+/// Adds `config` to `tree` as its `config` section (what [`config_of`] reads).
+pub fn add_config(tree: &mut Snapshot, config: &KvmVmConfig) {
+    tree.add_state(
+        CONFIG_SECTION,
+        ConfigSection {
+            bytes: config.to_bytes(),
+        },
+    );
+}
+
 /// The [`KvmVmConfig`] recorded in a `vm` snapshot tree.
 pub fn config_of(tree: &Snapshot) -> Result<KvmVmConfig, KvmVmError> {
     if tree.id() != VM_ID {
@@ -868,12 +884,7 @@ impl Snapshottable for KvmVm {
     /// vCPU must be paused.
     fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
         let mut s = Snapshot::new(VM_ID);
-        s.add_state(
-            CONFIG_SECTION,
-            ConfigSection {
-                bytes: self.config.to_bytes(),
-            },
-        );
+        add_config(&mut s, &self.config);
         s.snapshot_child(&mut self.devices)?;
         for v in &mut self.vcpus {
             s.snapshot_child(v)?;

@@ -14,6 +14,9 @@
 //! | `fake_device_v2.{json,bin2,pcd1}` | `FakeDevice` state section version 2, each codec |
 //! | `fake_vm_v1.bin` | a `FakeVm` (layout v1, workload v1, devices v2) with its memory, container 1.0 stream form |
 //! | `kvm_v1.{json,bin2,pcd1}.bin` | KVM `VcpuState` (every section, version 1) and `VmState` (version 1) of a real vCPU, container 1.0 |
+//! | `kvm_config_v1.json` | a `KvmVm` tree's `config` section, config version 1 (no CPU model) |
+//! | `kvm_config_v2.{json,bin2,pcd1}` | the same with config version 2: the guest's CPU model (model version 1), each codec |
+//! | `cpu_model_v1.json` | a `CpuModel` as `vmsnap cpu host --json` prints it (serde, version 1) |
 
 use std::io::Cursor;
 use std::path::PathBuf;
@@ -28,9 +31,11 @@ use migration_kvm::cpu_check::{
     admit_snapshot, check, CpuRefusal, CpuReport, Difference, MAX_LISTED,
 };
 use migration_kvm::cpu_template;
+use migration_kvm::kvm_vm::{add_config, config_of};
 use migration_kvm::state::CpuidState;
 use migration_kvm::{
-    ClockRestore, CpuModel, CpuPolicy, HostCaps, KvmVcpu, KvmVmDevices, VcpuState, VmState,
+    ClockRestore, CpuModel, CpuPolicy, CpuidEntry, HostCaps, KvmVcpu, KvmVmConfig, KvmVmDevices,
+    VcpuState, VmState,
 };
 use migration_testkit::fuzz_bodies::{seeds, small_layout};
 use migration_testkit::{FakeDevice, FakeDeviceManager, FakeMemory, FakeVm};
@@ -51,6 +56,15 @@ const FAKE_VM_V1: &str = "fake_vm_v1.bin";
 /// One per codec, in the order of [`codecs`].
 const KVM_V1: [&str; 3] = ["kvm_v1.json.bin", "kvm_v1.bin2.bin", "kvm_v1.pcd1.bin"];
 
+const KVM_CONFIG_V1: &str = "kvm_config_v1.json";
+/// One per codec, in the order of [`codecs`].
+const KVM_CONFIG_V2: [&str; 3] = [
+    "kvm_config_v2.json",
+    "kvm_config_v2.bin2",
+    "kvm_config_v2.pcd1",
+];
+const CPU_MODEL_V1: &str = "cpu_model_v1.json";
+
 /// Every file the tests below load: exactly the contents of `tests/golden/`.
 const GOLDEN: &[&str] = &[
     CONTAINER_FILE,
@@ -63,6 +77,11 @@ const GOLDEN: &[&str] = &[
     KVM_V1[0],
     KVM_V1[1],
     KVM_V1[2],
+    KVM_CONFIG_V1,
+    KVM_CONFIG_V2[0],
+    KVM_CONFIG_V2[1],
+    KVM_CONFIG_V2[2],
+    CPU_MODEL_V1,
 ];
 
 fn path(name: &str) -> PathBuf {
@@ -445,6 +464,104 @@ fn refused_then_restored_reduced(
         "{name}: features given but not seen: {lost:?}"
     );
     back
+}
+
+// ---- KvmVmConfig versions 1 and 2, CpuModel version 1 ----------------------------------
+
+/// A fixed CPU model (not this host's: the files must not depend on where they
+/// were written).
+fn golden_cpu() -> CpuModel {
+    let e = |function, index, flags, eax, ebx, ecx, edx| CpuidEntry {
+        function,
+        index,
+        flags,
+        eax,
+        ebx,
+        ecx,
+        edx,
+    };
+    CpuModel::new(
+        "pool-a",
+        vec![
+            e(0, 0, 0, 0xd, 0x6874_7541, 0x444d_4163, 0x6974_6e65),
+            e(1, 0, 0, 0xa0_0f11, 0x800, 0xf6f8_3203, 0x178b_fbff),
+            e(7, 0, 1, 0, 0x219c_07ab, 0x0604, 0x10),
+            e(0xd, 0, 1, 0x7, 0x340, 0x340, 0),
+            e(
+                0x8000_0000,
+                0,
+                0,
+                0x8000_0008,
+                0x6874_7541,
+                0x444d_4163,
+                0x6974_6e65,
+            ),
+            e(0x8000_0008, 0, 0, 0x3030, 0, 0, 0),
+        ],
+        4096,
+        vec![0x10, 0x1b, 0x6e0, 0xc000_0080],
+        Some(2_445_406),
+        false,
+    )
+    .unwrap()
+}
+
+fn golden_config(cpu: Option<CpuModel>) -> KvmVmConfig {
+    let mut c = KvmVmConfig::new(64 << 20, 2);
+    c.cpu = cpu;
+    c
+}
+
+fn config_tree(config: &KvmVmConfig, codec: &Arc<dyn Codec>) -> Snapshot {
+    let mut tree = Snapshot::new(migration_kvm::kvm_vm::VM_ID);
+    add_config(&mut tree, config);
+    tree.encode(codec).unwrap();
+    tree
+}
+
+#[test]
+fn kvm_config_v1_and_v2_and_cpu_model_v1_load() {
+    let json = &codecs()[0];
+    if update() {
+        let v1 = config_tree(&golden_config(None), json);
+        write(KVM_CONFIG_V1, &codec::encode(json.as_ref(), &v1).unwrap());
+        for (c, name) in per_codec(KVM_CONFIG_V2) {
+            let v2 = config_tree(&golden_config(Some(golden_cpu())), &c);
+            write(name, &codec::encode(c.as_ref(), &v2).unwrap());
+        }
+        write(
+            CPU_MODEL_V1,
+            serde_json::to_string_pretty(&golden_cpu())
+                .unwrap()
+                .as_bytes(),
+        );
+    }
+    let registry = migration_serde::registry();
+    let load = |c: &Arc<dyn Codec>, name: &str| {
+        let mut s: Snapshot = codec::decode(c.as_ref(), &read(name)).unwrap();
+        s.resolve_codecs(&registry);
+        config_of(&s).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    // Version 1 still reads, without a model; its bytes say version 1.
+    let v1 = load(json, KVM_CONFIG_V1);
+    assert_eq!(v1, golden_config(None));
+    assert_eq!(&v1.to_bytes()[4..8], &1u32.to_le_bytes());
+    for (c, name) in per_codec(KVM_CONFIG_V2) {
+        let v2 = load(&c, name);
+        assert_eq!(v2, golden_config(Some(golden_cpu())), "{name}");
+        assert_eq!(&v2.to_bytes()[4..8], &2u32.to_le_bytes(), "{name}");
+    }
+    let model: CpuModel = serde_json::from_slice(&read(CPU_MODEL_V1)).unwrap();
+    assert_eq!(model, golden_cpu());
+    assert_eq!(
+        model
+            .features()
+            .iter()
+            .filter_map(|f| f.name)
+            .take(3)
+            .collect::<Vec<_>>(),
+        ["sse3", "pclmulqdq", "ssse3"]
+    );
 }
 
 #[test]
