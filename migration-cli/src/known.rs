@@ -225,6 +225,12 @@ pub fn fields(kind: Kind, section: &Section) -> Result<Fields, String> {
                 text("layout", layout.join(" ")),
                 text("clock_restore", format!("{:?}", c.clock_restore)),
                 text("memory_options", format!("{:?}", c.memory)),
+                text(
+                    "cpu_model",
+                    c.cpu.map_or("none (config version 1)".to_owned(), |m| {
+                        format!("{:?}", m.name)
+                    }),
+                ),
             ]
         }
         Kind::Vcpu(VcpuStep::TscKhz) => vec![dec("tsc_khz", decode::<TscKhz>(section)?.0.into())],
@@ -239,6 +245,7 @@ pub fn fields(kind: Kind, section: &Section) -> Result<Fields, String> {
                 f.push(text("vendor", String::from_utf8_lossy(&v).into_owned()));
                 f.push(hex("max_leaf", leaf0.eax.into()));
             }
+            f.extend(cpu_fields(c.0));
             f
         }
         Kind::Vcpu(VcpuStep::MpState) => {
@@ -455,6 +462,18 @@ pub fn fields(kind: Kind, section: &Section) -> Result<Fields, String> {
             ]
         }
     })
+}
+
+/// The CPU a CPUID table describes: family/model and its features by name
+/// (raw-cpuid's names; unnamed bits by position).
+fn cpu_fields(cpuid: Vec<migration_kvm::CpuidEntry>) -> Fields {
+    match migration_kvm::CpuModel::new("cpuid", cpuid, 0, Vec::new(), None, false) {
+        Ok(m) => vec![
+            text("cpu", migration_kvm::cpu_check::signature(&m)),
+            text("features", crate::cpu::feature_names(&m)),
+        ],
+        Err(e) => vec![text("features", format!("cannot decode: {e}"))],
+    }
 }
 
 fn recode_as<T>(section: &Section, codec: &Arc<dyn Codec>) -> Result<Section, String>

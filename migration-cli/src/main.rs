@@ -6,10 +6,12 @@
 //! cargo run --release -p migration-cli -- demo
 //! vmsnap inspect vm.snap --json | jq .sections
 //! vmsnap verify vm.snap && echo intact
+//! vmsnap cpu check vm.snap --host other-host.json
 //! ```
 //!
 //! Exit codes: 0 success; 1 a negative answer (a checksum failed, the snapshots
-//! differ, a conversion was refused, a guest reported a failure); 2 usage or I/O error.
+//! differ, a conversion was refused, a guest reported a failure, a guest CPU does
+//! not fit); 2 usage or I/O error.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +19,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod convert;
+mod cpu;
 mod demo;
 mod demo_fake;
 mod demo_kvm;
@@ -40,7 +43,7 @@ const AFTER_HELP: &str = "\
 Exit codes:
   0  success (snapshot intact, snapshots identical, guest continued correctly)
   1  negative answer: a checksum failed, the snapshots differ, a conversion was
-     refused, or a guest reported a failure
+     refused, a guest reported a failure, or a guest CPU does not fit the host
   2  usage or I/O error (bad arguments, unreadable file, not a snapshot container)";
 
 /// Snapshot, restore and live-migrate VMs; inspect snapshot files.
@@ -100,6 +103,12 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// CPU models: this host's, whether a snapshot's guest CPU fits a host, the
+    /// baseline of several hosts (docs/cpu.md).
+    Cpu {
+        #[command(subcommand)]
+        command: cpu::CpuCommand,
+    },
     /// Apply incremental snapshots onto a full one and write one full snapshot.
     Merge {
         /// The full snapshot at the start of the chain.
@@ -142,6 +151,7 @@ fn main() -> ExitCode {
             codec,
             output,
         } => convert::run(&file, codec, &output),
+        Command::Cpu { command } => cpu::run(&command),
         Command::Merge {
             base,
             incrementals,

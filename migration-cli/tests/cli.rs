@@ -536,3 +536,89 @@ fn demo_runs_a_guest_file_and_exits_non_zero_when_the_guest_fails() {
     assert!(text.contains("0xdead0001"), "{text}");
     assert!(text.contains("demo FAILED"), "{text}");
 }
+
+#[test]
+fn cpu_host_check_and_baseline_work_on_a_real_snapshot() {
+    use migration_kvm::{CpuModel, ExitAction, KvmVm, KvmVmConfig};
+    if !migration_testkit::skip_unless_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("vm.snap");
+    let mut vm = KvmVm::new(KvmVmConfig::new(4 << 20, 1), |_| {
+        Box::new(|_| ExitAction::Continue)
+    })
+    .unwrap();
+    vm.save_snapshot(&snap).unwrap();
+
+    // This host, as JSON and as text.
+    let o = vmsnap(&["cpu", "host", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", all(&o));
+    let host: CpuModel = serde_json::from_slice(&o.stdout).unwrap();
+    let host_json = dir.path().join("host.json");
+    std::fs::write(&host_json, &o.stdout).unwrap();
+    let o = vmsnap(&["cpu", "host"]);
+    assert_eq!(o.status.code(), Some(0), "{}", all(&o));
+    assert!(
+        stdout(&o).contains("features: ") && stdout(&o).contains(" sse2 "),
+        "{}",
+        all(&o)
+    );
+
+    // The snapshot fits this host.
+    let o = vmsnap(&["cpu", "check", p(&snap)]);
+    assert_eq!(o.status.code(), Some(0), "{}", all(&o));
+    assert!(stdout(&o).contains("OK: fits"), "{}", all(&o));
+
+    // Not a host without a feature it has: exit 1, the feature named.
+    let (missing, bit) = ["avx2", "sse42", "sse2"]
+        .into_iter()
+        .find_map(|n| {
+            let b = migration_kvm::cpu_features::feature_by_name(n)?;
+            host.has(b).then_some((n, b))
+        })
+        .unwrap();
+    let small = host.without("small", &[missing]).unwrap();
+    let small_json = dir.path().join("small.json");
+    std::fs::write(&small_json, serde_json::to_vec(&small).unwrap()).unwrap();
+    let o = vmsnap(&["cpu", "check", p(&snap), "--host", p(&small_json)]);
+    assert_eq!(o.status.code(), Some(1), "{}", all(&o));
+    assert!(
+        stdout(&o).contains(&format!("missing {missing} ({bit})")),
+        "{}",
+        all(&o)
+    );
+
+    // The baseline of the two is the smaller one's features; the snapshot does not
+    // fit it either.
+    let o = vmsnap(&[
+        "cpu",
+        "baseline",
+        p(&host_json),
+        p(&small_json),
+        "--name",
+        "pool",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", all(&o));
+    let pool: CpuModel = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(pool.name, "pool");
+    assert_eq!(pool.features(), small.features());
+    let pool_json = dir.path().join("pool.json");
+    std::fs::write(&pool_json, &o.stdout).unwrap();
+    let o = vmsnap(&["cpu", "check", p(&snap), "--host", p(&pool_json)]);
+    assert_eq!(o.status.code(), Some(1), "{}", all(&o));
+
+    // inspect names the guest's features and its model.
+    let o = vmsnap(&["inspect", p(&snap)]);
+    assert_eq!(o.status.code(), Some(0), "{}", all(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("features = ") && text.contains(" sse2 "),
+        "{text}"
+    );
+    assert!(text.contains("cpu_model = \"host-passthrough\""), "{text}");
+
+    // A file that is not a model is an error (exit 2), not a panic.
+    let o = vmsnap(&["cpu", "check", p(&snap), "--host", p(&snap)]);
+    assert_eq!(o.status.code(), Some(2), "{}", all(&o));
+}
