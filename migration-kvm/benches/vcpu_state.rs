@@ -1,9 +1,11 @@
 //! Save and restore of one vCPU + the VM's in-kernel devices, against the same raw
-//! ioctls called directly in the same run (goal: ≤ 1.2×).
+//! ioctls called directly in the same run (goal: ≤ 1.2×); and the CPU compatibility
+//! check a restore runs first, against that restore (goal: ≤ 1 ms for a full model).
 //!
-//! `cargo bench -p migration-kvm --bench vcpu_state`: criterion timings for the four
-//! cases, then the ratios `ours / raw` measured interleaved (median of rounds).
-//! Skips (prints why) without a usable /dev/kvm.
+//! `cargo bench -p migration-kvm --bench vcpu_state`: the cold CPU figures (first
+//! host probe, first check, first check that names features: once per process),
+//! criterion timings, then the ratios measured interleaved (median and p10–p90 of
+//! rounds). Skips (prints why) without a usable /dev/kvm.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -14,9 +16,11 @@ use kvm_bindings::{
     KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
+use migration_kvm::cpu_check::check;
 use migration_kvm::msr::MSR_CHUNK;
 use migration_kvm::{
-    restore_vm_state, save_vm_state, ClockRestore, HostCaps, KvmVcpu, VcpuState, VmState,
+    restore_vm_state, save_vm_state, ClockRestore, CpuModel, HostCaps, KvmVcpu, VcpuState,
+    VmState,
 };
 use migration_testkit::guest::{Guest, TestVm};
 
@@ -110,6 +114,20 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+/// (p10, median, p90) in µs.
+fn spread(mut v: Vec<Duration>) -> (f64, f64, f64) {
+    v.sort();
+    let at = |q: usize| v[(v.len() - 1) * q / 100].as_secs_f64() * 1e6;
+    (at(10), at(50), at(90))
+}
+
+/// The guest's model from its state, checked against `host`: what a restore runs
+/// before its first vCPU ioctl.
+fn model_and_check(state: &VcpuState, host: &CpuModel) -> bool {
+    let guest = CpuModel::of_vcpu("guest", state);
+    check(&guest, host).is_compatible()
+}
+
 fn main() {
     if let Err(reason) = migration_testkit::kvm_available() {
         eprintln!("skipped: /dev/kvm not usable: {reason}");
@@ -151,6 +169,35 @@ fn main() {
         xsave_size,
     };
     let fd = vcpu.backend();
+
+    // Cold, once per process: the host probe (a throwaway VM and vCPU), the first
+    // check, the first check with differences (builds raw-cpuid's name table).
+    let t0 = Instant::now();
+    let host = CpuModel::host().unwrap();
+    let probe = t0.elapsed();
+    let t0 = Instant::now();
+    let first_ok = model_and_check(&state, host);
+    let first = t0.elapsed();
+    let t0 = Instant::now();
+    let features = host.features();
+    let first_names = t0.elapsed();
+    let present: Vec<&str> = features.iter().filter_map(|f| f.name).collect();
+    let small = host.without("small", &present[..present.len() / 2]).unwrap();
+    let t0 = Instant::now();
+    let report = check(&CpuModel::of_vcpu("guest", &state), &small);
+    let text = report.to_string();
+    let first_named = t0.elapsed();
+    println!(
+        "cpu cold: host probe {:.1} µs; first check {:.1} µs (compatible: {first_ok}); \
+         first naming of features (builds raw-cpuid's name tables) {:.1} µs; \
+         then a check naming {} differences {:.1} µs ({} bytes of text)",
+        probe.as_secs_f64() * 1e6,
+        first.as_secs_f64() * 1e6,
+        first_names.as_secs_f64() * 1e6,
+        report.differences.len(),
+        first_named.as_secs_f64() * 1e6,
+        text.len()
+    );
     println!(
         "state: {} MSRs, {} CPUID entries, xsave {} bytes, nested state: {}",
         state.msrs.0.len(),
@@ -180,12 +227,20 @@ fn main() {
     c.bench_function("restore/raw_ioctls", |b| {
         b.iter(|| raw_restore(&vm, fd, &vm_state, &state, &raw))
     });
+    c.bench_function("cpu_check/model_and_check", |b| {
+        b.iter(|| black_box(model_and_check(&state, host)))
+    });
+    let guest = CpuModel::of_vcpu("guest", &state);
+    c.bench_function("cpu_check/incompatible_with_text", |b| {
+        b.iter(|| black_box(check(&guest, &small).to_string()))
+    });
     c.final_summary();
 
     // Interleaved rounds, so both sides see the same machine load.
     let rounds = 200;
     let per = 20;
     let (mut s_ours, mut s_raw, mut r_ours, mut r_raw) = (vec![], vec![], vec![], vec![]);
+    let (mut c_ok, mut c_named) = (vec![], vec![]);
     for _ in 0..rounds {
         let t0 = Instant::now();
         for _ in 0..per {
@@ -209,6 +264,31 @@ fn main() {
             raw_restore(&vm, fd, &vm_state, &state, &raw);
         }
         r_raw.push(t0.elapsed() / per);
+        let t0 = Instant::now();
+        for _ in 0..per {
+            black_box(model_and_check(&state, host));
+        }
+        c_ok.push(t0.elapsed() / per);
+        let t0 = Instant::now();
+        for _ in 0..per {
+            black_box(check(&guest, &small).to_string());
+        }
+        c_named.push(t0.elapsed() / per);
+    }
+    let restore = spread(r_ours.clone());
+    for (what, v) in [
+        ("check (model + compare, compatible)", c_ok),
+        ("check (incompatible, diff text)", c_named),
+    ] {
+        let (p10, p50, p90) = spread(v);
+        println!(
+            "cpu {what}: median {p50:.2} µs (p10 {p10:.2}, p90 {p90:.2}); \
+             {:.4} of the restore it guards (median {:.1} µs, p10 {:.1}, p90 {:.1})",
+            p50 / restore.1,
+            restore.1,
+            restore.0,
+            restore.2
+        );
     }
     let (so, sr, ro, rr) = (median(s_ours), median(s_raw), median(r_ours), median(r_raw));
     println!(

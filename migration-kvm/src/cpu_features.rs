@@ -220,13 +220,29 @@ pub fn dynamic_mask(r: RegId) -> u32 {
 /// string of leaf 0: `GenuineIntel`, `AuthenticAMD`…), if it knows it.
 /// Some methods of raw-cpuid answer for one vendor only (`has_sse4a` is false on
 /// Intel): a bit the vendor's table lacks is looked up in the other's.
+///
+/// On AMD, leaf 0x80000001 edx bits 0–9, 12–17, 23 and 24 repeat leaf 1 edx
+/// (AMD APM vol. 3, CPUID Fn8000_0001_EDX): they get leaf 1's names.
 pub fn feature_name(bit: FeatureBit, vendor: &str) -> Option<&'static str> {
     let family = Family::of(vendor);
-    table(family)
-        .by_bit
-        .get(&bit)
-        .or_else(|| table(family.other()).by_bit.get(&bit))
-        .copied()
+    let lookup = |bit: &FeatureBit| {
+        table(family)
+            .by_bit
+            .get(bit)
+            .or_else(|| table(family.other()).by_bit.get(bit))
+            .copied()
+    };
+    lookup(&bit).or_else(|| {
+        let mirrored = matches!(bit.bit, 0..=9 | 12..=17 | 23 | 24);
+        (family == Family::Amd && bit.reg == reg(0x8000_0001, 0, Reg::Edx) && mirrored)
+            .then(|| {
+                lookup(&FeatureBit {
+                    reg: reg(1, 0, Reg::Edx),
+                    bit: bit.bit,
+                })
+            })
+            .flatten()
+    })
 }
 
 /// The bit raw-cpuid calls `name` (Intel's table first, then AMD's).
@@ -579,6 +595,12 @@ mod tests {
                 assert_eq!(feature_name(b, vendor), Some(name), "{b} on {vendor}");
             }
         }
+        // AMD repeats leaf 1's edx bits in leaf 0x80000001 edx.
+        assert_eq!(
+            feature_name(bit(0x8000_0001, 0, Reg::Edx, 0), "AuthenticAMD"),
+            Some("fpu")
+        );
+        assert_eq!(feature_name(bit(0x8000_0001, 0, Reg::Edx, 0), "GenuineIntel"), None);
         // The SVM feature leaf decodes only with SVM present; probed with it.
         assert_eq!(
             feature_name(bit(0x8000_000a, 0, Reg::Edx, 0), "AuthenticAMD"),
