@@ -19,8 +19,7 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use migration_kvm::cpu_check::check;
 use migration_kvm::msr::MSR_CHUNK;
 use migration_kvm::{
-    restore_vm_state, save_vm_state, ClockRestore, CpuModel, HostCaps, KvmVcpu, VcpuState,
-    VmState,
+    restore_vm_state, save_vm_state, ClockRestore, CpuModel, HostCaps, KvmVcpu, VcpuState, VmState,
 };
 use migration_testkit::guest::{Guest, TestVm};
 
@@ -182,7 +181,9 @@ fn main() {
     let features = host.features();
     let first_names = t0.elapsed();
     let present: Vec<&str> = features.iter().filter_map(|f| f.name).collect();
-    let small = host.without("small", &present[..present.len() / 2]).unwrap();
+    let small = host
+        .without("small", &present[..present.len() / 2])
+        .unwrap();
     let t0 = Instant::now();
     let report = check(&CpuModel::of_vcpu("guest", &state), &small);
     let text = report.to_string();

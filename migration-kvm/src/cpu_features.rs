@@ -600,7 +600,10 @@ mod tests {
             feature_name(bit(0x8000_0001, 0, Reg::Edx, 0), "AuthenticAMD"),
             Some("fpu")
         );
-        assert_eq!(feature_name(bit(0x8000_0001, 0, Reg::Edx, 0), "GenuineIntel"), None);
+        assert_eq!(
+            feature_name(bit(0x8000_0001, 0, Reg::Edx, 0), "GenuineIntel"),
+            None
+        );
         // The SVM feature leaf decodes only with SVM present; probed with it.
         assert_eq!(
             feature_name(bit(0x8000_000a, 0, Reg::Edx, 0), "AuthenticAMD"),

@@ -271,7 +271,7 @@ impl CpuModel {
         } else {
             None
         };
-        Ok(Self::new(
+        Self::new(
             "host",
             cpuid,
             u32::try_from(caps.xsave_size()).unwrap_or(u32::MAX),
@@ -282,7 +282,7 @@ impl CpuModel {
         .map_err(|e| KvmStateError::Invalid {
             step: Step::Setup("host CPU model"),
             reason: e.to_string(),
-        })?)
+        })
     }
 
     /// The entry for `leaf` and `subleaf` (the subleaf is ignored for leaves whose
