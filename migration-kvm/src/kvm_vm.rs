@@ -1037,6 +1037,91 @@ mod tests {
         ));
     }
 
+    fn with_cpu() -> KvmVmConfig {
+        let mut c = KvmVmConfig::new(64 << 20, 2);
+        c.cpu = Some(
+            CpuModel::new(
+                "pool",
+                vec![crate::state::CpuidEntry {
+                    function: 0,
+                    eax: 0xd,
+                    ebx: 0x756e_6547,
+                    edx: 0x4965_6e69,
+                    ecx: 0x6c65_746e,
+                    ..Default::default()
+                }],
+                4096,
+                vec![0x10, 0x6e0],
+                Some(2_000_000),
+                false,
+            )
+            .unwrap(),
+        );
+        c
+    }
+
+    #[test]
+    fn config_v2_carries_the_cpu_model_and_v1_is_written_without_one() {
+        let c = with_cpu();
+        let b = c.to_bytes();
+        assert_eq!(&b[4..8], &2u32.to_le_bytes());
+        assert_eq!(KvmVmConfig::from_bytes(&b), Ok(c));
+        let v1 = KvmVmConfig::new(64 << 20, 2).to_bytes();
+        assert_eq!(&v1[4..8], &1u32.to_le_bytes());
+        // Hostile v2: a CPU block cut short, a huge declared length, trailing bytes,
+        // a bad model inside.
+        let end = CONFIG_HEADER + 16;
+        assert!(matches!(
+            KvmVmConfig::from_bytes(&b[..end + 2]),
+            Err(ConfigError::Truncated { .. })
+        ));
+        assert!(matches!(
+            KvmVmConfig::from_bytes(&b[..b.len() - 1]),
+            Err(ConfigError::Truncated { .. })
+        ));
+        let mut huge = b.clone();
+        huge[end..end + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            KvmVmConfig::from_bytes(&huge),
+            Err(ConfigError::Field("cpu model length"))
+        );
+        let mut long = b.clone();
+        long.push(0);
+        assert_eq!(
+            KvmVmConfig::from_bytes(&long),
+            Err(ConfigError::TrailingBytes(1))
+        );
+        let mut bad = b.clone();
+        bad[end + 4] = b'X';
+        assert_eq!(
+            KvmVmConfig::from_bytes(&bad),
+            Err(ConfigError::Cpu(CpuModelError::BadMagic))
+        );
+    }
+
+    proptest::proptest! {
+        /// Any bytes, and any one-byte change or cut of a valid v2 config: a typed
+        /// error or a config that encodes back to the same bytes; never a panic.
+        #[test]
+        fn config_decoding_never_panics_and_is_canonical(
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            at in 0usize..4096,
+            value in proptest::prelude::any::<u8>(),
+            cut in 0usize..4096,
+        ) {
+            let good = with_cpu().to_bytes();
+            let mut changed = good.clone();
+            let i = at % changed.len();
+            changed[i] = value;
+            let cut = &good[..cut % (good.len() + 1)];
+            for bytes in [&junk[..], &changed[..], cut] {
+                if let Ok(c) = KvmVmConfig::from_bytes(bytes) {
+                    proptest::prop_assert_eq!(c.to_bytes(), bytes.to_vec());
+                }
+            }
+        }
+    }
+
     #[test]
     fn configs_above_max_guest_ram_are_rejected_before_any_allocation() {
         // One region of 2^56 bytes: valid layout, but its dirty bitmap alone would
