@@ -161,7 +161,7 @@ pub struct KvmVmConfig {
     /// The guest's CPU model. Building a VM from `Some(template)` gives each vCPU
     /// this host's CPUID masked by the template ([`cpu_template::apply`]); `None`
     /// gives the host's CPUID unchanged. A built VM's config always holds the model
-    /// its guest got (named after the template, or `host`), and so do its snapshots
+    /// its guest got (named after the template, or [`HOST_PASSTHROUGH`]), and so do its snapshots
     /// and its migration handshake, where the destination checks it
     /// (`docs/cpu.md`).
     pub cpu: Option<CpuModel>,
