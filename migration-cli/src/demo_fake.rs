@@ -144,7 +144,7 @@ impl DemoTarget for FakeTarget {
 
     fn receive_options(&self) -> ReceiveOptions {
         ReceiveOptions {
-            arch: migration_core::protocol::Arch::host(),
+            arch: migration_core::arch::Arch::host(),
             codecs: Self::registry(),
         }
     }

@@ -17,7 +17,7 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use migration_core::protocol::Arch;
+use migration_core::arch::Arch;
 use migration_core::{
     receive_migration, send_migration, ConvergencePolicy, MemoryRange, MemorySink,
     MigrationOptions, MigrationReport, Pausable, ReceiveOptions,
@@ -39,7 +39,7 @@ fn migrate(
         .name("destination".into())
         .spawn(move || {
             let options = ReceiveOptions {
-                arch: Arch::NONE,
+                arch: Arch::None,
                 codecs: migration_serde::registry(),
             };
             receive_migration(
@@ -61,7 +61,7 @@ fn migrate(
 
 fn options(limit: Duration, policy: ConvergencePolicy) -> MigrationOptions {
     MigrationOptions {
-        arch: Arch::NONE,
+        arch: Arch::None,
         downtime_limit: limit,
         max_rounds: 30,
         policy,

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::error::BoxError;
+use crate::box_error::BoxError;
 
 /// A codec's stable four-byte identifier, recorded in every section it encodes.
 ///

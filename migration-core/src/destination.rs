@@ -10,14 +10,17 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::arch::Arch;
 use crate::codec::{self, Codec, CodecRegistry};
 use crate::endpoint::Endpoint;
+use crate::error::MigratableError;
 use crate::memory::{check_range, MemoryRange};
+use crate::migratable::Migratable;
 use crate::protocol::{
-    Arch, Channel, Hello, Message, MessageType, MigrationError, Received, MAX_STATE,
+    Channel, Hello, Message, MessageType, MigrationError, Received, MAX_STATE,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
-use crate::{Migratable, MigratableError, Snapshot};
+use crate::snapshot::Snapshot;
 
 /// What the destination learns from the source's HELLO: enough to build the VM.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::MigratableError;
+use crate::error::MigratableError;
 
 /// A parsed socket endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,7 +22,8 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    /// Parses `tcp://host:port` or `unix:///absolute/path`.
+    /// Parses `tcp://host:port` or `unix:///absolute/path` (the snapshot transports
+    /// use it too, beside their own `file://`).
     pub fn parse(url: &str) -> Result<Self, MigratableError> {
         let invalid = |reason: &str| MigratableError::InvalidUrl {
             url: url.to_owned(),
@@ -31,8 +32,16 @@ impl Endpoint {
         let parsed = url::Url::parse(url).map_err(|e| invalid(&e.to_string()))?;
         match parsed.scheme() {
             "tcp" => {
-                let host = parsed.host_str().ok_or_else(|| invalid("no host"))?;
-                let port = parsed.port().ok_or_else(|| invalid("no port"))?;
+                let host = parsed
+                    .host_str()
+                    .filter(|h| !h.is_empty())
+                    .ok_or_else(|| invalid("no host: use tcp://host:port"))?;
+                let port = parsed
+                    .port()
+                    .ok_or_else(|| invalid("no port: use tcp://host:port"))?;
+                if parsed.path().len() > 1 {
+                    return Err(invalid("a tcp URL has no path: use tcp://host:port"));
+                }
                 Ok(Endpoint::Tcp(format!("{host}:{port}")))
             }
             "unix" => {
@@ -178,10 +187,19 @@ mod tests {
             Endpoint::parse("unix:///tmp/x.sock").unwrap(),
             Endpoint::Unix("/tmp/x.sock".into())
         );
-        assert!(matches!(
-            Endpoint::parse("tcp://127.0.0.1"),
-            Err(MigratableError::InvalidUrl { .. })
-        ));
+        for bad in [
+            "tcp://127.0.0.1",
+            "tcp://:4444",
+            "tcp://127.0.0.1:4444/path",
+        ] {
+            assert!(
+                matches!(
+                    Endpoint::parse(bad),
+                    Err(MigratableError::InvalidUrl { .. })
+                ),
+                "{bad}"
+            );
+        }
         assert!(matches!(
             Endpoint::parse("unix://"),
             Err(MigratableError::InvalidUrl { .. })

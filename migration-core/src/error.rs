@@ -7,13 +7,10 @@
 
 use std::io;
 
+use crate::box_error::BoxError;
 use crate::codec::CodecError;
 use crate::container::FormatError;
 use crate::memory::MemoryError;
-
-/// A boxed error from a component or a transport: typed at its origin, erased here so
-/// the traits stay object safe. Downcast it to recover the concrete type.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Errors of pausing, snapshotting, restoring, sending and receiving components.
 ///
@@ -157,6 +154,26 @@ pub enum MigratableError {
     Io(#[from] io::Error),
 }
 
+/// `Some(path)` of the variants that carry a component path, `None` for the rest:
+/// the one list of them, for [`MigratableError::path`] (borrowed) and
+/// `path_mut` (mutably borrowed).
+macro_rules! with_path {
+    ($e:expr) => {
+        match $e {
+            MigratableError::Pause { path, .. }
+            | MigratableError::Resume { path, .. }
+            | MigratableError::Snapshot { path, .. }
+            | MigratableError::Restore { path, .. }
+            | MigratableError::Codec { path, .. }
+            | MigratableError::Version { path, .. }
+            | MigratableError::MissingSection { path, .. }
+            | MigratableError::MissingChild { path, .. }
+            | MigratableError::IdMismatch { path, .. } => Some(path),
+            _ => None,
+        }
+    };
+}
+
 impl MigratableError {
     /// Prepends `id` to the component path of this error, if it has one.
     ///
@@ -175,33 +192,11 @@ impl MigratableError {
 
     /// The component path this error concerns, where known.
     pub fn path(&self) -> Option<&str> {
-        match self {
-            Self::Pause { path, .. }
-            | Self::Resume { path, .. }
-            | Self::Snapshot { path, .. }
-            | Self::Restore { path, .. }
-            | Self::Codec { path, .. }
-            | Self::Version { path, .. }
-            | Self::MissingSection { path, .. }
-            | Self::MissingChild { path, .. }
-            | Self::IdMismatch { path, .. } => Some(path),
-            _ => None,
-        }
+        with_path!(self).map(String::as_str)
     }
 
     fn path_mut(&mut self) -> Option<&mut String> {
-        match self {
-            Self::Pause { path, .. }
-            | Self::Resume { path, .. }
-            | Self::Snapshot { path, .. }
-            | Self::Restore { path, .. }
-            | Self::Codec { path, .. }
-            | Self::Version { path, .. }
-            | Self::MissingSection { path, .. }
-            | Self::MissingChild { path, .. }
-            | Self::IdMismatch { path, .. } => Some(path),
-            _ => None,
-        }
+        with_path!(self)
     }
 }
 

@@ -33,8 +33,9 @@ use crate::container::{
     self, ContainerInfo, ContainerReader, FormatError, ReadOptions, VerifyReport, WriteOptions,
     WriteSummary,
 };
+use crate::error::MigratableError;
 use crate::memory::{MemorySink, MemorySource};
-use crate::{MigratableError, Snapshot};
+use crate::snapshot::Snapshot;
 
 /// Removes the temporary file unless disarmed.
 struct TempGuard(Option<PathBuf>);

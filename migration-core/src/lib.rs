@@ -116,6 +116,8 @@
 #![warn(missing_docs)]
 #![warn(missing_debug_implementations)]
 
+pub mod arch;
+pub mod box_error;
 pub mod checksum;
 pub mod codec;
 pub mod container;
@@ -135,12 +137,14 @@ pub mod transport;
 mod transportable;
 mod version;
 
+pub use arch::Arch;
+pub use box_error::BoxError;
 pub use codec::{Codec, CodecError, CodecId, CodecRegistry};
 pub use container::FormatError;
 pub use destination::{
     receive_migration, receive_migration_over, IncomingVm, ReceiveOptions, ReceiveReport,
 };
-pub use error::{BoxError, MigratableError};
+pub use error::MigratableError;
 pub use memory::{MemoryError, MemoryRange, MemoryRangeTable, MemorySink, MemorySource};
 pub use migratable::Migratable;
 pub use pausable::Pausable;

@@ -9,7 +9,7 @@ use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::BoxError;
+use crate::box_error::BoxError;
 
 /// Guest page size used by dirty bitmaps and zero-page detection.
 pub const PAGE_SIZE: u64 = 4096;
@@ -296,6 +296,55 @@ pub fn check_range(regions: &[MemoryRange], range: MemoryRange) -> Result<(), Me
     }
 }
 
+/// Whether `bytes` are all zero: the test behind zero pages, which the container
+/// leaves as holes and a migration sends as ZERO ranges. Checks 64-byte blocks and
+/// stops at the first non-zero one, so random data costs a few bytes per page.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let mut blocks = bytes.chunks_exact(64);
+    for b in &mut blocks {
+        if b.iter().fold(0u8, |a, &x| a | x) != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|&b| b == 0)
+}
+
+/// A maximal run of whole pages of a buffer that are all zero, or all not: see
+/// [`page_runs`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageRun {
+    /// Offset of the run in the buffer.
+    pub offset: usize,
+    /// Length of the run in bytes.
+    pub len: usize,
+    /// Whether every page of the run is all zero.
+    pub zero: bool,
+}
+
+/// Splits `chunk` into maximal runs of [`PAGE_SIZE`] pages that are all zero or not,
+/// in order. A partial last page is a page.
+pub fn page_runs(chunk: &[u8]) -> impl Iterator<Item = PageRun> + '_ {
+    let page = PAGE_SIZE as usize;
+    let zero_at = move |at: usize| is_zero(&chunk[at..chunk.len().min(at + page)]);
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        if at >= chunk.len() {
+            return None;
+        }
+        let offset = at;
+        let zero = zero_at(offset);
+        at = chunk.len().min(at + page);
+        while at < chunk.len() && zero_at(at) == zero {
+            at = chunk.len().min(at + page);
+        }
+        Some(PageRun {
+            offset,
+            len: at - offset,
+            zero,
+        })
+    })
+}
+
 /// Guest memory that snapshots and migrations read from.
 ///
 /// Implementations must check every range against their layout and return
@@ -394,6 +443,33 @@ fn bounce_step(remaining: u64, buf_len: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn page_runs_split_zero_and_data_pages() {
+        let run = |offset, len, zero| PageRun { offset, len, zero };
+        let mut chunk = vec![0u8; 4 * 4096 + 100];
+        chunk[4096 + 7] = 1;
+        chunk[4 * 4096 + 99] = 1;
+        assert_eq!(
+            page_runs(&chunk).collect::<Vec<_>>(),
+            [
+                run(0, 4096, true),
+                run(4096, 4096, false),
+                run(8192, 8192, true),
+                run(16384, 100, false)
+            ]
+        );
+        assert_eq!(page_runs(&[]).count(), 0);
+        assert_eq!(page_runs(&[0; 10]).collect::<Vec<_>>(), [run(0, 10, true)]);
+        assert!(is_zero(&[0; 200]));
+        assert!(!is_zero(&[0, 0, 0, 1]));
+        let mut late = [0u8; 200];
+        late[199] = 1;
+        assert!(
+            !is_zero(&late),
+            "a non-zero byte in the tail after 64-byte blocks"
+        );
+    }
 
     fn naive(bitmap: &[u64], start: u64, page: u64) -> Vec<MemoryRange> {
         let mut t = MemoryRangeTable::new();

@@ -1,7 +1,8 @@
 //! [`Migratable`]: a component (normally a whole VM) that can be live-migrated.
 
+use crate::error::MigratableError;
 use crate::memory::{MemoryRangeTable, MemorySink, MemorySource};
-use crate::{MigratableError, Transportable};
+use crate::transportable::Transportable;
 
 /// A component that can be moved while it runs: the precopy driver sends its memory
 /// while it runs, then pauses it and sends what changed plus its device state.

@@ -1,6 +1,6 @@
 //! [`Pausable`]: stop and restart a component's activity.
 
-use crate::MigratableError;
+use crate::error::MigratableError;
 
 /// A component whose activity can be stopped and restarted.
 ///

@@ -11,14 +11,16 @@ use std::fmt;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
+use crate::arch::Arch;
 use crate::codec::{self, Codec, CodecId};
 use crate::endpoint::Endpoint;
-use crate::memory::{MemoryRange, MemoryRangeTable, PAGE_SIZE};
+use crate::error::MigratableError;
+use crate::memory::{page_runs, MemoryRange, MemoryRangeTable, PageRun, PAGE_SIZE};
+use crate::migratable::Migratable;
 use crate::protocol::{
-    Arch, Channel, Hello, Message, MessageType, MigrationError, MAX_MEMORY_CHUNK, MAX_PAYLOAD,
+    Channel, Hello, Message, MessageType, MigrationError, MAX_MEMORY_CHUNK, MAX_PAYLOAD,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
-use crate::{Migratable, MigratableError};
 
 /// What to do when precopy does not converge within the round or time cap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -470,7 +472,7 @@ impl<S: Read + Write> Source<S> {
                 .read_memory(piece.gpa, chunk)
                 .map_err(MigratableError::from)?;
             if version >= 2 {
-                for (offset, len, zero) in page_runs(chunk) {
+                for PageRun { offset, len, zero } in page_runs(chunk) {
                     let gpa = piece.gpa + offset as u64;
                     let pages = (len as u64).div_ceil(PAGE_SIZE);
                     if zero {
@@ -586,33 +588,6 @@ fn report_progress(
     }
 }
 
-/// Whether `bytes` are all zero. Checks 64-byte blocks and stops at the first
-/// non-zero one, so random data costs a few bytes per page.
-pub fn is_zero(bytes: &[u8]) -> bool {
-    let mut blocks = bytes.chunks_exact(64);
-    for b in &mut blocks {
-        if b.iter().fold(0u8, |a, &x| a | x) != 0 {
-            return false;
-        }
-    }
-    blocks.remainder().iter().all(|&b| b == 0)
-}
-
-/// Splits `chunk` into runs of whole pages that are all zero or not: `(offset, len,
-/// zero)`. A partial last page is its own page.
-fn page_runs(chunk: &[u8]) -> Vec<(usize, usize, bool)> {
-    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
-    for (i, page) in chunk.chunks(PAGE_SIZE as usize).enumerate() {
-        let zero = is_zero(page);
-        let offset = i * PAGE_SIZE as usize;
-        match runs.last_mut() {
-            Some(r) if r.2 == zero => r.1 += page.len(),
-            _ => runs.push((offset, page.len(), zero)),
-        }
-    }
-    runs
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -659,23 +634,5 @@ mod tests {
             lines[2],
             "downtime 3.50 ms = final round 2.50 + state capture 0.25 + state send 0.50 + resume 0.25"
         );
-    }
-
-    #[test]
-    fn page_runs_split_zero_and_data_pages() {
-        let mut chunk = vec![0u8; 4 * 4096 + 100];
-        chunk[4096 + 7] = 1;
-        chunk[4 * 4096 + 99] = 1;
-        assert_eq!(
-            page_runs(&chunk),
-            vec![
-                (0, 4096, true),
-                (4096, 4096, false),
-                (8192, 8192, true),
-                (16384, 100, false)
-            ]
-        );
-        assert!(is_zero(&[0; 200]));
-        assert!(!is_zero(&[0, 0, 0, 1]));
     }
 }

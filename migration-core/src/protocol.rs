@@ -18,9 +18,10 @@
 use std::io::{self, BufReader, Read, Write};
 use std::time::Duration;
 
+use crate::arch::Arch;
 use crate::codec::CodecId;
+use crate::error::MigratableError;
 use crate::memory::{check_range, MemoryError, MemoryRange, MemorySink};
-use crate::MigratableError;
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -48,28 +49,6 @@ pub const MAX_ZERO_RANGES: usize = 65536;
 
 const HEADER: usize = 8;
 const TRAILER: usize = 8;
-
-/// Target architecture of a migrating VM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Arch(pub u32);
-
-impl Arch {
-    /// No real architecture (fake VMs in tests).
-    pub const NONE: Arch = Arch(0);
-    /// x86_64.
-    pub const X86_64: Arch = Arch(1);
-    /// aarch64.
-    pub const AARCH64: Arch = Arch(2);
-
-    /// The architecture this process runs on.
-    pub fn host() -> Arch {
-        match std::env::consts::ARCH {
-            "x86_64" => Arch::X86_64,
-            "aarch64" => Arch::AARCH64,
-            _ => Arch::NONE,
-        }
-    }
-}
 
 /// Message types (the u16 at offset 0 of a frame).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -360,7 +339,10 @@ impl<'a> Message<'a> {
                 }
                 let version = c.u32()?;
                 let min_version = c.u32()?;
-                let arch = Arch(c.u32()?);
+                let code = c.u32()?;
+                let arch = Arch::from_code(code).ok_or_else(|| {
+                    MigrationError::malformed(format!("unknown architecture code {code}"))
+                })?;
                 let n = c.u16()? as usize;
                 let n = c.count(n, MAX_CODECS, 4, "codecs")?;
                 let codecs = (0..n)
@@ -447,7 +429,7 @@ impl<'a> Message<'a> {
                 out.extend_from_slice(&MAGIC);
                 out.extend_from_slice(&h.version.to_le_bytes());
                 out.extend_from_slice(&h.min_version.to_le_bytes());
-                out.extend_from_slice(&h.arch.0.to_le_bytes());
+                out.extend_from_slice(&h.arch.code().to_le_bytes());
                 out.extend_from_slice(&(h.codecs.len() as u16).to_le_bytes());
                 for c in &h.codecs {
                     out.extend_from_slice(&c.0);
@@ -839,6 +821,39 @@ mod tests {
         hello.extend_from_slice(&[2, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0]);
         hello.extend_from_slice(&u16::MAX.to_le_bytes());
         assert!(Message::decode(MessageType::Hello, &hello).is_err());
+    }
+
+    #[test]
+    fn hello_architecture_codes_are_the_containers() {
+        let hello = |arch: Arch| {
+            let mut out = Vec::new();
+            Message::Hello(Hello {
+                version: 2,
+                min_version: 1,
+                arch,
+                codecs: vec![],
+                layout: vec![],
+                config: vec![],
+                producer: String::new(),
+            })
+            .encode_head(&mut out);
+            out
+        };
+        for arch in [Arch::None, Arch::X86_64, Arch::Aarch64, Arch::Riscv64] {
+            let bytes = hello(arch);
+            assert_eq!(bytes[16..20], arch.code().to_le_bytes());
+            match Message::decode(MessageType::Hello, &bytes) {
+                Ok(Message::Hello(h)) => assert_eq!(h.arch, arch),
+                other => panic!("{arch:?}: {other:?}"),
+            }
+        }
+        // A code no architecture has is a malformed HELLO.
+        let mut bytes = hello(Arch::X86_64);
+        bytes[16..20].copy_from_slice(&99u32.to_le_bytes());
+        assert!(matches!(
+            Message::decode(MessageType::Hello, &bytes),
+            Err(MigrationError::Malformed(m)) if m.contains("architecture code 99")
+        ));
     }
 
     #[test]

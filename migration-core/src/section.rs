@@ -1,7 +1,7 @@
 //! [`Section`]: one versioned piece of a component's state.
 //!
 //! A section starts as typed state handed over by a component
-//! ([`Snapshot::add_state`](crate::Snapshot::add_state)), becomes bytes when the
+//! ([`Snapshot::add_state`](crate::snapshot::Snapshot::add_state)), becomes bytes when the
 //! snapshot is encoded with a codec, and is decoded back into typed state on restore
 //! with the codec its bytes record.
 
@@ -12,7 +12,6 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use crate::codec::{self, Codec, CodecError, CodecId, CodecRegistry};
-use crate::{MigratableError, Versioned};
 
 /// Typed state waiting to be encoded.
 trait StateValue: erased_serde::Serialize + Any + Send + Sync {
@@ -141,35 +140,6 @@ impl Section {
                 let codec = codec.as_ref().ok_or(CodecError::UnknownCodec(*codec_id))?;
                 codec::decode(codec.as_ref(), payload)
             }
-        }
-    }
-
-    /// Reads the payload as `T`, which the caller knows to be at `version`: decodes
-    /// directly at `T::VERSION`, upgrades from older accepted versions through
-    /// [`Versioned::upgrade`], and rejects the rest with [`MigratableError::Version`]
-    /// (path and section filled in by the snapshot that owns this section).
-    pub fn read_versioned<T: Versioned>(&self, version: u32) -> Result<T, MigratableError> {
-        let reject = || MigratableError::Version {
-            path: String::new(),
-            section: String::new(),
-            found: version,
-            min: T::MIN_VERSION,
-            max: T::VERSION,
-        };
-        if version == T::VERSION {
-            self.decode::<T>().map_err(|source| MigratableError::Codec {
-                path: String::new(),
-                section: String::new(),
-                source,
-            })
-        } else if version >= T::MIN_VERSION && version < T::VERSION {
-            T::upgrade(version, self).map_err(|e| match e {
-                // An upgrade hook refusing the version reports this type's range.
-                MigratableError::Version { .. } => reject(),
-                other => other,
-            })
-        } else {
-            Err(reject())
         }
     }
 }

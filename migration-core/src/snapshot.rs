@@ -13,7 +13,9 @@ use serde::ser::{self, SerializeStruct, Serializer};
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{Codec, CodecError, CodecId, CodecRegistry};
-use crate::{MigratableError, Section, Snapshottable, Versioned};
+use crate::error::MigratableError;
+use crate::section::Section;
+use crate::version::Versioned;
 
 /// The snapshot of one component and, recursively, of its children.
 ///
@@ -53,28 +55,6 @@ impl Snapshot {
     /// Adds (or replaces) a child snapshot, keyed by its id.
     pub fn add_child(&mut self, child: Snapshot) -> Option<Snapshot> {
         self.children.insert(child.id.clone(), child)
-    }
-
-    /// Snapshots `component` and adds it as a child. An error names the component's
-    /// path below this node.
-    pub fn snapshot_child(
-        &mut self,
-        component: &mut (impl Snapshottable + ?Sized),
-    ) -> Result<(), MigratableError> {
-        let child = component.snapshot().map_err(|e| e.within(&self.id))?;
-        self.add_child(child);
-        Ok(())
-    }
-
-    /// Restores `component` from the child snapshot with its id. A missing child or an
-    /// error from the component names the path below this node.
-    pub fn restore_child(
-        &self,
-        component: &mut (impl Snapshottable + ?Sized),
-    ) -> Result<(), MigratableError> {
-        let id = component.id();
-        let child = self.child(&id)?;
-        component.restore(child).map_err(|e| e.within(&self.id))
     }
 
     /// The child snapshot `id`, or [`MigratableError::MissingChild`].

@@ -1,6 +1,8 @@
 //! [`Snapshottable`]: save a component's state into a [`Snapshot`] and restore it.
 
-use crate::{MigratableError, Pausable, Snapshot};
+use crate::error::MigratableError;
+use crate::pausable::Pausable;
+use crate::snapshot::Snapshot;
 
 /// A component whose state can be captured in a [`Snapshot`] and restored from one.
 ///
@@ -23,4 +25,30 @@ pub trait Snapshottable: Pausable {
     ///
     /// [`snapshot`]: Snapshottable::snapshot
     fn restore(&mut self, snapshot: &Snapshot) -> Result<(), MigratableError>;
+}
+
+// Taking and restoring a child component belongs to this trait; it sits here, not in
+// `snapshot.rs`, so that `snapshot.rs` does not import `Snapshottable` back (no circle).
+impl Snapshot {
+    /// Snapshots `component` and adds it as a child. An error names the component's
+    /// path below this node.
+    pub fn snapshot_child(
+        &mut self,
+        component: &mut (impl Snapshottable + ?Sized),
+    ) -> Result<(), MigratableError> {
+        let child = component.snapshot().map_err(|e| e.within(self.id()))?;
+        self.add_child(child);
+        Ok(())
+    }
+
+    /// Restores `component` from the child snapshot with its id. A missing child or an
+    /// error from the component names the path below this node.
+    pub fn restore_child(
+        &self,
+        component: &mut (impl Snapshottable + ?Sized),
+    ) -> Result<(), MigratableError> {
+        let id = component.id();
+        let child = self.child(&id)?;
+        component.restore(child).map_err(|e| e.within(self.id()))
+    }
 }

@@ -37,10 +37,14 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::box_error::BoxError;
 use crate::codec::{CodecError, CodecRegistry};
 use crate::container::{self, ReadOptions, WriteOptions, WriteSummary};
+use crate::endpoint::Endpoint;
+use crate::error::MigratableError;
+use crate::file;
 use crate::memory::{MemorySink, MemorySource};
-use crate::{file, BoxError, MigratableError, Snapshot};
+use crate::snapshot::Snapshot;
 
 /// How long a sender keeps retrying a refused connection.
 pub const CONNECT_RETRY: Duration = Duration::from_secs(10);
@@ -66,47 +70,23 @@ pub enum TransportError {
     BadReply(String),
 }
 
-/// Where a URL points.
-enum Endpoint {
+/// Where a URL points: a file, or a socket [`Endpoint`].
+enum Target {
     File(PathBuf),
-    Tcp(String),
-    Unix(PathBuf),
+    Socket(Endpoint),
 }
 
-fn parse(url: &str) -> Result<Endpoint, MigratableError> {
-    let invalid = |reason: &str| MigratableError::InvalidUrl {
-        url: url.to_owned(),
-        reason: reason.to_owned(),
-    };
-    let u = url::Url::parse(url).map_err(|e| invalid(&e.to_string()))?;
-    match u.scheme() {
-        "file" => u
-            .to_file_path()
-            .map(Endpoint::File)
-            .map_err(|()| invalid("expected file:///absolute/path")),
-        "unix" => {
-            if u.host_str().is_some_and(|h| !h.is_empty()) || u.path().len() <= 1 {
-                return Err(invalid("expected unix:///absolute/path"));
-            }
-            Ok(Endpoint::Unix(PathBuf::from(u.path())))
+fn parse(url: &str) -> Result<Target, MigratableError> {
+    match url::Url::parse(url) {
+        Ok(u) if u.scheme() == "file" => {
+            u.to_file_path()
+                .map(Target::File)
+                .map_err(|()| MigratableError::InvalidUrl {
+                    url: url.to_owned(),
+                    reason: "expected file:///absolute/path".to_owned(),
+                })
         }
-        "tcp" => {
-            let host = u
-                .host_str()
-                .filter(|h| !h.is_empty())
-                .ok_or_else(|| invalid("expected tcp://host:port"))?;
-            let port = u
-                .port()
-                .ok_or_else(|| invalid("expected tcp://host:port (no port)"))?;
-            if u.path().len() > 1 {
-                return Err(invalid("tcp:// URLs take no path"));
-            }
-            Ok(Endpoint::Tcp(format!("{host}:{port}")))
-        }
-        scheme => Err(MigratableError::UnsupportedScheme {
-            url: url.to_owned(),
-            scheme: scheme.to_owned(),
-        }),
+        _ => Endpoint::parse(url).map(Target::Socket),
     }
 }
 
@@ -175,12 +155,12 @@ pub fn send_snapshot_with_memory(
     let snapshot = encoded(snapshot, codecs)?;
     let options = WriteOptions::default();
     let result = match endpoint {
-        Endpoint::File(path) => {
+        Target::File(path) => {
             file::write_snapshot_file(path, &snapshot, memory, &options).map(drop)
         }
-        Endpoint::Tcp(addr) => connect(|| TcpStream::connect(&addr))
+        Target::Socket(Endpoint::Tcp(addr)) => connect(|| TcpStream::connect(&addr))
             .and_then(|mut s| send_to_stream(&mut s, &snapshot, memory, &options).map(drop)),
-        Endpoint::Unix(path) => connect(|| UnixStream::connect(&path))
+        Target::Socket(Endpoint::Unix(path)) => connect(|| UnixStream::connect(&path))
             .and_then(|mut s| send_to_stream(&mut s, &snapshot, memory, &options).map(drop)),
     };
     result.map_err(|e| match e {
@@ -202,8 +182,8 @@ pub fn recv_snapshot_with_memory(
     let endpoint = parse(url)?;
     let options = ReadOptions::default();
     let result = match endpoint {
-        Endpoint::File(path) => file::read_snapshot_file(path, codecs, sink),
-        Endpoint::Tcp(addr) => TcpListener::bind(&addr)
+        Target::File(path) => file::read_snapshot_file(path, codecs, sink),
+        Target::Socket(Endpoint::Tcp(addr)) => TcpListener::bind(&addr)
             .and_then(|l| l.accept())
             .map_err(MigratableError::Io)
             .and_then(|(mut s, _)| {
@@ -215,7 +195,7 @@ pub fn recv_snapshot_with_memory(
                 }
                 r
             }),
-        Endpoint::Unix(path) => listen_unix(&path).and_then(|l| {
+        Target::Socket(Endpoint::Unix(path)) => listen_unix(&path).and_then(|l| {
             let accepted = l.accept();
             let _ = std::fs::remove_file(&path);
             let (mut s, _) = accepted?;

@@ -1,7 +1,10 @@
 //! [`Transportable`]: send a snapshot to a URL and receive one from it.
 
 use crate::codec::CodecRegistry;
-use crate::{transport, MigratableError, Snapshot, Snapshottable};
+use crate::error::MigratableError;
+use crate::snapshot::Snapshot;
+use crate::snapshottable::Snapshottable;
+use crate::transport;
 
 /// A component whose snapshots travel to and from URLs (`file://`, `tcp://`, `unix://`).
 ///

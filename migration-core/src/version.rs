@@ -34,7 +34,8 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::{MigratableError, Section};
+use crate::error::MigratableError;
+use crate::section::Section;
 
 /// A state type stored in a versioned section.
 pub trait Versioned: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
@@ -56,5 +57,38 @@ pub trait Versioned: Serialize + DeserializeOwned + Clone + Send + Sync + 'stati
             min: Self::VERSION,
             max: Self::VERSION,
         })
+    }
+}
+
+// Reading a section at a version is this module's concept; it sits here, not in
+// `section.rs`, so that `section.rs` does not import `Versioned` back (no circle).
+impl Section {
+    /// Reads the payload as `T`, which the caller knows to be at `version`: decodes
+    /// directly at `T::VERSION`, upgrades from older accepted versions through
+    /// [`Versioned::upgrade`], and rejects the rest with [`MigratableError::Version`]
+    /// (path and section filled in by the snapshot that owns this section).
+    pub fn read_versioned<T: Versioned>(&self, version: u32) -> Result<T, MigratableError> {
+        let reject = || MigratableError::Version {
+            path: String::new(),
+            section: String::new(),
+            found: version,
+            min: T::MIN_VERSION,
+            max: T::VERSION,
+        };
+        if version == T::VERSION {
+            self.decode::<T>().map_err(|source| MigratableError::Codec {
+                path: String::new(),
+                section: String::new(),
+                source,
+            })
+        } else if version >= T::MIN_VERSION && version < T::VERSION {
+            T::upgrade(version, self).map_err(|e| match e {
+                // An upgrade hook refusing the version reports this type's range.
+                MigratableError::Version { .. } => reject(),
+                other => other,
+            })
+        } else {
+            Err(reject())
+        }
     }
 }

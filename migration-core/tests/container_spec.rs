@@ -5,8 +5,9 @@ mod common;
 use std::io::Cursor;
 
 use common::PageMemory;
+use migration_core::arch::Arch;
 use migration_core::codec::{CodecId, CodecRegistry};
-use migration_core::container::{self, Arch, Form, FormatError, ReadOptions};
+use migration_core::container::{self, Form, FormatError, ReadOptions};
 use migration_core::{MemoryRange, MigratableError};
 
 fn crc(b: &[u8]) -> u64 {

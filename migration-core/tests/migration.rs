@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use migration_core::protocol::{Arch, MessageType, MigrationError};
+use migration_core::arch::Arch;
+use migration_core::protocol::{MessageType, MigrationError};
 use migration_core::{
     receive_migration, receive_migration_over, send_migration, send_migration_over, CodecRegistry,
     ConvergencePolicy, MigratableError, MigrationOptions, MigrationReport, Pausable,
@@ -26,7 +27,7 @@ fn codecs() -> CodecRegistry {
 
 fn options() -> MigrationOptions {
     MigrationOptions {
-        arch: Arch::NONE,
+        arch: Arch::None,
         downtime_limit: Duration::from_millis(100),
         ..MigrationOptions::default()
     }
@@ -34,7 +35,7 @@ fn options() -> MigrationOptions {
 
 fn receive_options() -> ReceiveOptions {
     ReceiveOptions {
-        arch: Arch::NONE,
+        arch: Arch::None,
         codecs: codecs(),
     }
 }
@@ -249,7 +250,7 @@ fn handshake_rejections_carry_the_destinations_reason() {
     let (a, b) = UnixStream::pair().expect("pair");
     let dest = thread::spawn(move || {
         let opts = ReceiveOptions {
-            arch: Arch::NONE,
+            arch: Arch::None,
             codecs: CodecRegistry::new().with(Arc::new(migration_serde::PostcardCodec)),
         };
         receive_migration_over(b, &opts, |i| build_destination(&i.layout))

@@ -10,7 +10,7 @@
 use std::thread;
 use std::time::Duration;
 
-use migration_core::protocol::Arch;
+use migration_core::arch::Arch;
 use migration_core::{
     receive_migration, send_migration, ConvergencePolicy, MigrationOptions, Pausable,
     ReceiveOptions,
@@ -67,7 +67,7 @@ fn helper_destination() {
         return;
     }
     let options = ReceiveOptions {
-        arch: Arch::NONE,
+        arch: Arch::None,
         codecs: migration_serde::registry(),
     };
     let listen = format!("tcp://{}:0", NetnsPair::ADDR_B);
@@ -113,7 +113,7 @@ fn helper_source() {
         .expect("workload writes");
     thread::sleep(Duration::from_millis(100));
     let mut options = MigrationOptions {
-        arch: Arch::NONE,
+        arch: Arch::None,
         downtime_limit: DOWNTIME_LIMIT,
         max_rounds: 30,
         policy: ConvergencePolicy::Cancel,

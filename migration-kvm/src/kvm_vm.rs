@@ -48,11 +48,11 @@ use std::path::Path;
 
 use kvm_bindings::{kvm_cpuid_entry2, kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use migration_core::arch::Arch;
 use migration_core::codec::CodecRegistry;
 use migration_core::container::{WriteOptions, WriteSummary};
 use migration_core::destination::{IncomingVm, ReceiveOptions};
 use migration_core::precopy::MigrationOptions;
-use migration_core::protocol::Arch;
 use migration_core::{
     file, MemoryRange, MemoryRangeTable, MemorySink, MemorySource, Migratable, MigratableError,
     Pausable, Snapshot, Snapshottable, Transportable, Versioned,

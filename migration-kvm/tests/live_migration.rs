@@ -12,11 +12,12 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
+use migration_core::arch::Arch;
 use migration_core::codec::CodecRegistry;
 use migration_core::destination::IncomingVm;
 use migration_core::destination::{receive_migration_over, ReceiveOptions};
 use migration_core::precopy::{send_migration, send_migration_over, MigrationReport};
-use migration_core::protocol::{Arch, MigrationError};
+use migration_core::protocol::MigrationError;
 use migration_core::{MigratableError, Pausable};
 use migration_kvm::{KvmVm, KvmVmConfig, KvmVmError, RestoreMode};
 use migration_testkit::guest::{Guest, GuestLog as Log, RunningGuest as Running};
@@ -175,7 +176,7 @@ fn handshake_rejected_leaves_the_guest_running() -> Result<()> {
     let dest = thread::spawn(move || {
         // A destination of another architecture.
         let opts = ReceiveOptions {
-            arch: Arch::AARCH64,
+            arch: Arch::Aarch64,
             codecs: codecs(),
         };
         receive_migration_over(b, &opts, |i| build(i, &Log::default())).map(|_| ())

@@ -25,11 +25,12 @@ use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_ioapic_state, kvm_lapic_state, kvm_mp_state, kvm_pic_state,
     kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
 };
+use migration_core::arch::Arch;
 use migration_core::checksum::Crc64;
 use migration_core::codec::{self, Codec};
 use migration_core::container::{self, ReadOptions, WriteOptions};
 use migration_core::memory::{check_range, MemoryRange, MemoryRangeTable, MemorySink};
-use migration_core::protocol::{Arch, Channel, Hello, Message, MessageType};
+use migration_core::protocol::{Channel, Hello, Message, MessageType};
 use migration_core::{
     receive_migration_over, CodecRegistry, MemorySource, MigratableError, ReceiveOptions, Snapshot,
 };
@@ -38,7 +39,8 @@ use migration_kvm::{CpuidEntry, MsrEntry, Raw, VcpuState, VmState};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::{FakeMemory, FakeVm};
+use crate::fake_memory::FakeMemory;
+use crate::fake_vm::FakeVm;
 
 /// Guest memory the container and protocol targets restore into: two small regions
 /// with a hole between them.

@@ -15,8 +15,8 @@
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 use super::extents::Extent;
+use crate::error::MigratableError;
 use crate::memory::MemorySource;
-use crate::MigratableError;
 
 /// Bytes of guest memory read per step (each of the [`BUFFERS`] buffers).
 pub(crate) const CHUNK: usize = 1 << 20;

@@ -148,15 +148,6 @@ pub(crate) fn decode_run_table(b: &[u8], extents: &[Extent]) -> Result<Vec<DataR
     Ok(runs)
 }
 
-/// Whether a page (or any slice) is all zero. Written to vectorise.
-pub(crate) fn is_zero(bytes: &[u8]) -> bool {
-    let mut chunks = bytes.chunks_exact(64);
-    let whole = chunks
-        .by_ref()
-        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0);
-    whole && chunks.remainder().iter().all(|&b| b == 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! The 192-byte container header (`docs/format.md` §3).
 
 use super::FormatError;
+use crate::arch::Arch;
 use crate::checksum::crc64;
 
 /// The container magic: `\x89VMSNAP\n`.
@@ -16,56 +17,6 @@ pub const FLAG_HAS_PARENT: u32 = 1;
 const KNOWN_FLAGS: u32 = FLAG_HAS_PARENT;
 const NAME_MAX: usize = 31;
 const VERSION_MAX: usize = 23;
-
-/// The architecture whose CPU state a snapshot holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Arch {
-    /// No CPU state (tests, fakes, device-only snapshots).
-    None,
-    /// x86-64.
-    X86_64,
-    /// AArch64.
-    Aarch64,
-    /// RISC-V 64.
-    Riscv64,
-}
-
-impl Arch {
-    /// The architecture this crate was compiled for.
-    pub fn host() -> Self {
-        if cfg!(target_arch = "x86_64") {
-            Self::X86_64
-        } else if cfg!(target_arch = "aarch64") {
-            Self::Aarch64
-        } else if cfg!(target_arch = "riscv64") {
-            Self::Riscv64
-        } else {
-            Self::None
-        }
-    }
-
-    /// The header's code for this architecture.
-    pub fn code(self) -> u32 {
-        match self {
-            Self::None => 0,
-            Self::X86_64 => 1,
-            Self::Aarch64 => 2,
-            Self::Riscv64 => 3,
-        }
-    }
-
-    /// The architecture with header code `code`.
-    pub fn from_code(code: u32) -> Option<Self> {
-        Some(match code {
-            0 => Self::None,
-            1 => Self::X86_64,
-            2 => Self::Aarch64,
-            3 => Self::Riscv64,
-            _ => return None,
-        })
-    }
-}
 
 /// The two container forms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -6,7 +6,9 @@ use super::limits::*;
 use super::FormatError;
 use crate::checksum::crc64;
 use crate::codec::{CodecError, CodecId};
-use crate::{MigratableError, Section, Snapshot};
+use crate::error::MigratableError;
+use crate::section::Section;
+use crate::snapshot::Snapshot;
 
 /// One section as the metadata describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,12 +70,18 @@ fn unwritable(what: String) -> MigratableError {
     FormatError::Unwritable { what }.into()
 }
 
-/// Encodes the tree of `snapshot` and `extents`; returns the block (CRC included)
-/// and the payloads in storage order.
-pub(crate) fn encode<'s>(
-    snapshot: &'s Snapshot,
-    extents: &[Extent],
-) -> Result<(Vec<u8>, Vec<&'s [u8]>), MigratableError> {
+/// A snapshot tree encoded for the metadata block, without the extent table: what
+/// the block's length and the payloads' offsets depend on, so a writer encodes the
+/// tree once and adds the extents when it knows their file offsets.
+pub(crate) struct Tree<'s> {
+    nodes: u64,
+    body: Vec<u8>,
+    /// The section payloads, in storage order.
+    pub(crate) payloads: Vec<&'s [u8]>,
+}
+
+/// Encodes the tree of `snapshot` (ids, versions, codecs, payload offsets and CRCs).
+pub(crate) fn encode(snapshot: &Snapshot) -> Result<Tree<'_>, MigratableError> {
     let mut body = Vec::new();
     let mut payloads = Vec::new();
     let mut nodes = 0u64;
@@ -100,32 +108,53 @@ pub(crate) fn encode<'s>(
             "{offset} payload bytes, over {MAX_PAYLOAD_LEN}"
         )));
     }
-    if extents.len() as u64 > MAX_EXTENTS {
-        return Err(unwritable(format!(
-            "{} extents, over {MAX_EXTENTS}",
-            extents.len()
-        )));
+    Ok(Tree {
+        nodes,
+        body,
+        payloads,
+    })
+}
+
+impl Tree<'_> {
+    /// The length of the metadata block (CRC included) with `extents` extents.
+    pub(crate) fn block_len(&self, extents: usize) -> u64 {
+        (16 + self.body.len() + 24 * extents + 8) as u64
     }
-    let mut block = Vec::with_capacity(16 + body.len() + 24 * extents.len() + 8);
-    block.extend_from_slice(&(nodes as u32).to_le_bytes());
-    block.extend_from_slice(&(sections as u32).to_le_bytes());
-    block.extend_from_slice(&(extents.len() as u32).to_le_bytes());
-    block.extend_from_slice(&0u32.to_le_bytes());
-    block.extend_from_slice(&body);
-    for e in extents {
-        block.extend_from_slice(&e.gpa.to_le_bytes());
-        block.extend_from_slice(&e.length.to_le_bytes());
-        block.extend_from_slice(&e.file_offset.to_le_bytes());
+
+    /// The sum of the payload lengths.
+    pub(crate) fn payload_len(&self) -> u64 {
+        self.payloads.iter().map(|p| p.len() as u64).sum()
     }
-    let crc = crc64(&block);
-    block.extend_from_slice(&crc.to_le_bytes());
-    if block.len() as u64 > MAX_METADATA_LEN {
-        return Err(unwritable(format!(
-            "metadata of {} bytes, over {MAX_METADATA_LEN}",
-            block.len()
-        )));
+
+    /// The metadata block: the tree and `extents`, CRC included.
+    pub(crate) fn block(&self, extents: &[Extent]) -> Result<Vec<u8>, MigratableError> {
+        if extents.len() as u64 > MAX_EXTENTS {
+            return Err(unwritable(format!(
+                "{} extents, over {MAX_EXTENTS}",
+                extents.len()
+            )));
+        }
+        let len = self.block_len(extents.len());
+        if len > MAX_METADATA_LEN {
+            return Err(unwritable(format!(
+                "metadata of {len} bytes, over {MAX_METADATA_LEN}"
+            )));
+        }
+        let mut block = Vec::with_capacity(len as usize);
+        block.extend_from_slice(&(self.nodes as u32).to_le_bytes());
+        block.extend_from_slice(&(self.payloads.len() as u32).to_le_bytes());
+        block.extend_from_slice(&(extents.len() as u32).to_le_bytes());
+        block.extend_from_slice(&0u32.to_le_bytes());
+        block.extend_from_slice(&self.body);
+        for e in extents {
+            block.extend_from_slice(&e.gpa.to_le_bytes());
+            block.extend_from_slice(&e.length.to_le_bytes());
+            block.extend_from_slice(&e.file_offset.to_le_bytes());
+        }
+        let crc = crc64(&block);
+        block.extend_from_slice(&crc.to_le_bytes());
+        Ok(block)
     }
-    Ok((block, payloads))
 }
 
 fn encode_node<'s>(

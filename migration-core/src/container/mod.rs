@@ -9,12 +9,12 @@
 //!   back; [`verify`] checks every checksum without restoring; [`inspect`] returns the
 //!   header, tree with sizes and extent table ([`ContainerInfo`]).
 //! - A reader rejects anything `docs/format.md` §10 lists with a [`FormatError`]
-//!   (inside [`MigratableError::Format`](crate::MigratableError::Format)), checking
+//!   (inside [`MigratableError::Format`](crate::error::MigratableError::Format)), checking
 //!   every declared length against [`limits`] and the file size before allocating.
 //!
 //! Guest memory never passes through a buffer of its full size: it streams from a
-//! [`MemorySource`](crate::MemorySource) through a 1 MiB buffer, and back into a
-//! [`MemorySink`](crate::MemorySink).
+//! [`MemorySource`](crate::memory::MemorySource) through a 1 MiB buffer, and back into a
+//! [`MemorySink`](crate::memory::MemorySink).
 //!
 //! ```
 //! use std::io::Cursor;
@@ -54,7 +54,7 @@ mod writer;
 
 pub use error::FormatError;
 pub use extents::{DataRun, Extent};
-pub use header::{Arch, Form, Header};
+pub use header::{Form, Header};
 pub use metadata::{NodeInfo, SectionInfo};
 pub use reader::{
     inspect, read_snapshot, read_snapshot_stream, verify, verify_stream, ContainerInfo,

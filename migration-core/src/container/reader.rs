@@ -9,8 +9,9 @@ use super::metadata::{self, Metadata, NodeInfo, SectionInfo};
 use super::FormatError;
 use crate::checksum::{crc64, CrcReader};
 use crate::codec::CodecRegistry;
+use crate::error::MigratableError;
 use crate::memory::{MemoryError, MemorySink, PAGE_SIZE};
-use crate::{MigratableError, Snapshot};
+use crate::snapshot::Snapshot;
 
 /// How a reader restores memory.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -3,12 +3,15 @@
 use std::io::{Seek, SeekFrom, Write};
 
 use super::chunk_pipeline::{for_each_chunk, Job, CHUNK};
-use super::extents::{encode_run_table, is_zero, DataRun, Extent};
-use super::header::{Arch, Form, Header, FORMAT_MAJOR, FORMAT_MINOR, HEADER_LEN};
-use super::{limits, metadata, FormatError};
+use super::extents::{encode_run_table, DataRun, Extent};
+use super::header::{Form, Header, FORMAT_MAJOR, FORMAT_MINOR, HEADER_LEN};
+use super::metadata::{self, Tree};
+use super::{limits, FormatError};
+use crate::arch::Arch;
 use crate::checksum::Crc64;
-use crate::memory::{MemorySource, PAGE_SIZE};
-use crate::{MigratableError, Snapshot};
+use crate::error::MigratableError;
+use crate::memory::{page_runs, MemorySource, PageRun, PAGE_SIZE};
+use crate::snapshot::Snapshot;
 
 // A chunk is the largest DATA record of the stream form.
 const _: () = assert!(CHUNK as u64 <= limits::MAX_RECORD_LEN);
@@ -108,26 +111,21 @@ fn extents_for(
     Ok(extents)
 }
 
-struct Prefix {
-    header: Header,
-    metadata: Vec<u8>,
-}
-
-fn prefix<'s>(
-    snapshot: &'s Snapshot,
-    extents: &[Extent],
+/// The header for `tree` with `extents` extents (its lengths depend on nothing else).
+fn header_for(
+    tree: &Tree<'_>,
+    extents: usize,
     form: Form,
     options: &WriteOptions,
-) -> Result<(Prefix, Vec<&'s [u8]>), MigratableError> {
-    let (metadata, payloads) = metadata::encode(snapshot, extents)?;
+) -> Result<Header, MigratableError> {
     let header = Header {
         major: FORMAT_MAJOR,
         minor: FORMAT_MINOR,
         form,
         arch: options.arch,
         parent: options.parent,
-        metadata_length: metadata.len() as u64,
-        payload_length: payloads.iter().map(|p| p.len() as u64).sum(),
+        metadata_length: tree.block_len(extents),
+        payload_length: tree.payload_len(),
         run_table_offset: 0,
         run_table_length: 0,
         total_length: 0,
@@ -135,7 +133,7 @@ fn prefix<'s>(
         producer_version: options.producer_version.clone(),
     };
     header.encode()?; // reject bad producer strings before writing anything
-    Ok((Prefix { header, metadata }, payloads))
+    Ok(header)
 }
 
 /// Writes `snapshot` and, if given, all of `memory` in the **file form** to `w`,
@@ -153,17 +151,20 @@ pub fn write_snapshot<W: Write + Seek>(
     options: &WriteOptions,
 ) -> Result<WriteSummary, MigratableError> {
     let base = w.stream_position().map_err(io_err)?;
-    // The metadata's length does not depend on the extents' file offsets: encode once
-    // to learn it, then again with the real offsets.
-    let draft = extents_for(memory, Some(0))?;
-    let (p, _) = prefix(snapshot, &draft, Form::File, options)?;
-    let first = align_up(p.header.payload_end(), PAGE_SIZE);
-    let extents = extents_for(memory, Some(first))?;
-    let (mut p, payloads) = prefix(snapshot, &extents, Form::File, options)?;
+    // The metadata's length does not depend on the extents' file offsets: the header
+    // says where memory starts, then the extents move there.
+    let tree = metadata::encode(snapshot)?;
+    let mut extents = extents_for(memory, Some(0))?;
+    let mut header = header_for(&tree, extents.len(), Form::File, options)?;
+    let first = align_up(header.payload_end(), PAGE_SIZE);
+    for e in &mut extents {
+        e.file_offset += first;
+    }
+    let metadata = tree.block(&extents)?;
 
     w.write_all(&[0u8; HEADER_LEN]).map_err(io_err)?;
-    w.write_all(&p.metadata).map_err(io_err)?;
-    for payload in &payloads {
+    w.write_all(&metadata).map_err(io_err)?;
+    for payload in &tree.payloads {
         w.write_all(payload).map_err(io_err)?;
     }
     let mut summary = WriteSummary::default();
@@ -177,18 +178,18 @@ pub fn write_snapshot<W: Write + Seek>(
         let scan = move |job: &Job, chunk: &[u8]| {
             let mut spans = Vec::new();
             let e = &job.extent;
-            for_each_span(chunk, |start, data, zero| {
-                let at = job.offset + start as u64;
+            for PageRun { offset, len, zero } in page_runs(chunk) {
+                let at = job.offset + offset as u64;
                 if zero {
                     if let Some((s, crc)) = open.take() {
                         runs_out.push(run(job.index, e, s, at - s, crc.finish()));
                     }
                 } else {
                     let (_, crc) = open.get_or_insert_with(|| (at, Crc64::new()));
-                    crc.update(data);
-                    spans.push((start, data.len()));
+                    crc.update(&chunk[offset..offset + len]);
+                    spans.push((offset, len));
                 }
-            });
+            }
             if job.last {
                 if let Some((s, crc)) = open.take() {
                     runs_out.push(run(job.index, e, s, e.length - s, crc.finish()));
@@ -221,20 +222,20 @@ pub fn write_snapshot<W: Write + Seek>(
     }
     let data_end = extents
         .last()
-        .map_or(p.header.payload_end(), |e| e.file_offset + e.length);
+        .map_or(header.payload_end(), |e| e.file_offset + e.length);
     let table = encode_run_table(&runs);
-    p.header.run_table_offset = align_up(data_end, 8);
-    p.header.run_table_length = table.len() as u64;
-    p.header.total_length = p.header.run_table_offset + table.len() as u64;
-    w.seek(SeekFrom::Start(base + p.header.run_table_offset))
+    header.run_table_offset = align_up(data_end, 8);
+    header.run_table_length = table.len() as u64;
+    header.total_length = header.run_table_offset + table.len() as u64;
+    w.seek(SeekFrom::Start(base + header.run_table_offset))
         .map_err(io_err)?;
     w.write_all(&table).map_err(io_err)?;
     w.seek(SeekFrom::Start(base)).map_err(io_err)?;
-    w.write_all(&p.header.encode()?).map_err(io_err)?;
-    w.seek(SeekFrom::Start(base + p.header.total_length))
+    w.write_all(&header.encode()?).map_err(io_err)?;
+    w.seek(SeekFrom::Start(base + header.total_length))
         .map_err(io_err)?;
     w.flush().map_err(io_err)?;
-    summary.total_length = p.header.total_length;
+    summary.total_length = header.total_length;
     summary.runs = runs.len() as u64;
     Ok(summary)
 }
@@ -250,31 +251,6 @@ fn run(index: usize, e: &Extent, offset: u64, length: u64, crc: u64) -> DataRun 
     }
 }
 
-/// Calls `f(start, bytes, all_zero)` for each maximal span of zero or non-zero pages
-/// of `chunk`, in order.
-fn for_each_span(chunk: &[u8], mut f: impl FnMut(usize, &[u8], bool)) {
-    let page = PAGE_SIZE as usize;
-    let mut start = 0;
-    let mut state: Option<bool> = None;
-    let mut i = 0;
-    while i < chunk.len() {
-        let end = (i + page).min(chunk.len());
-        let zero = is_zero(&chunk[i..end]);
-        match state {
-            Some(s) if s != zero => {
-                f(start, &chunk[start..i], s);
-                start = i;
-            }
-            _ => {}
-        }
-        state = Some(zero);
-        i = end;
-    }
-    if let Some(s) = state {
-        f(start, &chunk[start..], s);
-    }
-}
-
 /// Writes `snapshot` and, if given, all of `memory` in the **stream form** to `w`
 /// (a socket or pipe: no seeking). Zero pages are not sent. Returns after the END
 /// record; the caller flushes.
@@ -285,14 +261,16 @@ pub fn write_snapshot_stream<W: Write>(
     options: &WriteOptions,
 ) -> Result<WriteSummary, MigratableError> {
     let extents = extents_for(memory, None)?;
-    let (p, payloads) = prefix(snapshot, &extents, Form::Stream, options)?;
-    w.write_all(&p.header.encode()?).map_err(io_err)?;
-    w.write_all(&p.metadata).map_err(io_err)?;
-    for payload in &payloads {
+    let tree = metadata::encode(snapshot)?;
+    let header = header_for(&tree, extents.len(), Form::Stream, options)?;
+    let metadata = tree.block(&extents)?;
+    w.write_all(&header.encode()?).map_err(io_err)?;
+    w.write_all(&metadata).map_err(io_err)?;
+    for payload in &tree.payloads {
         w.write_all(payload).map_err(io_err)?;
     }
     let mut summary = WriteSummary {
-        total_length: p.header.payload_end(),
+        total_length: header.payload_end(),
         ..WriteSummary::default()
     };
     if let Some(memory) = memory {
@@ -301,17 +279,14 @@ pub fn write_snapshot_stream<W: Write>(
         // one record long), its head and CRC.
         let scan = |job: &Job, chunk: &[u8]| {
             let mut records = Vec::new();
-            for_each_span(chunk, |start, data, zero| {
-                if zero {
-                    return;
-                }
-                let gpa = job.extent.gpa + job.offset + start as u64;
-                let head = record_head(1, gpa, data.len() as u64);
+            for PageRun { offset, len, .. } in page_runs(chunk).filter(|r| !r.zero) {
+                let gpa = job.extent.gpa + job.offset + offset as u64;
+                let head = record_head(1, gpa, len as u64);
                 let mut crc = Crc64::new();
                 crc.update(&head);
-                crc.update(data);
-                records.push((start, data.len(), head, crc.finish()));
-            });
+                crc.update(&chunk[offset..offset + len]);
+                records.push((offset, len, head, crc.finish()));
+            }
             records
         };
         // Write (this thread): the records, in order. Zero pages are not sent.
