@@ -13,10 +13,11 @@ use kvm_bindings::{
     kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
 };
 use migration_core::{Codec, Section, Versioned};
+use migration_kvm::kvm_vm::ConfigSection;
 use migration_kvm::state::{CpuidState, MsrState, NestedState, TscKhz, XsaveState};
 use migration_kvm::{KvmVmConfig, Raw, VcpuStep, VmStep};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 /// Every vCPU step, in save order of the section ids.
 const VCPU_STEPS: [VcpuStep; 12] = [
@@ -41,19 +42,6 @@ const VM_STEPS: [VmStep; 5] = [
     VmStep::PicSlave,
     VmStep::Ioapic,
 ];
-
-/// The `config` section of a `KvmVm` snapshot (`vm:config`): the bytes of a
-/// [`KvmVmConfig`], checked with [`KvmVmConfig::from_bytes`] on decode. The same serde
-/// shape as migration-kvm's own (private) section type.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct ConfigSection {
-    #[serde(with = "serde_bytes")]
-    bytes: Vec<u8>,
-}
-
-impl Versioned for ConfigSection {
-    const VERSION: u32 = 1;
-}
 
 /// A section type `vmsnap` can decode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -488,7 +476,7 @@ where
 
 fn config(section: &Section) -> Result<KvmVmConfig, String> {
     let c = decode::<ConfigSection>(section)?;
-    KvmVmConfig::from_bytes(&c.bytes).map_err(|e| e.to_string())
+    c.config().map_err(|e| e.to_string())
 }
 
 /// Decodes `section` with its real type and re-encodes it with `codec`.

@@ -334,11 +334,29 @@ impl KvmVmConfig {
     }
 }
 
-/// The `config` section of the `vm` node: [`KvmVmConfig::to_bytes`].
+/// The state type of the `vm` node's [`CONFIG_SECTION`]: a [`KvmVmConfig`] as
+/// [`KvmVmConfig::to_bytes`] writes it. Tools that decode or re-encode that section
+/// (`vmsnap inspect`, `vmsnap convert`) use this type; [`ConfigSection::config`]
+/// checks the bytes.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-struct ConfigSection {
+pub struct ConfigSection {
+    /// [`KvmVmConfig::to_bytes`].
     #[serde(with = "serde_bytes")]
-    bytes: Vec<u8>,
+    pub bytes: Vec<u8>,
+}
+
+impl ConfigSection {
+    /// The section for `config`.
+    pub fn new(config: &KvmVmConfig) -> Self {
+        Self {
+            bytes: config.to_bytes(),
+        }
+    }
+
+    /// The configuration the section holds, checked ([`KvmVmConfig::from_bytes`]).
+    pub fn config(&self) -> Result<KvmVmConfig, ConfigError> {
+        KvmVmConfig::from_bytes(&self.bytes)
+    }
 }
 
 impl Versioned for ConfigSection {
@@ -838,12 +856,7 @@ impl From<cpu_check::CpuRefusal> for KvmVmError {
 
 /// Adds `config` to `tree` as its `config` section (what [`config_of`] reads).
 pub fn add_config(tree: &mut Snapshot, config: &KvmVmConfig) {
-    tree.add_state(
-        CONFIG_SECTION,
-        ConfigSection {
-            bytes: config.to_bytes(),
-        },
-    );
+    tree.add_state(CONFIG_SECTION, ConfigSection::new(config));
 }
 
 /// The [`KvmVmConfig`] recorded in a `vm` snapshot tree.
@@ -856,7 +869,7 @@ pub fn config_of(tree: &Snapshot) -> Result<KvmVmConfig, KvmVmError> {
         .into());
     }
     let section: ConfigSection = tree.state(CONFIG_SECTION)?;
-    Ok(KvmVmConfig::from_bytes(&section.bytes)?)
+    Ok(section.config()?)
 }
 
 impl Pausable for KvmVm {
