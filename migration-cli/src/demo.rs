@@ -3,92 +3,29 @@
 //! and report sizes, times, rounds, bytes, downtime and the guest's own verdict after
 //! each step.
 //!
-//! The flow is written once over [`DemoTarget`]; [`demo_kvm`](crate::demo_kvm) runs it
-//! on a KVM guest, [`demo_fake`](crate::demo_fake) on migration-testkit's `FakeVm`
-//! (where `/dev/kvm` is unusable, or with `VMSNAP_FORCE_FAKE=1`).
+//! The flow is written once over [`DemoTarget`] (in [`demo_target`](crate::demo_target));
+//! [`demo_kvm`](crate::demo_kvm) runs it on a KVM guest, [`demo_fake`](crate::demo_fake)
+//! on migration-testkit's `FakeVm` (where `/dev/kvm` is unusable, or with
+//! `VMSNAP_FORCE_FAKE=1`).
 
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use clap::Args;
-use migration_core::{
-    receive_migration_over, send_migration_over, IncomingVm, Migratable, MigratableError,
-    MigrationOptions, ReceiveOptions,
-};
+use migration_core::{receive_migration_over, send_migration_over};
 
-use crate::report::{bytes, duration, migration_lines, parse_size};
-use crate::{progress, EXIT_FAILED};
+use crate::demo_fake::FakeTarget;
+use crate::demo_kvm::KvmTarget;
+use crate::demo_target::{Check, DemoArgs, DemoTarget};
+use crate::progress;
+use crate::report::{bytes, duration, migration_lines};
+use crate::EXIT_FAILED;
 
 /// Environment variable that forces the fake-VM demo even where KVM works.
 pub const FORCE_FAKE_ENV: &str = "VMSNAP_FORCE_FAKE";
-
-/// Options of `vmsnap demo`.
-#[derive(Debug, Args)]
-pub struct DemoArgs {
-    /// Run this flat guest binary (docs/guest-abi.md) instead of the built-in guest.
-    #[arg(long, value_name = "FILE")]
-    pub guest: Option<PathBuf>,
-    /// Guest memory size (e.g. 64M, 1G).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub mem: Option<u64>,
-    /// Only snapshot and restore (no live migration).
-    #[arg(long, conflicts_with = "migrate_only")]
-    pub snapshot_only: bool,
-    /// Only live-migrate (no snapshot).
-    #[arg(long)]
-    pub migrate_only: bool,
-    /// Number of live migrations, each from the last destination to a fresh VM.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub rounds: u32,
-    /// Write the snapshot file into DIR and keep it (default: a temporary directory).
-    #[arg(long, value_name = "DIR")]
-    pub keep: Option<PathBuf>,
-}
-
-/// The guest's verdict after a step.
-#[derive(Debug, Clone)]
-pub struct Check {
-    /// Whether the guest continued correctly.
-    pub ok: bool,
-    /// What it reported.
-    pub detail: String,
-}
-
-/// Builds a migration destination from the source's HELLO.
-pub type BuildFn<V> = Box<dyn FnOnce(&IncomingVm) -> Result<V, MigratableError> + Send + 'static>;
-
-/// What the demo runs on: a KVM guest or a fake VM.
-pub trait DemoTarget {
-    /// The VM type.
-    type Vm: Migratable + Send + 'static;
-    /// One line describing the guest.
-    fn describe(&self) -> String;
-    /// Guest memory size.
-    fn guest_memory(&self) -> u64;
-    /// Boots the guest; it runs when this returns.
-    fn boot(&mut self) -> anyhow::Result<Self::Vm>;
-    /// Lets `vm` run a little and asks the guest whether it continued correctly: its
-    /// self-checks hold and its progress went on from `mark` (the progress at the last
-    /// check of this VM, or of the snapshot or VM it came from), which is updated.
-    /// `vm` runs again when this returns.
-    fn check(&mut self, vm: &mut Self::Vm, mark: &mut u64) -> anyhow::Result<Check>;
-    /// Pauses `vm`, writes a snapshot (state and memory) to `path`, resumes it.
-    /// Returns the guest's progress in the snapshot.
-    fn snapshot(&mut self, vm: &mut Self::Vm, path: &Path) -> anyhow::Result<u64>;
-    /// A fresh VM restored from `path`, running.
-    fn restore(&mut self, path: &Path) -> anyhow::Result<Self::Vm>;
-    /// Builds migration destinations from the source's HELLO.
-    fn destination(&self) -> BuildFn<Self::Vm>;
-    /// Options to migrate `vm` (without the progress callback).
-    fn migration_options(&self, vm: &Self::Vm) -> MigrationOptions;
-    /// Receive options.
-    fn receive_options(&self) -> ReceiveOptions;
-}
 
 /// Runs `vmsnap demo`.
 pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
@@ -100,12 +37,12 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     };
     match kvm {
         Ok(()) => {
-            let mut target = crate::demo_kvm::KvmTarget::new(args)?;
+            let mut target = KvmTarget::new(args)?;
             flow(&mut target, args)
         }
         Err(reason) => {
             println!("no usable /dev/kvm ({reason}): running the demo on a fake VM");
-            let mut target = crate::demo_fake::FakeTarget::new(args)?;
+            let mut target = FakeTarget::new(args)?;
             flow(&mut target, args)
         }
     }

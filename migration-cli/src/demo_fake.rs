@@ -16,7 +16,7 @@ use migration_core::{
 };
 use migration_testkit::FakeVm;
 
-use crate::demo::{BuildFn, Check, DemoArgs, DemoTarget};
+use crate::demo_target::{BuildFn, Check, DemoArgs, DemoTarget};
 
 /// Default fake guest memory.
 const DEFAULT_MEM: u64 = 128 << 20;

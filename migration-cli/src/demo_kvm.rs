@@ -1,9 +1,8 @@
 //! The demo on a real KVM guest: migration-kvm's `KvmVm` running one of
 //! migration-testkit's self-checking guests (or `--guest FILE`), judged from its
-//! port writes by a [`GuestLog`].
+//! port writes, which migration-testkit's [`GuestLog`] records.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
@@ -14,10 +13,12 @@ use migration_core::{
 };
 use migration_kvm::restore::EagerOptions;
 use migration_kvm::{KvmVm, KvmVmConfig, RestoreMode};
-use migration_testkit::guest::{configure_vcpu, write_boot_memory, Guest, GuestImage};
+use migration_testkit::guest::{
+    configure_vcpu, describe_error_code, write_boot_memory, Failure, Guest, GuestImage, GuestLog,
+    PortMonitor, Verdict,
+};
 
-use crate::demo::{BuildFn, Check, DemoArgs, DemoTarget};
-use crate::guest_log::GuestLog;
+use crate::demo_target::{BuildFn, Check, DemoArgs, DemoTarget};
 
 /// Default guest RAM.
 const DEFAULT_MEM: u64 = 256 << 20;
@@ -32,7 +33,52 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug)]
 pub struct DemoKvm {
     vm: KvmVm,
-    log: Arc<GuestLog>,
+    log: GuestLog,
+    /// Events of `log` the last check judged.
+    checked: usize,
+}
+
+impl DemoKvm {
+    fn new(vm: KvmVm, log: GuestLog) -> Self {
+        Self {
+            vm,
+            log,
+            checked: 0,
+        }
+    }
+}
+
+/// The demo's verdict from a monitor's: on a pass, `mark` becomes the last progress.
+fn check_of(monitor: &PortMonitor, mark: &mut u64) -> Check {
+    match monitor.verdict() {
+        Verdict::Pass => {
+            let last = monitor.last_progress().map_or(*mark, u64::from);
+            let before = std::mem::replace(mark, last);
+            Check {
+                ok: true,
+                detail: format!(
+                    "progress {before} -> {last}, {} events, self-checks hold",
+                    monitor.progress_events()
+                ),
+            }
+        }
+        Verdict::Fail(Failure::GuestError(code)) => Check {
+            ok: false,
+            detail: format!(
+                "guest error {code:#010x}: {} (info {:x?})",
+                describe_error_code(*code),
+                monitor.infos()
+            ),
+        },
+        Verdict::Fail(f) => Check {
+            ok: false,
+            detail: f.to_string(),
+        },
+        Verdict::Pending => Check {
+            ok: false,
+            detail: "no verdict".into(),
+        },
+    }
 }
 
 impl Pausable for DemoKvm {
@@ -151,7 +197,7 @@ impl DemoTarget for KvmTarget {
 
     fn boot(&mut self) -> anyhow::Result<DemoKvm> {
         let log = GuestLog::new();
-        let mut vm = KvmVm::new(KvmVmConfig::new(self.mem, 1), |_| log.handler())?;
+        let mut vm = KvmVm::new(KvmVmConfig::new(self.mem, 1), log.handlers())?;
         let ram = write_boot_memory(vm.memory().mmap(), &self.image)?;
         let arg = self.arg;
         vm.with_vcpu(0, move |fd| -> anyhow::Result<()> {
@@ -160,16 +206,21 @@ impl DemoTarget for KvmTarget {
             Ok(())
         })??;
         vm.start()?;
-        Ok(DemoKvm { vm, log })
+        Ok(DemoKvm::new(vm, log))
     }
 
+    /// Judges the events since the last check: `REQUIRED` progress events at or above
+    /// `mark`, every self-check passing.
     fn check(&mut self, vm: &mut DemoKvm, mark: &mut u64) -> anyhow::Result<Check> {
-        Ok(vm.log.check(mark, REQUIRED, TIMEOUT))
+        let baseline = u32::try_from(*mark).unwrap_or(u32::MAX);
+        let (monitor, seen) = vm.log.judge(vm.checked, Some(baseline), REQUIRED, TIMEOUT);
+        vm.checked = seen;
+        Ok(check_of(&monitor, mark))
     }
 
     fn snapshot(&mut self, vm: &mut DemoKvm, path: &Path) -> anyhow::Result<u64> {
         vm.vm.stop()?;
-        let mark = vm.log.last_progress().unwrap_or(0);
+        let mark = vm.log.last_progress().map_or(0, u64::from);
         let saved = vm.vm.save_snapshot(path);
         vm.vm.start()?;
         saved?;
@@ -182,17 +233,17 @@ impl DemoTarget for KvmTarget {
             path,
             RestoreMode::Eager(EagerOptions::default()),
             Self::codecs(),
-            |_| log.handler(),
+            log.handlers(),
         )?;
         vm.start()?;
-        Ok(DemoKvm { vm, log })
+        Ok(DemoKvm::new(vm, log))
     }
 
     fn destination(&self) -> BuildFn<DemoKvm> {
         Box::new(|incoming: &IncomingVm| {
             let log = GuestLog::new();
-            let vm = KvmVm::for_incoming(incoming, Self::codecs(), |_| log.handler())?;
-            Ok(DemoKvm { vm, log })
+            let vm = KvmVm::for_incoming(incoming, Self::codecs(), log.handlers())?;
+            Ok(DemoKvm::new(vm, log))
         })
     }
 

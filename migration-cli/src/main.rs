@@ -23,8 +23,8 @@ mod cpu;
 mod demo;
 mod demo_fake;
 mod demo_kvm;
+mod demo_target;
 mod diff;
-mod guest_log;
 mod inspect;
 mod known;
 mod merge;
@@ -69,7 +69,7 @@ pub enum CodecName {
 enum Command {
     /// Boot a self-checking guest, snapshot it to a file, restore it into a fresh VM,
     /// live-migrate it over a loopback socket, and report (fake VM without /dev/kvm).
-    Demo(demo::DemoArgs),
+    Demo(demo_target::DemoArgs),
     /// Print a snapshot's header, tree, sections (KVM state decoded) and memory extents.
     Inspect {
         /// The snapshot file.

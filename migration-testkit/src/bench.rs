@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use migration_core::{MemorySink, MigrationReport};
 
-use crate::Rng;
+use crate::rng::Rng;
 
 /// Size of each read and write of [`loopback_tcp_copy`].
 const BUF: usize = 2 << 20;

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::GuestError;
+use super::error::GuestError;
 
 /// Guest-physical address where the image is loaded; its first byte is the entry point.
 pub const IMAGE_ADDR: u64 = 0x1_0000;

@@ -15,8 +15,8 @@ use kvm_bindings::{kvm_fpu, kvm_segment, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::error::GuestError;
 use super::image::{check_image_size, IMAGE_ADDR, IMAGE_END};
-use super::GuestError;
 
 /// Smallest guest RAM the loader accepts (2 MiB: the boot area plus 1 MiB..2 MiB).
 pub const MIN_RAM_SIZE: u64 = 2 << 20;

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use super::{GuestError, PortMonitor, Verdict};
+use super::error::GuestError;
+use super::monitor::{PortMonitor, Verdict};
 
 /// The signal used to kick a vCPU thread out of `KVM_RUN`: `SIGRTMIN()`.
 pub fn kick_signal() -> libc::c_int {

@@ -5,7 +5,7 @@
 //! Live-migration tests, the soak and benchmarks share these instead of each writing
 //! its own exit-handler log.
 
-use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -16,9 +16,10 @@ use migration_core::protocol::MigrationError;
 use migration_core::MigratableError;
 use migration_kvm::{ExitAction, ExitEvent, ExitHandler, KvmVm, KvmVmConfig, KvmVmError};
 
-use super::{
-    configure_vcpu_registers, write_boot_memory, Guest, GuestError, PortEvent, PortMonitor, Verdict,
-};
+use super::error::GuestError;
+use super::image::Guest;
+use super::loader::{configure_vcpu_registers, write_boot_memory};
+use super::monitor::{Failure, PortEvent, PortMonitor, Verdict};
 
 /// Errors of driving a [`RunningGuest`].
 #[derive(Debug, thiserror::Error)]
@@ -76,9 +77,21 @@ pub fn monitor_handler(monitor: Arc<Mutex<PortMonitor>>, park_after: Option<u64>
     })
 }
 
-/// The events of one VM's guest, recorded by its exit handlers.
+/// The events of one VM's guest, recorded by its exit handlers, in order. Clones
+/// share the log.
+///
+/// Tests replay the whole log ([`monitor`](Self::monitor), [`wait`](Self::wait)); a
+/// caller that judges the guest step by step (the `vmsnap` demo) keeps a cursor and
+/// judges only what came after it ([`judge`](Self::judge)).
 #[derive(Clone, Debug, Default)]
-pub struct GuestLog(Arc<Mutex<Vec<Event>>>);
+pub struct GuestLog(Arc<Shared>);
+
+#[derive(Debug, Default)]
+struct Shared {
+    events: Mutex<Vec<Event>>,
+    /// Notified on every new event.
+    wake: Condvar,
+}
 
 impl GuestLog {
     /// A new, empty log.
@@ -86,46 +99,106 @@ impl GuestLog {
         Self::default()
     }
 
-    /// Exit-handler factory for [`KvmVm::new`] and [`KvmVm::for_incoming`]: port writes
-    /// are logged, port reads read zero, any other exit is logged and parks the vCPU.
+    fn lock(&self) -> MutexGuard<'_, Vec<Event>> {
+        self.0.events.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn push(&self, event: Event) {
+        self.lock().push(event);
+        self.0.wake.notify_all();
+    }
+
+    /// A vCPU exit handler that records into this log: port writes are logged, port
+    /// reads read zero, any other exit is logged and parks the vCPU.
+    pub fn handler(&self) -> ExitHandler {
+        let log = self.clone();
+        Box::new(move |ev| match ev {
+            ExitEvent::IoOut { port, data } => {
+                log.push(Event::Port(PortEvent::from_io_out(port, data)));
+                ExitAction::Continue
+            }
+            ExitEvent::IoIn { data, .. } => {
+                data.fill(0);
+                ExitAction::Continue
+            }
+            ExitEvent::Other(what) => {
+                log.push(Event::Exit(what));
+                ExitAction::Pause
+            }
+        })
+    }
+
+    /// Exit-handler factory for [`KvmVm::new`] and [`KvmVm::for_incoming`]: a
+    /// [`handler`](Self::handler) for every vCPU.
     pub fn handlers(&self) -> impl FnMut(u32) -> ExitHandler {
-        let log = self.0.clone();
-        move |_| {
-            let log = log.clone();
-            Box::new(move |ev| {
-                let mut l = log.lock().unwrap_or_else(PoisonError::into_inner);
-                match ev {
-                    ExitEvent::IoOut { port, data } => {
-                        l.push(Event::Port(PortEvent::from_io_out(port, data)));
-                        ExitAction::Continue
-                    }
-                    ExitEvent::IoIn { data, .. } => {
-                        data.fill(0);
-                        ExitAction::Continue
-                    }
-                    ExitEvent::Other(what) => {
-                        l.push(Event::Exit(what));
-                        ExitAction::Pause
-                    }
-                }
-            })
-        }
+        let log = self.clone();
+        move |_| log.handler()
+    }
+
+    /// How many events the log holds.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether the log holds no event yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The last progress value the guest wrote, if any.
+    pub fn last_progress(&self) -> Option<u32> {
+        self.lock().iter().rev().find_map(|ev| match ev {
+            Event::Port(PortEvent::Progress(v)) => Some(*v),
+            _ => None,
+        })
     }
 
     /// Replays the events into a monitor requiring `required` progress events after
     /// `baseline` (if any).
     pub fn monitor(&self, baseline: Option<u32>, required: u64) -> PortMonitor {
-        let mut m = match baseline {
-            Some(b) => PortMonitor::with_baseline(required, b),
-            None => PortMonitor::new(required),
-        };
-        for ev in self.0.lock().unwrap_or_else(PoisonError::into_inner).iter() {
-            match ev {
-                Event::Port(p) => m.on_event(*p),
-                Event::Exit(what) => m.on_unexpected_exit(what.clone()),
-            };
+        let mut m = monitor(baseline, required);
+        for ev in self.lock().iter() {
+            feed(&mut m, ev);
         }
         m
+    }
+
+    /// Judges the events from index `from` on (`0`: the whole log) with a monitor
+    /// requiring `required` progress events after `baseline` (if any), waiting for
+    /// new events until the verdict is final or `timeout` has passed (a timeout
+    /// failure then). Returns the monitor and the index after the last event it saw,
+    /// the `from` of the next step.
+    pub fn judge(
+        &self,
+        from: usize,
+        baseline: Option<u32>,
+        required: u64,
+        timeout: Duration,
+    ) -> (PortMonitor, usize) {
+        let mut m = monitor(baseline, required);
+        let deadline = Instant::now() + timeout;
+        let mut seen = from;
+        let mut events = self.lock();
+        loop {
+            for ev in events.get(seen..).unwrap_or(&[]) {
+                feed(&mut m, ev);
+            }
+            seen = seen.max(events.len());
+            if m.verdict().is_final() {
+                return (m, seen);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                m.on_timeout();
+                return (m, seen);
+            }
+            events = self
+                .0
+                .wake
+                .wait_timeout(events, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
     }
 
     /// Waits until the guest has made `required` progress events (counting from the
@@ -136,23 +209,32 @@ impl GuestLog {
         required: u64,
         timeout: Duration,
     ) -> Result<PortMonitor, RunningGuestError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let m = self.monitor(baseline, required);
-            match m.verdict() {
-                Verdict::Pass => return Ok(m),
-                Verdict::Fail(f) => {
-                    return Err(RunningGuestError::Failed(format!("{f:?} (monitor {m:?})")))
-                }
-                _ if Instant::now() >= deadline => {
-                    let mut m = m;
-                    m.on_timeout();
-                    return Err(RunningGuestError::Timeout(format!("{:?}", m.verdict())));
-                }
-                _ => thread::sleep(Duration::from_millis(2)),
+        let (m, _) = self.judge(0, baseline, required, timeout);
+        match m.verdict() {
+            Verdict::Pass => Ok(m),
+            Verdict::Fail(Failure::Timeout { .. }) => {
+                Err(RunningGuestError::Timeout(format!("{:?}", m.verdict())))
             }
+            Verdict::Fail(f) => Err(RunningGuestError::Failed(format!("{f:?} (monitor {m:?})"))),
+            Verdict::Pending => Err(RunningGuestError::Invariant(format!(
+                "no verdict after the timeout: {m:?}"
+            ))),
         }
     }
+}
+
+fn monitor(baseline: Option<u32>, required: u64) -> PortMonitor {
+    match baseline {
+        Some(b) => PortMonitor::with_baseline(required, b),
+        None => PortMonitor::new(required),
+    }
+}
+
+fn feed(m: &mut PortMonitor, ev: &Event) {
+    match ev {
+        Event::Port(p) => m.on_event(*p),
+        Event::Exit(what) => m.on_unexpected_exit(what.clone()),
+    };
 }
 
 /// A VM running a test guest, and the guest's log.

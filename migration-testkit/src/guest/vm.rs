@@ -7,7 +7,10 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::bitmap::NewBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use super::{load_with_arg, run_until, GuestError, PortMonitor, Verdict};
+use super::error::GuestError;
+use super::loader::load_with_arg;
+use super::monitor::{PortMonitor, Verdict};
+use super::run::run_until;
 
 /// How to build a [`TestVm`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
