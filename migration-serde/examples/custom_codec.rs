@@ -1,8 +1,7 @@
 //! A downstream crate adding a fourth codec: postcard with an FNV-1a checksum trailer,
 //! registered beside the stock codecs and checked with the same conformance suite.
 //!
-//! Run: `cargo run -p migration-serde --example custom_codec --features conformance`
-//! (without the feature it skips the conformance run).
+//! Run: `cargo run -p migration-serde --example custom_codec`.
 
 use std::sync::Arc;
 
@@ -120,12 +119,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     bad[3] ^= 1;
     assert!(codec::decode::<Snapshot>(checked.as_ref(), &bad).is_err());
 
-    // The same conformance suite the stock codecs pass.
-    #[cfg(feature = "conformance")]
-    {
-        let report = migration_serde::conformance::check_codec(checked.as_ref())?;
-        println!("conformance: {} cases passed", report.cases.len());
-    }
+    // The same conformance suite the stock codecs pass (migration-testkit's).
+    let report = migration_testkit::codec_conformance::check_codec(checked.as_ref())?;
+    println!("conformance: {} cases passed", report.cases.len());
     println!("custom codec `{}` ({}) works", checked.name(), checked.id());
     Ok(())
 }

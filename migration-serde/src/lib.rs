@@ -55,7 +55,9 @@
 //! - [`registry()`], [`register_all`]: every enabled codec.
 //! - [`limits`]: [`MAX_PAYLOAD`](limits::MAX_PAYLOAD), [`MAX_DEPTH`](limits::MAX_DEPTH),
 //!   and [`DepthLimited`](limits::DepthLimited) for codecs of your own.
-//! - `conformance` (feature `conformance`): the suite every codec must pass.
+//!
+//! The suite every codec must pass (these and yours) is in `migration-testkit`:
+//! `migration_testkit::codec_conformance`, beside its `Snapshottable` harness.
 //!
 //! `docs/codecs.md` in the repository compares the codecs (size, speed, compatibility
 //! rules) and shows a downstream crate adding a fourth.
@@ -65,8 +67,6 @@
 
 #[cfg(feature = "bincode")]
 mod bincode;
-#[cfg(feature = "conformance")]
-pub mod conformance;
 #[cfg(feature = "json")]
 mod json;
 pub mod limits;

@@ -9,8 +9,8 @@ use kvm_bindings::{
     kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use migration_core::{codec, Codec};
-use migration_serde::conformance::{check_codec, check_value, pattern};
 use migration_serde::{BincodeCodec, JsonCodec, PostcardCodec};
+use migration_testkit::codec_conformance::{check_codec, check_value, pattern};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 

@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 
 use migration_core::{codec, Codec, CodecError};
-use migration_serde::conformance::{check_truncation, sample, Nest, Nested};
 use migration_serde::limits::{MAX_DEPTH, MAX_PAYLOAD};
 use migration_serde::{BincodeCodec, JsonCodec, PostcardCodec, BINCODE_ID, POSTCARD_ID};
+use migration_testkit::codec_conformance::{check_truncation, sample, Nest, Nested};
 use proptest::prelude::*;
 
 /// postcard's unsigned LEB128 varint.

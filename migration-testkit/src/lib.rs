@@ -1,5 +1,6 @@
 //! Test kit for VM snapshot, restore and live migration: fakes, fault-injecting
-//! transports, a conformance harness, proptest strategies and KVM test gating.
+//! transports, conformance harnesses for components and codecs, proptest strategies
+//! and KVM test gating.
 //!
 //! Add it to `[dev-dependencies]` and test your device in ten lines:
 //!
@@ -20,7 +21,10 @@
 //! differently: section `state` of `blk0/queue1`: payloads differ at byte 9``.
 //!
 //! # Map
-//! - [`conformance`]: the harness, one call per property ([`Conformance`] runs them).
+//! - [`conformance`]: the harness for a `Snapshottable`, one call per property
+//!   ([`Conformance`] runs them).
+//! - [`codec_conformance`]: the suite every `Codec` passes (`migration-serde`'s and
+//!   yours): [`check_codec`](codec_conformance::check_codec).
 //! - [`FakeDevice`] (versioned state, a nested [`FakeQueue`]), [`FakeDeviceManager`]
 //!   (a device tree), [`FakeMemory`] (sparse guest memory with a dirty bitmap) and
 //!   [`FakeVm`] (a [`Migratable`](migration_core::Migratable) VM with a
@@ -40,6 +44,7 @@
 #![warn(missing_debug_implementations)]
 
 pub mod bench;
+pub mod codec_conformance;
 pub mod conformance;
 pub mod fake_device;
 pub mod fake_manager;

@@ -1,14 +1,13 @@
 //! The codec conformance suite: what every [`Codec`] must do, runnable against any codec.
 //!
-//! Enabled by the `conformance` feature. A downstream codec runs the same checks as the
-//! codecs in this crate:
+//! The codecs of `migration-serde` pass it; a downstream codec runs the same checks
+//! (with this crate as a dev-dependency), as it runs [`conformance`](crate::conformance)
+//! over its components:
 //!
 //! ```
-//! # #[cfg(feature = "postcard")] {
-//! let report = migration_serde::conformance::check_codec(&migration_serde::PostcardCodec)
+//! let report = migration_testkit::codec_conformance::check_codec(&migration_serde::PostcardCodec)
 //!     .unwrap_or_else(|e| panic!("{e}"));
 //! assert!(report.cases.iter().any(|c| c.name == "bytes/16MiB"));
-//! # }
 //! ```
 //!
 //! Each case encodes a value twice (the bytes must be identical), decodes it (the value
@@ -27,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 /// A conformance check that failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConformanceError {
+pub struct CodecConformanceError {
     /// The codec's name.
     pub codec: String,
     /// The case (`"nested"`, `"bytes/4KiB"`, …).
@@ -36,7 +35,7 @@ pub struct ConformanceError {
     pub problem: String,
 }
 
-impl fmt::Display for ConformanceError {
+impl fmt::Display for CodecConformanceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
@@ -46,7 +45,7 @@ impl fmt::Display for ConformanceError {
     }
 }
 
-impl std::error::Error for ConformanceError {}
+impl std::error::Error for CodecConformanceError {}
 
 /// One passed case and the size of its encoding.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +58,7 @@ pub struct CaseReport {
 
 /// What [`check_codec`] checked.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ConformanceReport {
+pub struct CodecConformanceReport {
     /// Every case, in the order run.
     pub cases: Vec<CaseReport>,
 }
@@ -229,8 +228,8 @@ pub fn pattern(len: usize) -> serde_bytes::ByteBuf {
     )
 }
 
-fn fail(codec: &dyn Codec, case: &str, problem: impl fmt::Display) -> ConformanceError {
-    ConformanceError {
+fn fail(codec: &dyn Codec, case: &str, problem: impl fmt::Display) -> CodecConformanceError {
+    CodecConformanceError {
         codec: codec.name().to_owned(),
         case: case.to_owned(),
         problem: problem.to_string(),
@@ -239,7 +238,11 @@ fn fail(codec: &dyn Codec, case: &str, problem: impl fmt::Display) -> Conformanc
 
 /// Checks one value: deterministic encoding, equal round trip, canonical re-encoding,
 /// trailing byte rejected. Returns the encoding.
-pub fn check_value<T>(codec: &dyn Codec, case: &str, value: &T) -> Result<Vec<u8>, ConformanceError>
+pub fn check_value<T>(
+    codec: &dyn Codec,
+    case: &str,
+    value: &T,
+) -> Result<Vec<u8>, CodecConformanceError>
 where
     T: Serialize + DeserializeOwned + PartialEq + fmt::Debug,
 {
@@ -272,7 +275,7 @@ fn check_round_trip<T>(
     codec: &dyn Codec,
     case: &str,
     value: &T,
-) -> Result<(Vec<u8>, T), ConformanceError>
+) -> Result<(Vec<u8>, T), CodecConformanceError>
 where
     T: Serialize + DeserializeOwned + PartialEq,
 {
@@ -298,7 +301,11 @@ where
 
 /// Checks that every strict prefix of `value`'s encoding fails to decode as `T`.
 /// `value` must be a type whose every prefix is incomplete (a struct or a sequence).
-pub fn check_truncation<T>(codec: &dyn Codec, case: &str, value: &T) -> Result<(), ConformanceError>
+pub fn check_truncation<T>(
+    codec: &dyn Codec,
+    case: &str,
+    value: &T,
+) -> Result<(), CodecConformanceError>
 where
     T: Serialize + DeserializeOwned + fmt::Debug,
 {
@@ -318,8 +325,8 @@ where
 /// Runs the whole suite against `codec`.
 ///
 /// Takes a few seconds in debug builds: it round-trips byte sections up to 16 MiB.
-pub fn check_codec(codec: &dyn Codec) -> Result<ConformanceReport, ConformanceError> {
-    let mut report = ConformanceReport::default();
+pub fn check_codec(codec: &dyn Codec) -> Result<CodecConformanceReport, CodecConformanceError> {
+    let mut report = CodecConformanceReport::default();
     let mut record = |name: &str, bytes: Vec<u8>| {
         report.cases.push(CaseReport {
             name: name.to_owned(),
