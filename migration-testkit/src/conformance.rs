@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | round trip | [`round_trip`] | snapshot → encode with each codec → serialize the tree → decode → resolve codecs → restore into a **fresh** instance → snapshot again → identical bytes |
 //! | determinism | [`determinism`] | two snapshots of the same state (of one instance, and of two instances holding it) encode to identical bytes, per codec |
-//! | corruption | [`corruption`] | every truncation of the encoded snapshot is a typed error; a seeded sample of bit flips never panics |
+//! | corruption | [`corruption`] | every truncation of the encoded snapshot, and of each section's payload inside an intact tree, is a typed error from decode or restore; a seeded sample of bit flips never panics |
 //! | version upgrade | [`version_upgrade`] | golden bytes written by an older version restore |
 //!
 //! [`Conformance`] runs the first three in one call. Every failure is a
@@ -20,7 +20,13 @@
 //! **Bit flips.** There is no checksum at the section layer (the container adds
 //! one), so a flipped bit inside a payload may decode to a different *valid* state:
 //! the corruption property accepts `Ok` for flips, and only requires "no panic".
-//! A truncated snapshot, in contrast, must always be rejected.
+//! A truncated snapshot, in contrast, must always be rejected. The tree's own
+//! encoding rejects every truncation of it before any component sees it, so the
+//! harness also cuts each section's payload inside an intact tree: that reaches the
+//! component's `restore`, where a swallowed decode error shows. The only cut payload
+//! a component may accept is one the codec itself still reads as a complete value
+//! (JSON's `12` from `123`; postcard and bincode never do: for a given type their
+//! encodings are prefix-free).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -28,7 +34,8 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 
 use migration_core::codec::{self, Codec, CodecError, CodecId, CodecRegistry};
-use migration_core::{MigratableError, Snapshot, Snapshottable};
+use migration_core::{MigratableError, Section, Snapshot, Snapshottable};
+use serde::de::IgnoredAny;
 
 use crate::rng::Rng;
 
@@ -237,10 +244,67 @@ fn restore_from<C: Snapshottable>(
             source,
         })?;
     tree.resolve_codecs(codecs);
+    restore_tree(&tree, fresh)
+}
+
+/// Restores a decoded tree (codecs resolved) into `fresh()`.
+fn restore_tree<C: Snapshottable>(
+    tree: &Snapshot,
+    fresh: &impl Fn() -> C,
+) -> Result<C, MigratableError> {
     let mut target = fresh();
     target.pause()?;
-    target.restore(&tree)?;
+    target.restore(tree)?;
     Ok(target)
+}
+
+/// An encoded section of a tree, and where it sits.
+struct Located {
+    /// Path of the node that owns it.
+    path: String,
+    /// Section id.
+    id: String,
+    version: u32,
+    codec: CodecId,
+    payload: Vec<u8>,
+}
+
+/// Every encoded section of `tree`, in walk order.
+fn encoded_sections(tree: &Snapshot) -> Vec<Located> {
+    let mut out = Vec::new();
+    for (path, node) in tree.walk() {
+        for (id, section) in node.sections() {
+            if let (Some(codec), Some(payload)) = (section.codec_id(), section.payload()) {
+                out.push(Located {
+                    path: path.clone(),
+                    id: id.to_owned(),
+                    version: section.version(),
+                    codec,
+                    payload: payload.to_vec(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// A copy of `node` (whose path is `here`) with section `at.id` of the node at
+/// `at.path` replaced by `section`.
+fn with_section(node: &Snapshot, here: &str, at: &Located, section: &Section) -> Snapshot {
+    let mut out = Snapshot::new(node.id());
+    for (id, s) in node.sections() {
+        let s = if here == at.path && id == at.id {
+            section.clone()
+        } else {
+            s.clone()
+        };
+        out.add_section(id, s);
+    }
+    for child in node.children() {
+        let there = format!("{here}/{}", child.id());
+        out.add_child(with_section(child, &there, at, section));
+    }
+    out
 }
 
 /// The first difference between two encoded trees: (path, description).
@@ -402,13 +466,20 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// **Corruption**: for each codec, encode `component`'s snapshot, then
-/// - restore every proper prefix (every truncation) into `fresh()`: each must fail
-///   with an error (decode or restore), never succeed or panic;
+/// - restore every proper prefix of the encoded tree (every truncation) into
+///   `fresh()`: each must fail with an error, never succeed or panic (the tree
+///   decoder rejects them all);
+/// - restore the tree with each section's payload cut to every shorter length, the
+///   tree around it intact, so the component's own `restore` sees it: each must
+///   fail, never succeed or panic, unless the codec itself reads the cut payload as
+///   a complete value (a JSON number that lost digits), which may then restore like
+///   a bit flip;
 /// - flip `bit_flips` bits chosen from `seed`, one at a time: decoding and restoring
 ///   may succeed (no checksum at this layer) or fail, but must not panic.
 ///
-/// Costs one decode per truncation: quadratic in the snapshot size (fine for the
-/// kilobytes a device snapshot has).
+/// Costs one decode per truncation of the tree and one restore per truncation of a
+/// payload: quadratic in the snapshot size (fine for the kilobytes a device
+/// snapshot has).
 pub fn corruption<C: Snapshottable>(
     component: &mut C,
     fresh: impl Fn() -> C,
@@ -425,34 +496,67 @@ pub fn corruption<C: Snapshottable>(
     for codec in &codecs_of(ctx, codecs)? {
         ctx.codec = Some(codec.id());
         let (_, bytes) = encoded(ctx, component, codec)?;
-        let attempt = |input: &[u8], case: String, must_fail: bool| {
-            let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
-                restore_from(codec, codecs, input, &fresh).map(drop)
-            }));
+        // Runs `restore` on a corrupted input; `path` is the node the input concerns.
+        let attempt = |restore: &dyn Fn() -> Result<C, MigratableError>,
+                       path: &str,
+                       case: String,
+                       must_fail: bool| {
+            let outcome = panic::catch_unwind(AssertUnwindSafe(|| restore().map(drop)));
             match outcome {
                 Ok(Ok(())) if must_fail => Err(ConformanceError::Accepted {
                     property: ctx.property,
                     codec: ctx.codec,
-                    path: root.clone(),
+                    path: path.to_owned(),
                     case,
                 }),
                 Ok(_) => Ok(()),
                 Err(payload) => Err(ConformanceError::Panic {
                     property: ctx.property,
                     codec: ctx.codec,
-                    path: root.clone(),
+                    path: path.to_owned(),
                     case,
                     message: panic_message(payload.as_ref()),
                 }),
             }
         };
+
         for len in 0..bytes.len() {
             attempt(
-                &bytes[..len],
+                &|| restore_from(codec, codecs, &bytes[..len], &fresh),
+                &root,
                 format!("the snapshot truncated to {len} of {} bytes", bytes.len()),
                 true,
             )?;
         }
+
+        let mut tree: Snapshot =
+            codec::decode(codec.as_ref(), &bytes).map_err(|e| ctx.tree_codec(e))?;
+        tree.resolve_codecs(codecs);
+        for at in encoded_sections(&tree) {
+            let Some(section_codec) = codecs.get(at.codec) else {
+                continue; // not restorable with these codecs even when intact
+            };
+            for len in 0..at.payload.len() {
+                let cut = &at.payload[..len];
+                let mut section = Section::from_encoded(at.version, at.codec, cut.to_vec());
+                section.resolve(codecs);
+                let cut_tree = with_section(&tree, tree.id(), &at, &section);
+                let still_a_value =
+                    codec::decode::<IgnoredAny>(section_codec.as_ref(), cut).is_ok();
+                attempt(
+                    &|| restore_tree(&cut_tree, &fresh),
+                    &at.path,
+                    format!(
+                        "section `{}` of `{}` truncated to {len} of {} bytes",
+                        at.id,
+                        at.path,
+                        at.payload.len()
+                    ),
+                    !still_a_value,
+                )?;
+            }
+        }
+
         let mut rng = Rng::new(seed);
         let mut flipped = bytes.clone();
         for _ in 0..bit_flips {
@@ -460,7 +564,8 @@ pub fn corruption<C: Snapshottable>(
             let (byte, mask) = ((bit / 8) as usize, 1u8 << (bit % 8));
             flipped[byte] ^= mask;
             let r = attempt(
-                &flipped,
+                &|| restore_from(codec, codecs, &flipped, &fresh),
+                &root,
                 format!(
                     "bit {bit} of {} bytes flipped (seed {seed}, replay with the same seed)",
                     bytes.len()

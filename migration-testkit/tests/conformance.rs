@@ -360,7 +360,8 @@ fn corruption_reports_panics_as_failures_with_the_seed() {
     assert!(msg.contains("seed 11"), "{msg}");
 }
 
-/// Accepts anything, even an empty tree: truncations must be caught.
+/// Snapshots one section and accepts any tree on restore, even one whose section no
+/// longer decodes: truncations must be caught.
 #[derive(Debug)]
 struct Lenient;
 
@@ -378,21 +379,32 @@ impl Snapshottable for Lenient {
         "lenient".into()
     }
     fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
-        Ok(Snapshot::new(self.id()))
+        let mut s = Snapshot::new(self.id());
+        s.add_state_as("state", 1, (300u32, "uart"));
+        Ok(s)
     }
     fn restore(&mut self, _: &Snapshot) -> Result<(), MigratableError> {
+        // BUG (on purpose): never reads its section, so never sees it is broken.
         Ok(())
     }
 }
 
 #[test]
-fn corruption_passes_for_the_fakes_and_holds_for_a_lenient_component() {
+fn corruption_passes_for_the_fakes_and_catches_a_lenient_component() {
     let mut d = FakeDevice::new("blk0", 1);
     d.step(4);
     corruption(&mut d, || FakeDevice::new("blk0", 1), &codecs(), 1, 128).unwrap();
-    // Every codec's tree encoding is self-delimiting, so even a component that
-    // accepts any tree sees every truncation rejected by the decoder.
-    corruption(&mut Lenient, || Lenient, &codecs(), 1, 0).unwrap();
+    // Every codec's tree encoding rejects its own truncations before any component
+    // sees them; a section's payload cut inside an intact tree reaches the restore
+    // that accepts anything.
+    let err = corruption(&mut Lenient, || Lenient, &codecs(), 1, 0).unwrap_err();
+    assert_eq!(err.property(), Property::Corruption);
+    assert_eq!(err.path(), "lenient");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("accepted") && msg.contains("section `state` of `lenient` truncated"),
+        "{msg}"
+    );
 }
 
 // ---- Version upgrade from golden bytes. ------------------------------------------
