@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use migration_core::codec::CodecRegistry;
 use migration_core::destination::{receive_migration, IncomingVm};
-use migration_core::precopy::{send_migration, MigrationReport};
+use migration_core::precopy::{send_migration, ConvergencePolicy, MigrationReport};
 use migration_core::protocol::MigrationError;
 use migration_core::MigratableError;
 use migration_kvm::{ExitAction, ExitEvent, ExitHandler, KvmVm, KvmVmConfig, KvmVmError};
@@ -302,6 +302,12 @@ impl RunningGuest {
     /// Migrates this guest to a fresh VM listening at `url` (`tcp://127.0.0.1:0` or a
     /// unix URL), checks this VM stayed paused and the new one runs, and returns it
     /// with the source's report.
+    ///
+    /// The migration always completes ([`ConvergencePolicy::Force`]): a test checks
+    /// that the guest continues, and whether precopy converges under the downtime
+    /// limit depends on the machine's speed (a debug build, a loaded host), so it is
+    /// the report's to say (`converged`), not the test's to require. Benchmarks
+    /// measure convergence.
     pub fn migrate_to(
         &mut self,
         url: &str,
@@ -335,6 +341,7 @@ impl RunningGuest {
         });
         let result = target.and_then(|target| {
             let mut opts = self.vm.migration_options();
+            opts.policy = ConvergencePolicy::Force;
             Ok(send_migration(
                 &mut self.vm,
                 &target,
