@@ -110,8 +110,17 @@
 //! - [`memory`]: [`MemoryRange`], [`MemoryRangeTable`], [`MemorySource`], [`MemorySink`].
 //! - [`container`]: the snapshot container format (`docs/format.md`); [`file`](mod@file): atomic
 //!   snapshot files; [`checksum`]: CRC-64/NVME.
-//! - [`transport`]: `file://`, `tcp://`, `unix://`.
-//! - [`MigratableError`]: the error everything returns.
+//! - [`transport`]: `file://`, `tcp://`, `unix://`; [`endpoint`]: the socket URLs
+//!   snapshots and migrations share.
+//! - [`protocol`], [`precopy`], [`destination`]: live migration's wire protocol, its
+//!   source and its destination.
+//! - [`Arch`]: the architecture a container header records and a HELLO announces.
+//! - [`MigratableError`]: the error everything returns; [`BoxError`]: a component's
+//!   own error inside it.
+//!
+//! Modules import each other by module path (`crate::memory::MemorySource`), never
+//! through the re-exports below, and no two modules import each other: the
+//! re-exports are for users of the crate.
 
 #![warn(missing_docs)]
 #![warn(missing_debug_implementations)]

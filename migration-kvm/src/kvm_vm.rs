@@ -1174,7 +1174,7 @@ mod tests {
             producer: "test".to_owned(),
         };
         let vm = KvmVm::for_incoming(&incoming, migration_serde::registry(), |_| {
-            Box::new(|_| crate::ExitAction::Continue)
+            Box::new(|_| crate::runner::ExitAction::Continue)
         })
         .expect("for_incoming");
         // populate is the receiver's choice (off); huge_pages is kept as sent.

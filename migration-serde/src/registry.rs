@@ -27,11 +27,11 @@ pub fn registry() -> CodecRegistry {
 )]
 pub fn register_all(registry: &mut CodecRegistry) {
     #[cfg(feature = "postcard")]
-    registry.register(std::sync::Arc::new(crate::PostcardCodec));
+    registry.register(std::sync::Arc::new(crate::postcard::PostcardCodec));
     #[cfg(feature = "bincode")]
-    registry.register(std::sync::Arc::new(crate::BincodeCodec));
+    registry.register(std::sync::Arc::new(crate::bincode::BincodeCodec));
     #[cfg(feature = "json")]
-    registry.register(std::sync::Arc::new(crate::JsonCodec::new()));
+    registry.register(std::sync::Arc::new(crate::json::JsonCodec::new()));
 }
 
 #[cfg(test)]
@@ -42,11 +42,11 @@ mod tests {
     #[test]
     fn register_all_keeps_an_existing_preference() {
         let mut r = CodecRegistry::new();
-        r.register(Arc::new(crate::JsonCodec::pretty()));
+        r.register(Arc::new(crate::json::JsonCodec::pretty()));
         register_all(&mut r);
-        assert_eq!(r.preferred().map(|c| c.id()), Some(crate::JSON_ID));
+        assert_eq!(r.preferred().map(|c| c.id()), Some(crate::json::JSON_ID));
         assert_eq!(r.iter().count(), 3);
         // Replaced by the compact one; both share the id.
-        assert_eq!(r.require(crate::JSON_ID).unwrap().name(), "json");
+        assert_eq!(r.require(crate::json::JSON_ID).unwrap().name(), "json");
     }
 }
