@@ -1,7 +1,7 @@
 //! Memory extents and their data runs (`docs/format.md` §4, §6, §7).
 
+use super::error::FormatError;
 use super::limits::MAX_RUNS;
-use super::FormatError;
 use crate::checksum::crc64;
 use crate::memory::PAGE_SIZE;
 

@@ -1,6 +1,6 @@
 //! The 192-byte container header (`docs/format.md` §3).
 
-use super::FormatError;
+use super::error::FormatError;
 use crate::arch::Arch;
 use crate::checksum::crc64;
 

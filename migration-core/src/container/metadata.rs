@@ -1,9 +1,9 @@
 //! The metadata block (`docs/format.md` §4): the snapshot tree without payloads,
 //! and the extent table.
 
+use super::error::FormatError;
 use super::extents::Extent;
 use super::limits::*;
-use super::FormatError;
 use crate::checksum::crc64;
 use crate::codec::{CodecError, CodecId};
 use crate::error::MigratableError;

@@ -2,11 +2,11 @@
 
 use std::io::{self, Read, Seek, SeekFrom};
 
+use super::error::FormatError;
 use super::extents::{check_run_table_len, decode_run_table, DataRun, Extent};
 use super::header::{u32_at, u64_at, Form, Header, HEADER_LEN, MAGIC};
 use super::limits::MAX_RECORD_LEN;
 use super::metadata::{self, Metadata, NodeInfo, SectionInfo};
-use super::FormatError;
 use crate::checksum::{crc64, CrcReader};
 use crate::codec::CodecRegistry;
 use crate::error::MigratableError;

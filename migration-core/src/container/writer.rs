@@ -3,10 +3,11 @@
 use std::io::{Seek, SeekFrom, Write};
 
 use super::chunk_pipeline::{for_each_chunk, Job, CHUNK};
+use super::error::FormatError;
 use super::extents::{encode_run_table, DataRun, Extent};
 use super::header::{Form, Header, FORMAT_MAJOR, FORMAT_MINOR, HEADER_LEN};
+use super::limits;
 use super::metadata::{self, Tree};
-use super::{limits, FormatError};
 use crate::arch::Arch;
 use crate::checksum::Crc64;
 use crate::error::MigratableError;
