@@ -52,6 +52,19 @@ impl Snapshot {
         &self.id
     }
 
+    /// Checks that this is the snapshot of component `id`, as a component's
+    /// `restore` does first: [`MigratableError::IdMismatch`] otherwise.
+    pub fn expect_id(&self, id: &str) -> Result<(), MigratableError> {
+        if self.id == id {
+            Ok(())
+        } else {
+            Err(MigratableError::IdMismatch {
+                path: id.to_owned(),
+                found: self.id.clone(),
+            })
+        }
+    }
+
     /// Adds (or replaces) a child snapshot, keyed by its id.
     pub fn add_child(&mut self, child: Snapshot) -> Option<Snapshot> {
         self.children.insert(child.id.clone(), child)

@@ -861,13 +861,7 @@ pub fn add_config(tree: &mut Snapshot, config: &KvmVmConfig) {
 
 /// The [`KvmVmConfig`] recorded in a `vm` snapshot tree.
 pub fn config_of(tree: &Snapshot) -> Result<KvmVmConfig, KvmVmError> {
-    if tree.id() != VM_ID {
-        return Err(MigratableError::IdMismatch {
-            path: VM_ID.to_owned(),
-            found: tree.id().to_owned(),
-        }
-        .into());
-    }
+    tree.expect_id(VM_ID)?;
     let section: ConfigSection = tree.state(CONFIG_SECTION)?;
     Ok(section.config()?)
 }

@@ -479,12 +479,7 @@ impl Snapshottable for VcpuRunner {
     }
 
     fn restore(&mut self, snapshot: &Snapshot) -> Result<(), MigratableError> {
-        if snapshot.id() != self.id {
-            return Err(MigratableError::IdMismatch {
-                path: self.id.clone(),
-                found: snapshot.id().to_owned(),
-            });
-        }
+        snapshot.expect_id(&self.id)?;
         let state = VcpuState::from_snapshot(snapshot)?;
         self.restore_state(&state)
             .map_err(|e| e.into_restore_error(&self.id))

@@ -521,12 +521,7 @@ impl<B: VcpuBackend> Snapshottable for KvmVcpu<B> {
 
     fn restore(&mut self, snapshot: &Snapshot) -> Result<(), MigratableError> {
         let id = self.id();
-        if snapshot.id() != id {
-            return Err(MigratableError::IdMismatch {
-                path: id,
-                found: snapshot.id().to_owned(),
-            });
-        }
+        snapshot.expect_id(&id)?;
         let state = VcpuState::from_snapshot(snapshot)?;
         self.restore_state(&state)
             .map_err(|e| e.into_restore_error(&id))?;

@@ -256,12 +256,7 @@ impl<V: VmBackend> Snapshottable for KvmVmDevices<V> {
     }
 
     fn restore(&mut self, snapshot: &Snapshot) -> Result<(), MigratableError> {
-        if snapshot.id() != Self::ID {
-            return Err(MigratableError::IdMismatch {
-                path: Self::ID.to_owned(),
-                found: snapshot.id().to_owned(),
-            });
-        }
+        snapshot.expect_id(Self::ID)?;
         let state = VmState::from_snapshot(snapshot)?;
         self.restore_state(&state)
             .map_err(|e| e.into_restore_error(Self::ID))

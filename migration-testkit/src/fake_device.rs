@@ -222,20 +222,9 @@ impl Snapshottable for FakeQueue {
     }
 
     fn restore(&mut self, snapshot: &Snapshot) -> Result<(), MigratableError> {
-        check_id(&self.id, snapshot)?;
+        snapshot.expect_id(&self.id)?;
         self.state = snapshot.state("state")?;
         Ok(())
-    }
-}
-
-fn check_id(id: &str, snapshot: &Snapshot) -> Result<(), MigratableError> {
-    if snapshot.id() == id {
-        Ok(())
-    } else {
-        Err(MigratableError::IdMismatch {
-            path: id.to_owned(),
-            found: snapshot.id().to_owned(),
-        })
     }
 }
 
@@ -400,7 +389,7 @@ impl Snapshottable for FakeDevice {
 
     fn restore(&mut self, snapshot: &Snapshot) -> Result<(), MigratableError> {
         self.check(FailOn::Restore)?;
-        check_id(&self.id, snapshot)?;
+        snapshot.expect_id(&self.id)?;
         let state = snapshot.state("state")?;
         if let Some(extra) = snapshot
             .children()

@@ -140,12 +140,7 @@ impl Snapshottable for FakeDeviceManager {
     }
 
     fn restore(&mut self, snapshot: &Snapshot) -> Result<(), MigratableError> {
-        if snapshot.id() != self.id {
-            return Err(MigratableError::IdMismatch {
-                path: self.id.clone(),
-                found: snapshot.id().to_owned(),
-            });
-        }
+        snapshot.expect_id(&self.id)?;
         if let Some(extra) = snapshot
             .children()
             .find(|c| !self.devices.contains_key(c.id()))

@@ -580,12 +580,7 @@ impl Snapshottable for FakeVm {
             source: e.into(),
         };
         self.require_paused("restore").map_err(fail)?;
-        if snapshot.id() != "vm" {
-            return Err(MigratableError::IdMismatch {
-                path: self.id(),
-                found: snapshot.id().to_owned(),
-            });
-        }
+        snapshot.expect_id(&self.id())?;
         let section = snapshot.section("layout")?;
         if section.version() != 1 {
             return Err(MigratableError::Version {
