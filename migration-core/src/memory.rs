@@ -365,15 +365,10 @@ pub trait MemorySource {
         out: &mut dyn Write,
     ) -> Result<(), MemoryError> {
         check_range(&self.regions(), MemoryRange::new(gpa, length))?;
-        let mut buf = vec![0u8; bounce_len(length)];
-        let mut done = 0u64;
-        while done < length {
-            let n = bounce_step(length - done, buf.len());
-            self.read_memory(gpa + done, &mut buf[..n])?;
-            out.write_all(&buf[..n])?;
-            done += n as u64;
-        }
-        Ok(())
+        bounced(length, |done, buf| {
+            self.read_memory(gpa + done, buf)?;
+            Ok(out.write_all(buf)?)
+        })
     }
 
     /// This source as one several threads may read at once, if it is one.
@@ -407,37 +402,35 @@ pub trait MemorySink {
         input: &mut dyn Read,
     ) -> Result<(), MemoryError> {
         check_range(&self.regions(), MemoryRange::new(gpa, length))?;
-        let mut buf = vec![0u8; bounce_len(length)];
-        let mut done = 0u64;
-        while done < length {
-            let n = bounce_step(length - done, buf.len());
-            input.read_exact(&mut buf[..n])?;
-            self.write_memory(gpa + done, &buf[..n])?;
-            done += n as u64;
-        }
-        Ok(())
+        bounced(length, |done, buf| {
+            input.read_exact(buf)?;
+            self.write_memory(gpa + done, buf)
+        })
     }
 
     /// Zero-fills `length` bytes at `gpa` (a zero page received or a hole restored).
     fn zero_memory(&self, gpa: u64, length: u64) -> Result<(), MemoryError> {
         check_range(&self.regions(), MemoryRange::new(gpa, length))?;
-        let buf = vec![0u8; bounce_len(length)];
-        let mut done = 0u64;
-        while done < length {
-            let n = bounce_step(length - done, buf.len());
-            self.write_memory(gpa + done, &buf[..n])?;
-            done += n as u64;
-        }
-        Ok(())
+        // The buffer starts zeroed and nothing writes into it.
+        bounced(length, |done, zeros| self.write_memory(gpa + done, zeros))
     }
 }
 
-fn bounce_len(length: u64) -> usize {
-    usize::try_from(length).map_or(BOUNCE, |l| l.min(BOUNCE))
-}
-
-fn bounce_step(remaining: u64, buf_len: usize) -> usize {
-    usize::try_from(remaining).map_or(buf_len, |r| r.min(buf_len))
+/// Calls `step(offset, buf)` for consecutive pieces of `length` bytes, each at most
+/// [`BOUNCE`] bytes, through one zero-initialised buffer: the streaming loop of the
+/// default [`MemorySource`] and [`MemorySink`] methods.
+fn bounced(
+    length: u64,
+    mut step: impl FnMut(u64, &mut [u8]) -> Result<(), MemoryError>,
+) -> Result<(), MemoryError> {
+    let mut buf = vec![0u8; usize::try_from(length).map_or(BOUNCE, |l| l.min(BOUNCE))];
+    let mut done = 0u64;
+    while done < length {
+        let n = usize::try_from(length - done).map_or(buf.len(), |r| r.min(buf.len()));
+        step(done, &mut buf[..n])?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
