@@ -14,55 +14,33 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::thread;
-use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
 use migration_core::arch::Arch;
-use migration_core::codec::CodecRegistry;
 use migration_core::destination::IncomingVm;
 use migration_core::destination::{receive_migration_over, ReceiveOptions};
-use migration_core::precopy::{
-    send_migration, send_migration_over, ConvergencePolicy, MigrationReport,
-};
+use migration_core::precopy::{send_migration, send_migration_over, ConvergencePolicy};
 use migration_core::protocol::MigrationError;
 use migration_core::{MigratableError, Pausable};
 use migration_kvm::{KvmVm, KvmVmConfig, KvmVmError, RestoreMode};
 use migration_testkit::guest::{Guest, GuestLog as Log, RunningGuest as Running};
 use migration_testkit::require_kvm;
 
-const MEM: u64 = 64 << 20;
+mod common;
+
+use common::{codecs, migrate_url, BEFORE, IO_TIMEOUT, TIMEOUT};
+
 /// The memory-pattern guest's working set ends here (bounds first-touch cost).
 const PATTERN_END: u64 = 24 << 20;
-/// Progress events required before a migration and after it.
-const BEFORE: u64 = 3;
+/// Progress events required after a migration.
 const AFTER: u64 = 3;
-/// Generous: only a failing guest waits this long.
-const TIMEOUT: Duration = Duration::from_secs(60);
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn codecs() -> CodecRegistry {
-    migration_serde::registry()
-}
-
-/// A fresh VM running `guest` (the memory-pattern guest bounded to `PATTERN_END`).
 fn boot(guest: Guest) -> Result<Running> {
-    let arg = if guest == Guest::MemoryPattern {
-        PATTERN_END
-    } else {
-        0
-    };
-    Ok(Running::boot(guest, MEM, arg, TIMEOUT)?)
+    common::boot(guest, PATTERN_END)
 }
 
 fn build(incoming: &IncomingVm, log: &Log) -> Result<KvmVm, MigratableError> {
     Ok(KvmVm::for_incoming(incoming, codecs(), log.handlers())?)
-}
-
-/// Migrates `src` to a fresh VM listening at `url` (`tcp://127.0.0.1:0` or a unix
-/// URL), checks the source stayed paused, and returns the destination.
-fn migrate_url(src: &mut Running, url: &str) -> Result<(Running, MigrationReport)> {
-    src.migrate_to(url, codecs(), IO_TIMEOUT)
-        .with_context(|| format!("migration to {url}"))
 }
 
 /// Boots `guest`, migrates it over `url` while it runs and checks it continues.

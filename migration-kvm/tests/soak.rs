@@ -14,42 +14,21 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use migration_core::codec::CodecRegistry;
-use migration_core::precopy::MigrationReport;
 use migration_core::Pausable;
 use migration_kvm::{KvmVm, RestoreMode};
 use migration_testkit::bench::env_or;
 use migration_testkit::guest::{Guest, GuestLog as Log, RunningGuest as Running};
 use migration_testkit::require_kvm;
 
-const MEM: u64 = 64 << 20;
+mod common;
+
+use common::{codecs, migrate_url, BEFORE, TIMEOUT};
+
 /// The memory-pattern guest's working set ends here (bounds first-touch cost).
 const PATTERN_END: u64 = 4 << 20;
-/// Progress events required before the first migration.
-const BEFORE: u64 = 3;
-/// Generous: only a failing guest waits this long.
-const TIMEOUT: Duration = Duration::from_secs(60);
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn codecs() -> CodecRegistry {
-    migration_serde::registry()
-}
-
-/// A fresh VM running `guest` (the memory-pattern guest bounded to `PATTERN_END`).
 fn boot(guest: Guest) -> Result<Running> {
-    let arg = if guest == Guest::MemoryPattern {
-        PATTERN_END
-    } else {
-        0
-    };
-    Ok(Running::boot(guest, MEM, arg, TIMEOUT)?)
-}
-
-/// Migrates `src` to a fresh VM listening at `url` (`tcp://127.0.0.1:0` or a unix
-/// URL), checks the source stayed paused, and returns the destination.
-fn migrate_url(src: &mut Running, url: &str) -> Result<(Running, MigrationReport)> {
-    src.migrate_to(url, codecs(), IO_TIMEOUT)
-        .with_context(|| format!("migration to {url}"))
+    common::boot(guest, PATTERN_END)
 }
 
 #[test]

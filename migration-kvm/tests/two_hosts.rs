@@ -23,7 +23,9 @@ use migration_kvm::{KvmVm, KvmVmConfig};
 use migration_testkit::guest::{
     configure_vcpu, monitor_handler, write_boot_memory, Guest, PortMonitor, Verdict,
 };
-use migration_testkit::netns::{skip_unless_netns, HelperTests, NetnsPair, Shape};
+use migration_testkit::netns::{
+    print_source_report, skip_unless_netns, HelperTests, NetnsPair, Shape,
+};
 
 /// Selects the role of a helper process: `source` or `destination`.
 const ROLE: &str = "MIGRATION_KVM_TWO_HOSTS_ROLE";
@@ -159,20 +161,13 @@ fn helper_kvm_source() -> Result<()> {
     options.max_rounds = 30;
     options.policy = ConvergencePolicy::Force;
     let report = send_migration(&mut vm, &url, &mut options, TIMEOUT)?;
-    println!("{report}");
-    println!(
-        "bandwidth {:.1} MB/s, total {:?}, downtime {:?} (limit {DOWNTIME_LIMIT:?})",
-        report.bandwidth / 1e6,
-        report.total_time,
-        report.downtime.total,
-    );
+    print_source_report(&report, DOWNTIME_LIMIT);
     let seen = monitor.lock().unwrap_or_else(|e| e.into_inner()).clone();
     ensure!(
         !matches!(seen.verdict(), Verdict::Fail(_)),
         "the guest failed on the source: {seen:?}"
     );
     println!("LAST_PROGRESS {}", seen.last_progress().unwrap_or(0));
-    println!("converged under the limit: {}", report.converged);
     // Handed over: this copy stays paused and never runs again.
     ensure!(
         !vm.is_running(),
