@@ -21,7 +21,9 @@ use migration_core::{
     receive_migration, send_migration, ConvergencePolicy, MigrationOptions, Pausable,
     ReceiveOptions,
 };
-use migration_testkit::netns::{skip_unless_netns, HelperTests, NetnsPair, Shape};
+use migration_testkit::netns::{
+    print_source_report, skip_unless_netns, HelperTests, NetnsPair, Shape,
+};
 use migration_testkit::FakeVm;
 
 /// Selects the role of a helper process: `source` or `destination`.
@@ -126,18 +128,11 @@ fn helper_source() {
         ..MigrationOptions::default()
     };
     let report = send_migration(&mut vm, &url, &mut options, IO_TIMEOUT).expect("migration");
-    println!("{report}");
-    println!(
-        "bandwidth {:.1} MB/s, total {:?}, downtime {:?} (limit {DOWNTIME_LIMIT:?})",
-        report.bandwidth / 1e6,
-        report.total_time,
-        report.downtime.total,
-    );
+    print_source_report(&report, DOWNTIME_LIMIT);
     assert!(
         !vm.is_running(),
         "the source must stay paused after handing over"
     );
     vm.verify().expect("source self-check");
-    println!("converged under the limit: {}", report.converged);
     println!("RESULT handed-over=true");
 }

@@ -40,6 +40,8 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
+use migration_core::precopy::MigrationReport;
+
 use crate::kvm::kvm_required;
 
 /// Prefix of every namespace this module creates: `migtk-<pid>-<n>-{a,b}`.
@@ -118,7 +120,7 @@ impl HelperRun {
 
     /// Checks that both helpers exited successfully and that each printed a line
     /// ending with its expected result (`source_result`, `destination_result`, e.g.
-    /// `RESULT converged=true`); if not, says which one failed and how.
+    /// `RESULT handed-over=true`); if not, says which one failed and how.
     pub fn check(&self, source_result: &str, destination_result: &str) -> Result<(), String> {
         if !self.source_status.success() {
             return Err(format!("source failed: {}", self.source_status));
@@ -150,6 +152,20 @@ impl HelperRun {
     pub fn destination_value(&self, key: &str) -> Option<u64> {
         value_after(self.destination_lines.iter().map(String::as_str), key)
     }
+}
+
+/// Prints a source helper's migration for the log: the report, the bandwidth it
+/// measured over the link, and whether precopy converged under `downtime_limit` (a
+/// fact about the link and the machine, which a test prints but does not require).
+pub fn print_source_report(report: &MigrationReport, downtime_limit: Duration) {
+    println!("{report}");
+    println!(
+        "bandwidth {:.1} MB/s, total {:?}, downtime {:?} (limit {downtime_limit:?}), converged under the limit: {}",
+        report.bandwidth / 1e6,
+        report.total_time,
+        report.downtime.total,
+        report.converged,
+    );
 }
 
 fn value_after<'a>(mut lines: impl Iterator<Item = &'a str>, key: &str) -> Option<u64> {
