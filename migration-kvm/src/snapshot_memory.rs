@@ -273,13 +273,7 @@ pub fn merge_chain<W: Write + Seek>(
     options: &WriteOptions,
 ) -> Result<WriteSummary, SnapshotMemoryError> {
     // 1. Check the chain of digests.
-    base.seek(SeekFrom::Start(0))?;
-    let base_reader = ContainerReader::open(&mut *base)?;
-    if let Some(p) = base_reader.header().parent {
-        return Err(SnapshotMemoryError::BaseIsIncremental {
-            parent: digest_hex(&p),
-        });
-    }
+    let base_reader = open_full(base)?;
     let layout: Vec<MemoryRange> = base_reader
         .extents()
         .iter()
@@ -374,6 +368,19 @@ pub fn data_runs<R: Read + Seek>(reader: &ContainerReader<R>) -> Option<Vec<File
     })
 }
 
+/// Opens `file` from its start as a full snapshot: an incremental one (it has a parent)
+/// is [`SnapshotMemoryError::BaseIsIncremental`].
+fn open_full(file: &mut File) -> Result<ContainerReader<&mut File>, SnapshotMemoryError> {
+    file.seek(SeekFrom::Start(0))?;
+    let reader = ContainerReader::open(file)?;
+    if let Some(p) = reader.header().parent {
+        return Err(SnapshotMemoryError::BaseIsIncremental {
+            parent: digest_hex(&p),
+        });
+    }
+    Ok(reader)
+}
+
 /// Lazy restore of a full file-form snapshot: reads its tree (checksums verified)
 /// and maps its memory extents `MAP_PRIVATE` as guest memory for `layout`.
 ///
@@ -384,13 +391,7 @@ pub fn restore_lazy_from(
     layout: &[MemoryRange],
     codecs: &CodecRegistry,
 ) -> Result<(Snapshot, GuestMemory), SnapshotMemoryError> {
-    file.seek(SeekFrom::Start(0))?;
-    let mut reader = ContainerReader::open(&mut *file)?;
-    if let Some(p) = reader.header().parent {
-        return Err(SnapshotMemoryError::BaseIsIncremental {
-            parent: digest_hex(&p),
-        });
-    }
+    let mut reader = open_full(file)?;
     let extents = file_extents(&reader);
     let tree = reader.read_snapshot(codecs, None, &ReadOptions::default())?;
     drop(reader);
@@ -406,13 +407,7 @@ pub fn restore_eager_from(
     codecs: &CodecRegistry,
     options: EagerOptions,
 ) -> Result<(Snapshot, GuestMemory), SnapshotMemoryError> {
-    file.seek(SeekFrom::Start(0))?;
-    let mut reader = ContainerReader::open(&mut *file)?;
-    if let Some(p) = reader.header().parent {
-        return Err(SnapshotMemoryError::BaseIsIncremental {
-            parent: digest_hex(&p),
-        });
-    }
+    let mut reader = open_full(file)?;
     // Whole extents must fit the layout too, not only their runs.
     crate::memory::check_extents(layout, file_extents(&reader).iter().map(FileExtent::range))
         .map_err(RestoreError::Extent)?;
