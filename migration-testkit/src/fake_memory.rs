@@ -36,7 +36,7 @@ use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use migration_core::memory::{check_range, PAGE_SIZE};
+use migration_core::memory::{check_range, is_zero, PAGE_SIZE};
 use migration_core::{MemoryError, MemoryRange, MemoryRangeTable, MemorySink, MemorySource};
 
 use crate::rng::Digest;
@@ -295,14 +295,6 @@ impl FakeMemory {
         }
         Ok(None)
     }
-}
-
-fn is_zero(data: &[u8]) -> bool {
-    let mut words = data.chunks_exact(8);
-    let zero_words = words
-        .by_ref()
-        .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0);
-    zero_words && words.remainder().iter().all(|&b| b == 0)
 }
 
 impl MemorySource for FakeMemory {
