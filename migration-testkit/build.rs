@@ -12,7 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The guests to build; `common.S` is included by each of them.
-const GUESTS: &[&str] = &["counter_avx", "timer", "memory_pattern", "cpuid_report"];
+const GUESTS: &[&str] = &[
+    "counter_avx",
+    "timer",
+    "memory_pattern",
+    "cpuid_report",
+    "smp",
+];
 
 /// Largest image the guest ABI allows: it must fit in [0x10000, 0x80000).
 const MAX_IMAGE: u64 = 0x70000;

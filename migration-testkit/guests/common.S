@@ -10,6 +10,10 @@
 #                 wants interrupts
 #   guest_init    ring-0 routine called before dropping to ring 3 (may just `ret`)
 #   guest_main    ring-3 entry point (stack = STACK3_TOP)
+# and, for a guest with several vCPUs (smp.S), before including this file:
+#   SMP_GUEST     (any value) every vCPU the VMM starts at `_start` first jumps
+#                 to `smp_entry`, which sends the boot vCPU back to `boot_bsp`
+#                 and takes the others on its own path
 #
 # Everything is position-independent (RIP-relative) or uses fixed absolute
 # addresses below, so the object needs no relocations: build.rs checks that.
@@ -55,6 +59,10 @@
 _start:
         cli
         cld
+        .ifdef SMP_GUEST
+        jmp     smp_entry
+        .endif
+boot_bsp:
         mov     $STACK0_TOP, %esp
         mov     %rdi, V_RAM_SIZE
         mov     %rsi, V_ARG

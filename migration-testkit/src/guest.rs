@@ -16,7 +16,11 @@
 //!   [`kvm_ioctls::VcpuFd`] per the ABI;
 //! - [`PortMonitor`]: turns port writes into a [`Verdict`], whatever runs the vCPU;
 //! - [`run_until`] and [`TestVm`]: a minimal single-vCPU VM and run loop for tests,
-//!   with a watchdog that kicks the vCPU out of `KVM_RUN` on timeout.
+//!   with a watchdog that kicks the vCPU out of `KVM_RUN` on timeout;
+//! - [`configure_vcpu_smp`] / [`SmpStart`]: the vCPUs of a guest with several, both
+//!   ways they start; [`smp`]: what the SMP guest reports and where its counters are;
+//! - [`GuestLog`] and [`RunningGuest`]: a guest in migration-kvm's `KvmVm`, its port
+//!   events recorded per vCPU, stopping points, migration to a fresh VM.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -35,6 +39,7 @@ mod loader;
 mod monitor;
 mod run;
 mod running;
+pub mod smp;
 mod vm;
 
 pub use error::GuestError;
@@ -43,11 +48,11 @@ pub use image::{
     IMAGE_ADDR, IMAGE_END, IMAGE_MAX_SIZE, TIMER_IDLE,
 };
 pub use loader::{
-    configure_vcpu, configure_vcpu_registers, guest_ram_size, load, load_with_arg,
-    write_boot_memory, BOOT_GDT_ADDR, BOOT_PDPT_ADDR, BOOT_PD_ADDR, BOOT_PML4_ADDR, BOOT_STACK_TOP,
-    IDENTITY_MAP_SIZE, MIN_RAM_SIZE,
+    configure_vcpu, configure_vcpu_registers, configure_vcpu_smp, guest_ram_size, load,
+    load_with_arg, write_boot_memory, SmpStart, BOOT_GDT_ADDR, BOOT_PDPT_ADDR, BOOT_PD_ADDR,
+    BOOT_PML4_ADDR, BOOT_STACK_TOP, IDENTITY_MAP_SIZE, MIN_RAM_SIZE,
 };
 pub use monitor::{Failure, PortEvent, PortMonitor, Verdict, PORT_ERROR, PORT_INFO, PORT_PROGRESS};
 pub use run::{complete_pending_io, install_kick_handler, kick_signal, run_until};
-pub use running::{monitor_handler, GuestLog, RunningGuest, RunningGuestError};
+pub use running::{load_vcpus, monitor_handler, GuestLog, RunningGuest, RunningGuestError};
 pub use vm::{TestVm, VmConfig};

@@ -61,6 +61,14 @@ pub enum GuestError {
         /// Entries requested.
         expected: usize,
     },
+    /// A vCPU index at or above the vCPU count.
+    #[error("vCPU {index} of a guest with {count} vCPUs")]
+    VcpuIndex {
+        /// The index.
+        index: u32,
+        /// The count.
+        count: u32,
+    },
     /// Installing the vCPU kick signal handler failed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),

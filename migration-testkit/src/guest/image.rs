@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use super::error::GuestError;
+use super::smp::SmpFailure;
 
 /// Guest-physical address where the image is loaded; its first byte is the entry point.
 pub const IMAGE_ADDR: u64 = 0x1_0000;
@@ -15,6 +16,7 @@ static COUNTER_AVX: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/counter_av
 static TIMER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/timer.bin"));
 static MEMORY_PATTERN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memory_pattern.bin"));
 static CPUID_REPORT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cpuid_report.bin"));
+static SMP: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/smp.bin"));
 
 /// The self-checking guests shipped with this crate (sources in `guests/`).
 ///
@@ -39,6 +41,12 @@ pub enum Guest {
     /// edx), then progress = round number; again every few milliseconds.
     /// [`cpuid_reports`] decodes the info values.
     CpuidReport,
+    /// One to 32 vCPUs ([`SmpStart`](super::SmpStart) says how they start): each
+    /// advances and checks shared counters in ring 3, sends fixed IPIs around a
+    /// ring and NMIs to itself, and checks the others keep going.
+    /// Progress = rounds in which every vCPU advanced; [`smp`](super::smp) decodes
+    /// its markers, errors and counters.
+    Smp,
 }
 
 /// The (leaf, subleaf) pairs [`Guest::CpuidReport`] reports each round, in order.
@@ -88,11 +96,12 @@ pub const TIMER_IDLE: u64 = 1;
 
 impl Guest {
     /// Every built-in guest.
-    pub const ALL: [Guest; 4] = [
+    pub const ALL: [Guest; 5] = [
         Guest::CounterAvx,
         Guest::Timer,
         Guest::MemoryPattern,
         Guest::CpuidReport,
+        Guest::Smp,
     ];
 
     /// The flat binary image, to be loaded at [`IMAGE_ADDR`].
@@ -102,17 +111,19 @@ impl Guest {
             Guest::Timer => TIMER,
             Guest::MemoryPattern => MEMORY_PATTERN,
             Guest::CpuidReport => CPUID_REPORT,
+            Guest::Smp => SMP,
         }
     }
 
     /// Short name, as in the source file name (`counter_avx`, `timer`,
-    /// `memory_pattern`, `cpuid_report`).
+    /// `memory_pattern`, `cpuid_report`, `smp`).
     pub fn name(&self) -> &'static str {
         match self {
             Guest::CounterAvx => "counter_avx",
             Guest::Timer => "timer",
             Guest::MemoryPattern => "memory_pattern",
             Guest::CpuidReport => "cpuid_report",
+            Guest::Smp => "smp",
         }
     }
 
@@ -220,7 +231,10 @@ pub fn describe_error_code(code: u32) -> String {
             "memory_pattern: a qword does not hold its expected pattern (address on port 0x12)"
                 .into()
         }
-        _ => format!("unknown guest error code {code:#010x}"),
+        _ => match SmpFailure::from_code(code) {
+            Some(f) => f.to_string(),
+            None => format!("unknown guest error code {code:#010x}"),
+        },
     }
 }
 

@@ -11,7 +11,9 @@
 //! | `0xb000..0xc000`  | PD: 512 × 2 MiB pages = identity map of `[0, 1 GiB)` |
 //! | `0x10000..0x80000`| zeroed, then the image at `0x10000`                  |
 
-use kvm_bindings::{kvm_fpu, kvm_segment, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_fpu, kvm_mp_state, kvm_segment, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE,
+};
 use kvm_ioctls::{Kvm, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -121,9 +123,35 @@ fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
     }
 }
 
+/// How the vCPUs of a guest with more than one start (guest ABI §9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SmpStart {
+    /// The VMM starts every vCPU in 64-bit mode at the entry point, with its index
+    /// in `RDX`, the count in `RCX` and `R8` = 0. vCPUs other than 0 are made
+    /// runnable (`KVM_SET_MP_STATE`): with an in-kernel irqchip KVM creates them
+    /// waiting for INIT.
+    AllAtEntry,
+    /// The VMM starts vCPU 0 only (`RDX` = 0, `RCX` = count, `R8` = 1) and leaves the
+    /// others as KVM creates them, in `KVM_MP_STATE_UNINITIALIZED`: the guest wakes
+    /// them with INIT-SIPI-SIPI through its LAPIC, as Linux does, into a real-mode
+    /// trampoline below 1 MiB.
+    InitSipi,
+}
+
+impl SmpStart {
+    /// The value of `R8` at the entry point.
+    pub fn register(self) -> u64 {
+        match self {
+            SmpStart::AllAtEntry => 0,
+            SmpStart::InitSipi => 1,
+        }
+    }
+}
+
 /// Puts `vcpu` in the ABI's entry state: CPUID = KVM's supported CPUID, 64-bit
 /// long mode with the loader's GDT and page tables, `RIP` = [`IMAGE_ADDR`],
-/// `RDI` = `ram_size`, `RSI` = `arg`, `RSP` = [`BOOT_STACK_TOP`], `RFLAGS` = 0x2.
+/// `RDI` = `ram_size`, `RSI` = `arg`, `RSP` = [`BOOT_STACK_TOP`], `RFLAGS` = 0x2,
+/// `RCX` = 1 (one vCPU; its index `RDX` = 0).
 ///
 /// Order: `KVM_SET_CPUID2`, `KVM_SET_SREGS`, `KVM_SET_REGS`, `KVM_SET_FPU`.
 pub fn configure_vcpu(vcpu: &VcpuFd, kvm: &Kvm, ram_size: u64, arg: u64) -> Result<(), GuestError> {
@@ -139,6 +167,51 @@ pub fn configure_vcpu(vcpu: &VcpuFd, kvm: &Kvm, ram_size: u64, arg: u64) -> Resu
 /// VMM that gives its vCPUs a CPU template, such as migration-kvm's `KvmVm`, has set
 /// it already). Order: `KVM_SET_SREGS`, `KVM_SET_REGS`, `KVM_SET_FPU`.
 pub fn configure_vcpu_registers(vcpu: &VcpuFd, ram_size: u64, arg: u64) -> Result<(), GuestError> {
+    set_entry_state(vcpu, ram_size, arg, 0, 1, SmpStart::AllAtEntry)
+}
+
+/// Puts vCPU `index` of `count` of a guest started as `start` says in its entry
+/// state (guest ABI §9), keeping its CPUID:
+/// - [`SmpStart::AllAtEntry`]: every vCPU as [`configure_vcpu_registers`] does,
+///   with `RDX` = `index`, `RCX` = `count`, `R8` = 0; then, for `index` > 0,
+///   `KVM_SET_MP_STATE(RUNNABLE)`;
+/// - [`SmpStart::InitSipi`]: vCPU 0 the same with `R8` = 1; any other vCPU is left
+///   untouched, waiting for INIT.
+///
+/// `index` must be below `count`; `index` is the vCPU's KVM id, which is also its
+/// APIC ID.
+pub fn configure_vcpu_smp(
+    vcpu: &VcpuFd,
+    ram_size: u64,
+    arg: u64,
+    index: u32,
+    count: u32,
+    start: SmpStart,
+) -> Result<(), GuestError> {
+    if index >= count {
+        return Err(GuestError::VcpuIndex { index, count });
+    }
+    if index > 0 && start == SmpStart::InitSipi {
+        return Ok(());
+    }
+    set_entry_state(vcpu, ram_size, arg, index, count, start)?;
+    if index > 0 {
+        vcpu.set_mp_state(kvm_mp_state {
+            mp_state: KVM_MP_STATE_RUNNABLE,
+        })
+        .map_err(GuestError::kvm("KVM_SET_MP_STATE"))?;
+    }
+    Ok(())
+}
+
+fn set_entry_state(
+    vcpu: &VcpuFd,
+    ram_size: u64,
+    arg: u64,
+    index: u32,
+    count: u32,
+    start: SmpStart,
+) -> Result<(), GuestError> {
     let mut sregs = vcpu.get_sregs().map_err(GuestError::kvm("KVM_GET_SREGS"))?;
     sregs.cs = segment(SEL_CODE, 0xb, true);
     let data = segment(SEL_DATA, 0x3, false);
@@ -169,6 +242,9 @@ pub fn configure_vcpu_registers(vcpu: &VcpuFd, ram_size: u64, arg: u64) -> Resul
     regs.rsp = BOOT_STACK_TOP;
     regs.rdi = ram_size;
     regs.rsi = arg;
+    regs.rdx = u64::from(index);
+    regs.rcx = u64::from(count);
+    regs.r8 = start.register();
     regs.rflags = 0x2;
     vcpu.set_regs(&regs)
         .map_err(GuestError::kvm("KVM_SET_REGS"))?;

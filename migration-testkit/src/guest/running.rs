@@ -18,7 +18,7 @@ use migration_kvm::{ExitAction, ExitEvent, ExitHandler, KvmVm, KvmVmConfig, KvmV
 
 use super::error::GuestError;
 use super::image::Guest;
-use super::loader::{configure_vcpu_registers, write_boot_memory};
+use super::loader::{configure_vcpu_registers, configure_vcpu_smp, write_boot_memory, SmpStart};
 use super::monitor::{Failure, PortEvent, PortMonitor, Verdict};
 
 /// Errors of driving a [`RunningGuest`].
@@ -48,8 +48,8 @@ pub enum RunningGuestError {
 /// What a vCPU reported: a port write, or another exit (which parks the vCPU).
 #[derive(Clone, Debug)]
 enum Event {
-    Port(PortEvent),
-    Exit(String),
+    Port { vcpu: u32, event: PortEvent },
+    Exit { vcpu: u32, what: String },
 }
 
 /// A vCPU exit handler that feeds `monitor` directly: port writes are judged as they
@@ -77,12 +77,13 @@ pub fn monitor_handler(monitor: Arc<Mutex<PortMonitor>>, park_after: Option<u64>
     })
 }
 
-/// The events of one VM's guest, recorded by its exit handlers, in order. Clones
-/// share the log.
+/// The events of one VM's guest, recorded by its exit handlers (one per vCPU), in
+/// order, each with the vCPU that wrote it. Clones share the log.
 ///
 /// Tests replay the whole log ([`monitor`](Self::monitor), [`wait`](Self::wait)); a
 /// caller that judges the guest step by step (the `vmsnap` demo) keeps a cursor and
-/// judges only what came after it ([`judge`](Self::judge)).
+/// judges only what came after it ([`judge`](Self::judge)). A test stops one vCPU
+/// at a point the guest announces with [`park_at`](Self::park_at).
 #[derive(Clone, Debug, Default)]
 pub struct GuestLog(Arc<Shared>);
 
@@ -91,6 +92,8 @@ struct Shared {
     events: Mutex<Vec<Event>>,
     /// Notified on every new event.
     wake: Condvar,
+    /// Stopping points not reached yet: (vCPU, info value).
+    park_at: Mutex<Vec<(u32, u32)>>,
 }
 
 impl GuestLog {
@@ -108,31 +111,96 @@ impl GuestLog {
         self.0.wake.notify_all();
     }
 
-    /// A vCPU exit handler that records into this log: port writes are logged, port
-    /// reads read zero, any other exit is logged and parks the vCPU.
+    /// [`handler_for`](Self::handler_for) vCPU 0.
     pub fn handler(&self) -> ExitHandler {
+        self.handler_for(0)
+    }
+
+    /// A vCPU exit handler that records into this log as vCPU `vcpu`: port writes
+    /// are logged, port reads read zero. It parks the vCPU after an error write (the
+    /// guest repeats it forever: one is the verdict), at a stopping point set with
+    /// [`park_at`](Self::park_at), and after any other exit (logged too).
+    pub fn handler_for(&self, vcpu: u32) -> ExitHandler {
         let log = self.clone();
         Box::new(move |ev| match ev {
             ExitEvent::IoOut { port, data } => {
-                log.push(Event::Port(PortEvent::from_io_out(port, data)));
-                ExitAction::Continue
+                let event = PortEvent::from_io_out(port, data);
+                log.push(Event::Port { vcpu, event });
+                match event {
+                    PortEvent::Error(_) => ExitAction::Pause,
+                    PortEvent::Info(value) if log.take_park(vcpu, value) => ExitAction::Pause,
+                    _ => ExitAction::Continue,
+                }
             }
             ExitEvent::IoIn { data, .. } => {
                 data.fill(0);
                 ExitAction::Continue
             }
             ExitEvent::Other(what) => {
-                log.push(Event::Exit(what));
+                log.push(Event::Exit { vcpu, what });
                 ExitAction::Pause
             }
         })
     }
 
     /// Exit-handler factory for [`KvmVm::new`] and [`KvmVm::for_incoming`]: a
-    /// [`handler`](Self::handler) for every vCPU.
+    /// [`handler_for`](Self::handler_for) every vCPU.
     pub fn handlers(&self) -> impl FnMut(u32) -> ExitHandler {
         let log = self.clone();
-        move |_| log.handler()
+        move |vcpu| log.handler_for(vcpu)
+    }
+
+    /// Makes vCPU `vcpu` park (`ExitAction::Pause`) the next time it writes `info` on
+    /// the info port, once: a stopping point the guest chose, so what a snapshot
+    /// taken there holds does not depend on timing. Wait for it with the runner's
+    /// `wait_for_pause`.
+    pub fn park_at(&self, vcpu: u32, info: u32) {
+        self.0
+            .park_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((vcpu, info));
+    }
+
+    /// Removes the stopping point (`vcpu`, `value`) if it is set; whether it was.
+    fn take_park(&self, vcpu: u32, value: u32) -> bool {
+        let mut points = self
+            .0
+            .park_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match points.iter().position(|p| *p == (vcpu, value)) {
+            Some(i) => {
+                points.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The values vCPU `vcpu` wrote on the info port, oldest first.
+    pub fn infos_of(&self, vcpu: u32) -> Vec<u32> {
+        self.lock()
+            .iter()
+            .filter_map(|ev| match ev {
+                Event::Port {
+                    vcpu: v,
+                    event: PortEvent::Info(value),
+                } if *v == vcpu => Some(*value),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The first error the guest reported: the vCPU that wrote it and the code.
+    pub fn first_error(&self) -> Option<(u32, u32)> {
+        self.lock().iter().find_map(|ev| match ev {
+            Event::Port {
+                vcpu,
+                event: PortEvent::Error(code),
+            } => Some((*vcpu, *code)),
+            _ => None,
+        })
     }
 
     /// How many events the log holds.
@@ -148,7 +216,10 @@ impl GuestLog {
     /// The last progress value the guest wrote, if any.
     pub fn last_progress(&self) -> Option<u32> {
         self.lock().iter().rev().find_map(|ev| match ev {
-            Event::Port(PortEvent::Progress(v)) => Some(*v),
+            Event::Port {
+                event: PortEvent::Progress(v),
+                ..
+            } => Some(*v),
             _ => None,
         })
     }
@@ -232,9 +303,29 @@ fn monitor(baseline: Option<u32>, required: u64) -> PortMonitor {
 
 fn feed(m: &mut PortMonitor, ev: &Event) {
     match ev {
-        Event::Port(p) => m.on_event(*p),
-        Event::Exit(what) => m.on_unexpected_exit(what.clone()),
+        Event::Port { event, .. } => m.on_event(*event),
+        Event::Exit { vcpu, what } => m.on_unexpected_exit(format!("vCPU {vcpu}: {what}")),
     };
+}
+
+/// Loads `image` into a paused `vm` for all of its vCPUs: the boot memory, then
+/// [`configure_vcpu_smp`] on every vCPU's thread (each keeps the CPUID the VM gave
+/// it), with `arg` in RSI.
+pub fn load_vcpus(
+    vm: &KvmVm,
+    image: &[u8],
+    arg: u64,
+    start: SmpStart,
+) -> Result<(), RunningGuestError> {
+    let ram = write_boot_memory(vm.memory().mmap(), image)?;
+    let count = u32::try_from(vm.vcpu_count())
+        .map_err(|_| RunningGuestError::Invariant(format!("{} vCPUs", vm.vcpu_count())))?;
+    for index in 0..count {
+        vm.with_vcpu(index as usize, move |fd| {
+            configure_vcpu_smp(fd, ram, arg, index, count, start)
+        })??;
+    }
+    Ok(())
 }
 
 /// A VM running a test guest, and the guest's log.
@@ -275,6 +366,27 @@ impl RunningGuest {
         let mut vm = KvmVm::new(config, log.handlers())?;
         let ram = write_boot_memory(vm.memory().mmap(), guest.image())?;
         vm.with_vcpu(0, move |fd| configure_vcpu_registers(fd, ram, arg))??;
+        vm.start()?;
+        Ok(Self {
+            vm,
+            log,
+            baseline: None,
+            timeout,
+        })
+    }
+
+    /// A fresh VM built from `config` running `guest` on all its vCPUs, started as
+    /// `start` says (see [`load_vcpus`]); `arg` goes to RSI.
+    pub fn boot_smp(
+        guest: Guest,
+        config: KvmVmConfig,
+        arg: u64,
+        start: SmpStart,
+        timeout: Duration,
+    ) -> Result<Self, RunningGuestError> {
+        let log = GuestLog::new();
+        let mut vm = KvmVm::new(config, log.handlers())?;
+        load_vcpus(&vm, guest.image(), arg, start)?;
         vm.start()?;
         Ok(Self {
             vm,
