@@ -64,6 +64,7 @@ use crate::cpu_model::{CpuModel, CpuModelError};
 use crate::cpu_template;
 use crate::dirty;
 use crate::error::KvmStateError;
+use crate::machine::{restore_machine, save_machine, MachineState, VcpuGroup};
 use crate::memory::{check_layout, GuestMemory, KvmMemoryError, KvmSlots, MemoryOptions};
 use crate::restore::EagerOptions;
 use crate::runner::{ExitHandler, VcpuRunner};
@@ -723,14 +724,40 @@ impl KvmVm {
     }
 
     /// Pauses every vCPU: each is kicked out of `KVM_RUN`, its pending I/O completed,
-    /// and parked.
+    /// and parked. All are kicked before the first is waited for.
     pub fn stop(&mut self) -> Result<(), KvmVmError> {
-        // One after the other: each returns once its vCPU is parked.
-        for v in &self.vcpus {
-            v.pause()?;
-        }
+        VcpuGroup::pause_all(&self.vcpus[..]).map_err(|e| KvmVmError::Migratable(e.into()))?;
         self.running = false;
         Ok(())
+    }
+
+    /// Reads the devices' and every vCPU's state ([`save_machine`]: the vCPUs in
+    /// parallel, each on its own thread). Every vCPU must be paused.
+    pub fn save_state(&self) -> Result<MachineState, KvmVmError> {
+        self.require_paused()?;
+        save_machine(&self.devices, &self.vcpus[..])
+            .map_err(|e| KvmVmError::Migratable(MigratableError::from(e).within(VM_ID)))
+    }
+
+    /// Writes `state` into the devices and every vCPU ([`restore_machine`]), without
+    /// the config and CPU checks of [`Snapshottable::restore`]: for a state this VM
+    /// (or one built from the same config on this host) saved. Every vCPU must be
+    /// paused; resume only after it returns `Ok`.
+    pub fn restore_state(&mut self, state: &MachineState) -> Result<(), KvmVmError> {
+        self.require_paused()?;
+        restore_machine(&self.devices, &self.vcpus[..], state)
+            .map_err(|e| KvmVmError::Migratable(MigratableError::from(e).within(VM_ID)))
+    }
+
+    /// Fails with [`KvmStateError::NotPaused`] (as a [`MigratableError::Pause`] at
+    /// `vm`) unless every vCPU is parked: nothing is read or written then.
+    fn require_paused(&self) -> Result<(), KvmVmError> {
+        match self.vcpus.iter().any(|v| !v.is_paused()) {
+            true => Err(KvmVmError::Migratable(
+                MigratableError::from(KvmStateError::NotPaused).within(VM_ID),
+            )),
+            false => Ok(()),
+        }
     }
 
     /// Writes a snapshot of the VM (tree encoded with the preferred codec, and all
@@ -887,21 +914,20 @@ impl Snapshottable for KvmVm {
         VM_ID.to_owned()
     }
 
-    /// The `vm` tree: section `config`, child `devices`, children `vcpu<N>`. Every
-    /// vCPU must be paused.
+    /// The `vm` tree: section `config`, child `devices`, children `vcpu<N>`
+    /// ([`save_state`](KvmVm::save_state)). Every vCPU must be paused.
     fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
+        let state = self.save_state()?;
         let mut s = Snapshot::new(VM_ID);
         add_config(&mut s, &self.config);
-        s.snapshot_child(&mut self.devices)?;
-        for v in &mut self.vcpus {
-            s.snapshot_child(v)?;
-        }
+        state.add_to(&mut s);
         Ok(s)
     }
 
-    /// Restores devices, then every vCPU. The snapshot's config must have this VM's
-    /// layout and vCPU count, and every vCPU's saved CPU must pass this VM's
-    /// [`CpuPolicy`] (checked before anything is written). Every vCPU must be paused.
+    /// Restores devices, then every vCPU ([`restore_state`](KvmVm::restore_state)).
+    /// The snapshot's config must have this VM's layout and vCPU count, every vCPU's
+    /// saved CPU must pass this VM's [`CpuPolicy`], and every section must decode
+    /// (all checked before anything is written). Every vCPU must be paused.
     fn restore(&mut self, snapshot: &Snapshot) -> Result<(), MigratableError> {
         let theirs = config_of(snapshot)?;
         if theirs.layout != self.config.layout || theirs.vcpus != self.config.vcpus {
@@ -914,10 +940,9 @@ impl Snapshottable for KvmVm {
         let name = guest_name(&theirs);
         let forced = cpu_check::admit_snapshot(snapshot, &name, &self.cpu_policy)
             .map_err(KvmVmError::from)?;
-        snapshot.restore_child(&mut self.devices)?;
-        for v in &mut self.vcpus {
-            snapshot.restore_child(v)?;
-        }
+        let state =
+            MachineState::from_snapshot(snapshot, self.vcpus.len()).map_err(|e| e.within(VM_ID))?;
+        self.restore_state(&state)?;
         // The guest's model is the restored one from now on (what a later snapshot
         // or migration carries).
         if let Some(m) = cpu_check::snapshot_models(snapshot, &name)?

@@ -60,6 +60,9 @@
 //! - [`VcpuState`] / [`KvmVcpu`] (`vcpu<N>`), [`HostCaps`]: vCPU state.
 //! - [`VmState`] / [`KvmVmDevices`] (`devices`), [`ClockRestore`]: PIT, kvmclock, PICs, IOAPIC.
 //! - [`order`]: the save and restore order as data, with reasons.
+//! - [`MachineState`] / [`save_machine`] / [`restore_machine`] ([`machine`]): a whole
+//!   machine, every vCPU paused before any state is read or written, devices before
+//!   vCPUs, the vCPUs in parallel on their threads ([`VcpuGroup`]).
 //! - [`msr`]: which MSRs are saved, chunked and count-checked reads and writes.
 //! - [`state`]: tagged, size-checked wrappers of kvm-bindings structs ([`Raw`]).
 //! - [`VcpuBackend`], [`VmBackend`]: the ioctl surface, for test doubles.
@@ -85,6 +88,7 @@ pub mod cpu_template;
 pub mod dirty;
 mod error;
 pub mod kvm_vm;
+pub mod machine;
 pub mod memory;
 pub mod msr;
 pub mod order;
@@ -100,7 +104,8 @@ pub use cpu_check::{CpuIncompatible, CpuPolicy};
 pub use cpu_model::CpuModel;
 pub use error::{Direction, KvmStateError, Step};
 pub use kvm_vm::{ConfigError, KvmVm, KvmVmConfig, KvmVmError, RestoreMode};
-pub use order::{Ordered, VcpuStep, VmStep};
+pub use machine::{restore_machine, save_machine, MachineError, MachineState, VcpuGroup};
+pub use order::{MachineStep, Ordered, VcpuStep, VmStep};
 pub use runner::{kick_signal, ExitAction, ExitEvent, ExitHandler, VcpuRunner};
 pub use state::{CpuidEntry, MsrEntry, Raw, SizeMismatch};
 pub use vcpu::{HostCaps, KvmVcpu, VcpuState};

@@ -2,8 +2,12 @@
 //!
 //! KVM does not accept vCPU state in any order: several `KVM_SET_*` calls check or
 //! derive state from what earlier calls set. The tables below are the only place the
-//! order is written; [`crate::KvmVcpu`] and [`crate::KvmVmDevices`] iterate them, and
-//! `tests/restore_order.rs` checks every constraint against a recording fake.
+//! order is written: [`MACHINE_SAVE_ORDER`] and [`MACHINE_RESTORE_ORDER`] for a whole
+//! machine (its vCPUs paused, its VM-wide devices, its vCPUs), which
+//! [`crate::machine`] iterates; [`VM_RESTORE_ORDER`] inside the devices, which
+//! [`crate::KvmVmDevices`] iterates; [`VCPU_SAVE_ORDER`] and [`VCPU_RESTORE_ORDER`]
+//! inside each vCPU, which [`crate::KvmVcpu`] iterates. `tests/restore_order.rs` checks
+//! every constraint against a recording fake of one or several vCPUs.
 //! `docs/kvm-state.md` explains each one at length.
 
 use std::fmt;
@@ -98,6 +102,38 @@ impl fmt::Display for VmStep {
     }
 }
 
+/// One step of saving or restoring a whole machine: its vCPUs and its VM-wide
+/// devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MachineStep {
+    /// Every vCPU paused: all kicked out of `KVM_RUN` first, then each waited for
+    /// until parked with its pending I/O completed. Pausing a paused vCPU does
+    /// nothing.
+    PauseVcpus,
+    /// The VM-wide devices, in [`VM_SAVE_ORDER`] / [`VM_RESTORE_ORDER`].
+    Devices,
+    /// Every vCPU, each in [`VCPU_SAVE_ORDER`] / [`VCPU_RESTORE_ORDER`], on its own
+    /// thread, all at once.
+    Vcpus,
+}
+
+impl MachineStep {
+    /// The step's name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::PauseVcpus => "pause_vcpus",
+            Self::Devices => "devices",
+            Self::Vcpus => "vcpus",
+        }
+    }
+}
+
+impl fmt::Display for MachineStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A step with the reason it sits where it does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ordered<S: 'static> {
@@ -110,6 +146,24 @@ pub struct Ordered<S: 'static> {
 const fn at<S>(step: S, reason: &'static str) -> Ordered<S> {
     Ordered { step, reason }
 }
+
+/// A machine's state is read in this order. The machine runs again only when the
+/// caller resumes it, after the last step.
+pub const MACHINE_SAVE_ORDER: &[Ordered<MachineStep>] = &[
+    at(MachineStep::PauseVcpus, "first, every one of them: a running vCPU writes guest memory, sends IPIs into the other vCPUs' LAPICs and EOIs into the IOAPIC, so any state read while one runs can disagree with what is read after it"),
+    at(MachineStep::Devices, "the PIT, kvmclock, PICs and IOAPIC, while no vCPU can change them"),
+    at(MachineStep::Vcpus, "each vCPU's own state; once all are paused the vCPUs no longer change each other, so they are read in parallel, each on its own thread"),
+];
+
+/// A machine's state is written in this order into a machine whose vCPUs have not
+/// run since it was built or paused. The caller resumes it only after the last
+/// step: a vCPU resumed early would send IPIs into LAPICs not yet restored (whose
+/// restore then overwrites them) and run against vCPUs whose TSC is not yet set.
+pub const MACHINE_RESTORE_ORDER: &[Ordered<MachineStep>] = &[
+    at(MachineStep::PauseVcpus, "no vCPU may run while any state is written (a fresh VM's vCPUs are parked: this is then a check)"),
+    at(MachineStep::Devices, "before any vCPU: the LAPICs deliver into the PICs and the IOAPIC and kvmclock must be set before a vCPU's MSRs point at it (VM_RESTORE_ORDER)"),
+    at(MachineStep::Vcpus, "each vCPU in VCPU_RESTORE_ORDER, all in parallel, each on its own thread: KVM keeps no order between vCPUs (their TSC writes are matched within a second whatever the order)"),
+];
 
 /// VM device state, restored before any vCPU state.
 ///
@@ -201,5 +255,16 @@ mod tests {
             assert_eq!(steps.len(), 12);
         }
         assert_eq!(VM_RESTORE_ORDER.len(), 5);
+        for table in [MACHINE_SAVE_ORDER, MACHINE_RESTORE_ORDER] {
+            let steps: Vec<_> = table.iter().map(|o| o.step).collect();
+            assert_eq!(
+                steps,
+                [
+                    MachineStep::PauseVcpus,
+                    MachineStep::Devices,
+                    MachineStep::Vcpus
+                ]
+            );
+        }
     }
 }

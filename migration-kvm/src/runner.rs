@@ -219,6 +219,14 @@ impl VcpuRunner {
     /// Pauses the vCPU: returns once it is out of `KVM_RUN`, its pending I/O is
     /// completed, and it is parked. Pausing a parked vCPU does nothing.
     pub fn pause(&self) -> Result<(), KvmStateError> {
+        self.request_pause();
+        self.wait_parked(None).map(|_| ())
+    }
+
+    /// The first half of [`pause`](Self::pause): asks the vCPU to park and kicks it
+    /// out of `KVM_RUN`, without waiting. Kicking every vCPU of a VM before waiting
+    /// for any pauses them all in about the time of one.
+    pub fn request_pause(&self) {
         {
             let mut c = self.shared.lock();
             if c.request == Request::Run {
@@ -226,6 +234,10 @@ impl VcpuRunner {
             }
         }
         self.kick();
+    }
+
+    /// The second half of [`pause`](Self::pause): waits until the vCPU is parked.
+    pub(crate) fn wait_paused(&self) -> Result<(), KvmStateError> {
         self.wait_parked(None).map(|_| ())
     }
 
@@ -273,19 +285,26 @@ impl VcpuRunner {
         &self,
         f: impl FnOnce(&mut KvmVcpu<VcpuFd>) -> R + Send + 'static,
     ) -> Result<R, KvmStateError> {
+        self.submit(f)?.wait()
+    }
+
+    /// [`with_vcpu`](Self::with_vcpu) without waiting: `f` runs on the vCPU thread
+    /// while the caller goes on (e.g. submits to the next vCPU); its result comes from
+    /// [`Submitted::wait`].
+    pub(crate) fn submit<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut KvmVcpu<VcpuFd>) -> R + Send + 'static,
+    ) -> Result<Submitted<R>, KvmStateError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        {
-            let mut c = self.shared.lock();
-            if !c.parked || c.request != Request::Pause {
-                return Err(KvmStateError::NotPaused);
-            }
-            c.jobs.push(Box::new(move |v| {
-                let _ = tx.send(f(v));
-            }));
-            self.shared.cv.notify_all();
+        let mut c = self.shared.lock();
+        if !c.parked || c.request != Request::Pause {
+            return Err(KvmStateError::NotPaused);
         }
-        rx.recv()
-            .map_err(|_| KvmStateError::Thread("the vCPU thread dropped a request".into()))
+        c.jobs.push(Box::new(move |v| {
+            let _ = tx.send(f(v));
+        }));
+        self.shared.cv.notify_all();
+        Ok(Submitted(rx))
     }
 
     /// Saves the paused vCPU's state.
@@ -321,6 +340,18 @@ impl VcpuRunner {
             .ok_or_else(|| KvmStateError::Thread("already stopped".into()))?;
         t.join()
             .map_err(|_| KvmStateError::Thread("the vCPU thread panicked".into()))
+    }
+}
+
+/// A job [`VcpuRunner::submit`] handed to a vCPU thread.
+pub(crate) struct Submitted<R>(mpsc::Receiver<R>);
+
+impl<R> Submitted<R> {
+    /// Waits for the job's result.
+    pub(crate) fn wait(self) -> Result<R, KvmStateError> {
+        self.0
+            .recv()
+            .map_err(|_| KvmStateError::Thread("the vCPU thread dropped a request".into()))
     }
 }
 
