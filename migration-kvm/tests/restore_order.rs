@@ -1,15 +1,17 @@
 //! The save/restore order, checked call by call against migration-testkit's
-//! `RecordingVcpu` (no /dev/kvm needed), and the typed errors of failing calls.
+//! `RecordingVcpu` and `RecordingMachine` (no /dev/kvm needed), and the typed errors of
+//! failing calls.
 
 use std::sync::Arc;
 
 use migration_core::{Codec, MigratableError, Snapshot};
 use migration_kvm::order::{MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
 use migration_kvm::{
-    restore_vm_state, save_vm_state, ClockRestore, Direction, KvmStateError, KvmVcpu, KvmVmDevices,
-    Step, VcpuStep, VmStep,
+    restore_machine, restore_vm_state, save_machine, save_vm_state, ClockRestore, Direction,
+    KvmStateError, KvmVcpu, KvmVmDevices, MachineError, Step, VcpuStep, VmStep,
 };
-use migration_testkit::recording_vcpu::RecordingVcpu;
+use migration_testkit::recording_machine::RecordingMachine;
+use migration_testkit::recording_vcpu::{Call, RecordingVcpu};
 
 fn pos(calls: &[&str], name: &str) -> usize {
     calls
@@ -322,4 +324,171 @@ fn snapshottable_components_restore_from_every_codec_and_report_paths() {
         assert_eq!(e.path(), Some("vm/vcpu3"));
         assert!(e.to_string().contains("lapic"), "{e}");
     }
+}
+
+/// vCPUs of the recording machines below: more than the 2 cores of a small host.
+const VCPUS: u32 = 4;
+
+/// The names of the calls of vCPU `vcpu` (`None`: of the VM) starting with `prefix`.
+fn names_of(calls: &[Call], vcpu: Option<u32>, prefix: &str) -> Vec<&'static str> {
+    calls
+        .iter()
+        .filter(|c| c.vcpu == vcpu && c.name.starts_with(prefix))
+        .map(|c| c.name)
+        .collect()
+}
+
+/// Where the first call starting with `prefix` by any vCPU (`vcpus`) or by the VM
+/// (`!vcpus`) is, and where the last one is.
+fn span(calls: &[Call], vcpus: bool, prefix: &str) -> (usize, usize) {
+    let hits: Vec<usize> = calls
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.vcpu.is_some() == vcpus && c.name.starts_with(prefix))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(!hits.is_empty(), "no `{prefix}` call: {calls:?}");
+    (hits[0], hits[hits.len() - 1])
+}
+
+/// The calls starting with `prefix` ("get_": a save, "set_": a restore of `state`)
+/// that one fresh vCPU makes alone: the reference each vCPU of a machine follows.
+fn one_vcpu_calls(prefix: &str, state: &migration_kvm::VcpuState) -> Vec<&'static str> {
+    let fake = RecordingVcpu::new().sibling(0);
+    let vcpu = KvmVcpu::new(0, fake.clone(), fake.caps());
+    if prefix == "get_" {
+        vcpu.save_state().unwrap();
+    } else {
+        vcpu.restore_state(state).unwrap();
+    }
+    names_of(&fake.calls(), Some(0), prefix)
+}
+
+#[test]
+fn machine_save_pauses_every_vcpu_before_reading_any_state() {
+    let m = RecordingMachine::new(VCPUS);
+    let state = save_machine(&m.devices(), &m).unwrap();
+    let calls = m.calls();
+    let first_read = calls
+        .iter()
+        .position(|c| c.name.starts_with("get_"))
+        .unwrap();
+    for v in 0..VCPUS {
+        assert!(
+            calls[..first_read]
+                .iter()
+                .any(|c| c.name == "pause" && c.vcpu == Some(v)),
+            "vCPU {v} not paused before the first read: {calls:?}"
+        );
+    }
+    // Devices, then vCPUs (MACHINE_SAVE_ORDER); each vCPU in VCPU_SAVE_ORDER (its
+    // reads interleave with the others', which run on their own threads).
+    assert!(span(&calls, false, "get_").1 < span(&calls, true, "get_").0);
+    let reference = one_vcpu_calls("get_", &state.vcpus[0]);
+    for v in 0..VCPUS {
+        // (A fresh vCPU's first save also computes its MSR list: cpuid2, MCG_CAP,
+        // MTRRcap, before its MSRs.)
+        let reads = names_of(&calls, Some(v), "get_");
+        assert_eq!(reads, reference, "vCPU {v}");
+        assert_eq!(reads.first(), Some(&"get_mp_state"));
+    }
+    // Every vCPU's state is its own, in index order.
+    for (i, s) in state.vcpus.iter().enumerate() {
+        assert_eq!(s.regs.get().rax, 0x1111 + i as u64, "vCPU {i}");
+    }
+}
+
+#[test]
+fn machine_restore_writes_the_devices_then_every_vcpu_in_its_order() {
+    let src = RecordingMachine::new(VCPUS);
+    let state = save_machine(&src.devices(), &src).unwrap();
+    let dst = RecordingMachine::new(VCPUS);
+    dst.devices().vm().set_current_tsc_khz(2_000_000);
+    dst.clear();
+    restore_machine(&dst.devices(), &dst, &state).unwrap();
+    let calls = dst.calls();
+    let first_write = calls
+        .iter()
+        .position(|c| c.name.starts_with("set_"))
+        .unwrap();
+    let pauses = calls[..first_write]
+        .iter()
+        .filter(|c| c.name == "pause")
+        .count();
+    assert_eq!(pauses, VCPUS as usize, "{calls:?}");
+    // Every device write before the first vCPU write.
+    assert!(span(&calls, false, "set_").1 < span(&calls, true, "set_").0);
+    // Each vCPU exactly as one vCPU alone restores (VCPU_RESTORE_ORDER).
+    let reference = one_vcpu_calls("set_", &state.vcpus[0]);
+    assert_eq!(reference.last(), Some(&"set_vcpu_events"));
+    for v in 0..VCPUS {
+        assert_eq!(names_of(&calls, Some(v), "set_"), reference, "vCPU {v}");
+    }
+    // And every vCPU got its own state back.
+    assert_eq!(save_machine(&dst.devices(), &dst).unwrap(), state);
+}
+
+#[test]
+fn a_vcpu_that_cannot_pause_stops_the_machine_before_any_state_is_touched() {
+    let m = RecordingMachine::new(VCPUS);
+    let state = save_machine(&m.devices(), &m).unwrap();
+    m.clear();
+    m.refuse_pause(Some(2));
+    let e = save_machine(&m.devices(), &m).unwrap_err();
+    assert!(matches!(e, MachineError::Vcpu { index: 2, .. }), "{e}");
+    let e = restore_machine(&m.devices(), &m, &state).unwrap_err();
+    assert!(matches!(e, MachineError::Vcpu { index: 2, .. }), "{e}");
+    let touched: Vec<_> = m
+        .calls()
+        .into_iter()
+        .filter(|c| c.name != "pause")
+        .collect();
+    assert!(touched.is_empty(), "{touched:?}");
+}
+
+#[test]
+fn a_machine_state_for_another_vcpu_count_is_refused_before_anything() {
+    let src = RecordingMachine::new(VCPUS);
+    let state = save_machine(&src.devices(), &src).unwrap();
+    let dst = RecordingMachine::new(2);
+    dst.clear();
+    let e = restore_machine(&dst.devices(), &dst, &state).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            MachineError::Count {
+                states: 4,
+                vcpus: 2
+            }
+        ),
+        "{e}"
+    );
+    assert!(dst.calls().is_empty(), "{:?}", dst.calls());
+}
+
+#[test]
+fn a_failing_vcpu_of_a_machine_names_itself() {
+    let src = RecordingMachine::new(VCPUS);
+    let state = save_machine(&src.devices(), &src).unwrap();
+    let dst = RecordingMachine::new(VCPUS);
+    dst.vcpu(3).fail_on(Some("set_lapic"));
+    let e = restore_machine(&dst.devices(), &dst, &state).unwrap_err();
+    match &e {
+        MachineError::Vcpu { index: 3, source } => {
+            assert_eq!(source.step(), Some(Step::Vcpu(VcpuStep::Lapic)), "{e}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let e = MigratableError::from(e).within("vm");
+    assert!(matches!(e, MigratableError::Restore { .. }), "{e}");
+    assert_eq!(e.path(), Some("vm/vcpu3"));
+    // The devices failing name the devices.
+    let dst = RecordingMachine::new(VCPUS);
+    dst.devices().vm().fail_on(Some("set_irqchip(ioapic)"));
+    let e = restore_machine(&dst.devices(), &dst, &state).unwrap_err();
+    assert!(matches!(e, MachineError::Devices(_)), "{e}");
+    assert!(
+        names_of(&dst.calls(), Some(0), "set_").is_empty(),
+        "no vCPU written after the devices failed"
+    );
 }

@@ -30,6 +30,9 @@
 //!   [`FakeVm`] (a [`Migratable`](migration_core::Migratable) VM with a
 //!   self-verifying background workload): enough to drive snapshot, restore and
 //!   live migration end to end without KVM.
+//! - [`recording_vcpu`] and [`recording_machine`]: fake KVM vCPUs and VM (one, or a
+//!   machine of several) that record the order of every call, for migration-kvm's
+//!   order tables.
 //! - [`fault`]: readers, writers and streams that truncate, flip bits, stall, close
 //!   or fail on a plan, deterministic from a seed.
 //! - [`strategies`]: proptest strategies for snapshot trees (feature `proptest`).
@@ -55,6 +58,7 @@ pub mod fuzz_bodies;
 pub mod guest;
 pub mod kvm;
 pub mod netns;
+pub mod recording_machine;
 pub mod recording_vcpu;
 pub mod rng;
 #[cfg(feature = "proptest")]

@@ -7,7 +7,10 @@
 //! shared log ([`calls`](RecordingVcpu::calls)), with the MSR indices of each
 //! `set_msrs`/`get_msrs` call in order. [`fail_on`](RecordingVcpu::fail_on) makes a
 //! named call fail with `EIO`, and [`refuse_msr`](RecordingVcpu::refuse_msr) makes
-//! `get_msrs`/`set_msrs` stop at an MSR, as KVM does.
+//! `get_msrs`/`set_msrs` stop at an MSR, as KVM does. [`sibling`](RecordingVcpu::sibling)
+//! makes another vCPU of the same machine, with its own state, recording into the same
+//! log with its index ([`RecordingMachine`](crate::recording_machine::RecordingMachine)
+//! puts several together).
 //!
 //! ```
 //! use migration_kvm::{KvmVcpu, VcpuStep};
@@ -43,6 +46,9 @@ pub struct Call {
     pub name: &'static str,
     /// For `get_msrs`/`set_msrs`: the MSR indices of the call, in order.
     pub msrs: Vec<u32>,
+    /// The vCPU that was called (`None`: a fake made with [`RecordingVcpu::new`], which
+    /// is one vCPU and its VM at once).
+    pub vcpu: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -65,16 +71,18 @@ struct Values {
 
 #[derive(Debug)]
 struct Inner {
-    calls: Vec<Call>,
     fail_on: Option<&'static str>,
     refused_msr: Option<u32>,
     values: Values,
     xsave2_size: usize,
 }
 
-/// A recording fake vCPU + VM. Clones share the same log and values.
+/// A recording fake vCPU + VM. Clones share the same log and values; siblings share
+/// the log only.
 #[derive(Clone, Debug)]
 pub struct RecordingVcpu {
+    index: Option<u32>,
+    log: Arc<Mutex<Vec<Call>>>,
     inner: Arc<Mutex<Inner>>,
 }
 
@@ -155,8 +163,9 @@ impl RecordingVcpu {
             irqchips,
         };
         Self {
+            index: None,
+            log: Arc::new(Mutex::new(Vec::new())),
             inner: Arc::new(Mutex::new(Inner {
-                calls: Vec::new(),
                 fail_on: None,
                 refused_msr: None,
                 values,
@@ -165,8 +174,40 @@ impl RecordingVcpu {
         }
     }
 
+    /// vCPU `index` of the same machine: its own state (the values of
+    /// [`new`](Self::new) with this fake's MSRs, `rax` = `0x1111 + index`), recording
+    /// into the same log as vCPU `index`.
+    pub fn sibling(&self, index: u32) -> Self {
+        let msrs: Vec<u32> = self.lock().values.msrs.keys().copied().collect();
+        let fresh = Self::with_msrs(msrs);
+        fresh.lock().values.regs.rax = 0x1111 + u64::from(index);
+        Self {
+            index: Some(index),
+            log: self.log.clone(),
+            inner: fresh.inner,
+        }
+    }
+
+    /// The vCPU index this fake records as (`None` for [`new`](Self::new)'s).
+    pub fn index(&self) -> Option<u32> {
+        self.index
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn log(&self) -> MutexGuard<'_, Vec<Call>> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends a call named `name` that is not an ioctl (`"pause"`…) to the log.
+    pub fn note(&self, name: &'static str) {
+        self.log().push(Call {
+            name,
+            msrs: vec![],
+            vcpu: self.index,
+        });
     }
 
     /// Host capabilities matching this fake: its MSRs as the index list, its xsave
@@ -204,19 +245,19 @@ impl RecordingVcpu {
         self.lock().values.tsc_khz = khz;
     }
 
-    /// Every call so far.
+    /// Every call so far (of every sibling).
     pub fn calls(&self) -> Vec<Call> {
-        self.lock().calls.clone()
+        self.log().clone()
     }
 
-    /// The names of every call so far.
+    /// The names of every call so far (of every sibling).
     pub fn call_names(&self) -> Vec<&'static str> {
-        self.lock().calls.iter().map(|c| c.name).collect()
+        self.log().iter().map(|c| c.name).collect()
     }
 
-    /// Forgets the recorded calls.
+    /// Forgets the recorded calls (of every sibling).
     pub fn clear(&self) {
-        self.lock().calls.clear();
+        self.log().clear();
     }
 
     fn record(
@@ -224,8 +265,12 @@ impl RecordingVcpu {
         name: &'static str,
         msrs: Vec<u32>,
     ) -> Result<MutexGuard<'_, Inner>, errno::Error> {
-        let mut i = self.lock();
-        i.calls.push(Call { name, msrs });
+        self.log().push(Call {
+            name,
+            msrs,
+            vcpu: self.index,
+        });
+        let i = self.lock();
         if i.fail_on == Some(name) {
             return Err(errno::Error::new(libc::EIO));
         }
