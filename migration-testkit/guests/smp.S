@@ -13,8 +13,8 @@
 # Every vCPU, in ring 3 with IF = 1, loops over:
 #   - its heartbeat (P_HB) and contribution count (P_CONTRIB) in shared memory,
 #     mirrored in r13 and r12 and compared with memory every iteration;
-#   - the TSC must not be below the shared stamp V_STAMP, last written by any
-#     vCPU (then it writes its own reading there);
+#   - the TSC must not be below the shared stamp V_STAMP, the highest TSC any
+#     vCPU read before (then it raises the stamp to its reading, lock cmpxchg);
 #   - a shared counter V_SHARED updated with `lock cmpxchg`: low half = count,
 #     high half = count * GOLDEN (mod 2^32), checked on every read;
 # and every CHECK_EVERY iterations (`checks`): no heartbeat or receive count of
@@ -525,12 +525,17 @@ main_loop:
         rdtsc
         shl     $32, %rdx
         or      %rdx, %rax
-        cmp     %rsi, %rax
+        mov     %rax, %rdi
+        cmp     %rsi, %rdi
         jb      err_tsc
-        mov     %rax, V_STAMP
+        mov     %rsi, %rax              # stamp = max(stamp, this reading)
+1:      cmp     %rax, %rdi
+        jbe     2f
+        lock cmpxchg %rdi, V_STAMP
+        jne     1b                      # RAX = the stamp now
 
-        mov     V_SHARED, %rax          # the shared counter
-2:      imul    $GOLDEN, %eax, %ecx
+2:      mov     V_SHARED, %rax          # the shared counter
+3:      imul    $GOLDEN, %eax, %ecx
         mov     %rax, %rdx
         shr     $32, %rdx
         cmp     %ecx, %edx
@@ -540,14 +545,14 @@ main_loop:
         shl     $32, %rdx
         or      %rdx, %rcx
         lock cmpxchg %rcx, V_SHARED
-        jne     2b                      # RAX = the value now there: check it too
+        jne     3b                      # RAX = the value now there: check it too
         inc     %r12
         mov     %r12, P_CONTRIB(%r14)
 
         test    $(CHECK_EVERY - 1), %r13d
-        jnz     3f
+        jnz     4f
         call    checks
-3:      test    $(GATE_EVERY - 1), %r13d
+4:      test    $(GATE_EVERY - 1), %r13d
         jnz     main_loop
         call    gate_call
         jmp     main_loop
@@ -572,41 +577,42 @@ gate_call:
 
 # Ring 3, every CHECK_EVERY iterations. Clobbers RAX, RCX, RDX, RSI, RDI, R8-R10.
 checks:
-        mov     P_SENT(%r14), %rax      # the IPI sent last: arrived, or not yet due?
-        cmp     %rax, P_RECV(%rbx)
-        jae     1f
-        mov     P_HB(%rbx), %rax
-        sub     P_HB_AT_SEND(%r14), %rax
-        cmp     $LOST_HB, %rax
-        jae     err_lost
-
-1:      mov     %r15, %rsi              # RSI = &SEEN[index][0]
+        mov     %r15, %rsi              # RSI = &SEEN[index][0]
         shl     $10, %rsi               # MAX_VCPUS * 32
         add     $SEEN, %rsi
         mov     %rsi, %r10
         mov     $PERCPU, %r9
         xor     %ecx, %ecx
         mov     $1, %r8d                # every vCPU advanced since the last round
-2:      mov     P_HB(%r9), %rax
+1:      mov     P_HB(%r9), %rax
         cmp     S_HB(%rsi), %rax
         jb      err_hb_back
         mov     %rax, S_HB(%rsi)
         cmp     S_MARK_HB(%rsi), %rax
-        ja      3f
+        ja      2f
         xor     %r8d, %r8d
-3:      mov     P_RECV(%r9), %rax
+2:      mov     P_RECV(%r9), %rax
         cmp     S_RECV(%rsi), %rax
         jb      err_recv_back
         mov     %rax, S_RECV(%rsi)
         cmp     S_MARK_RECV(%rsi), %rax
-        ja      4f
+        ja      3f
         xor     %r8d, %r8d
-4:      add     $32, %rsi
+3:      add     $32, %rsi
         add     $(1 << PERCPU_SHIFT), %r9
         inc     %ecx
         cmp     %rbp, %rcx
-        jb      2b
-        test    %r8d, %r8d
+        jb      1b
+
+        mov     P_SENT(%r14), %rax      # the IPI sent last: arrived, or not yet due?
+        cmp     %rax, P_RECV(%rbx)      # (after the scan: the receiver's heartbeat
+        jae     4f                      # did not go back)
+        mov     P_HB(%rbx), %rax
+        sub     P_HB_AT_SEND(%r14), %rax
+        cmp     $LOST_HB, %rax
+        jae     err_lost
+
+4:      test    %r8d, %r8d
         jz      7f
         mov     %r10, %rsi              # a round: marks = what was seen
         xor     %ecx, %ecx

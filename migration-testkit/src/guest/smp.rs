@@ -27,7 +27,14 @@ pub const IPI_VECTOR: u8 = 0x40;
 ///
 /// [`SmpStart::InitSipi`]: super::SmpStart::InitSipi
 pub const TRAMPOLINE_ADDR: u64 = 0x8000;
-/// The per-vCPU counters of vCPU `i` start at `PERCPU_ADDR + i * PERCPU_STRIDE`.
+/// The shared counter every vCPU updates with `lock cmpxchg`: the low half counts,
+/// the high half is the low half times a constant (mod 2^32).
+pub const SHARED_COUNTER_ADDR: u64 = 0x24040;
+/// The shared TSC stamp: the last TSC value a vCPU read; no vCPU may read a lower
+/// one after it.
+pub const TSC_STAMP_ADDR: u64 = 0x24080;
+/// The per-vCPU counters of vCPU `i` start at `PERCPU_ADDR + i * PERCPU_STRIDE`
+/// (the heartbeat first).
 pub const PERCPU_ADDR: u64 = 0x25000;
 /// Bytes between two vCPUs' counters.
 pub const PERCPU_STRIDE: u64 = 128;
@@ -296,6 +303,12 @@ mod tests {
         assert_eq!(asm_constant("IPI_VECTOR"), u64::from(IPI_VECTOR));
         assert_eq!(asm_constant("TRAMPOLINE"), TRAMPOLINE_ADDR);
         assert_eq!(asm_constant("PERCPU"), PERCPU_ADDR);
+        let vars = asm_constant("SMP_VARS");
+        assert_eq!(vars + 0x40, SHARED_COUNTER_ADDR);
+        assert_eq!(vars + 0x80, TSC_STAMP_ADDR);
+        let src = include_str!("../../guests/smp.S");
+        assert!(src.contains(".set V_SHARED,  SMP_VARS + 0x40"));
+        assert!(src.contains(".set V_STAMP,   SMP_VARS + 0x80"));
         assert_eq!(1 << asm_constant("PERCPU_SHIFT"), PERCPU_STRIDE);
         assert_eq!(asm_constant("LAPIC_TAG_BASE"), u64::from(LAPIC_TAG_BASE));
         assert_eq!(asm_constant("ERR_SMP"), u64::from(ERR_SMP));
