@@ -2,22 +2,26 @@
 //! ping-pongs between VMs over unix and tcp (alternating), then is snapshotted to a
 //! file and restored into a fresh VM, each many times; after every hop the guest must
 //! make progress past where it was and pass its own self-check. Prints the counts and
-//! the worst downtime.
+//! the worst downtime. The SMP guest (4 vCPUs woken with INIT-SIPI-SIPI) ping-pongs
+//! the same way, and after every hop every one of its vCPUs must have advanced.
 //!
 //! ```text
 //! cargo test --release -p migration-kvm --test soak -- --ignored --nocapture
 //! SOAK_MIGRATIONS=100 SOAK_SNAPSHOTS=100 cargo test --release -p migration-kvm --test soak -- --ignored --nocapture
+//! SOAK_SMP_MIGRATIONS=100 SOAK_SMP_VCPUS=4 cargo test --release -p migration-kvm --test soak smp -- --ignored --nocapture
 //! ```
-//! (1000 of each by default.) Each migration builds a fresh destination VM (the
-//! source is dropped once the destination runs), so "two VMs" are the two ends of each hop.
+//! (1000 of each by default, 100 SMP hops.) Each migration builds a fresh destination
+//! VM (the source is dropped once the destination runs), so "two VMs" are the two ends
+//! of each hop.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use migration_core::Pausable;
-use migration_kvm::{KvmVm, RestoreMode};
+use migration_kvm::{KvmVm, KvmVmConfig, RestoreMode};
 use migration_testkit::bench::env_or;
-use migration_testkit::guest::{Guest, GuestLog as Log, RunningGuest as Running};
+use migration_testkit::guest::smp::SmpCounters;
+use migration_testkit::guest::{Guest, GuestLog as Log, RunningGuest as Running, SmpStart};
 use migration_testkit::require_kvm;
 
 mod common;
@@ -120,6 +124,61 @@ fn soak_ping_pong_migrations_and_snapshot_restores() -> Result<()> {
         snap_start.elapsed(),
         worst_restore.0,
         worst_restore.1
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "soak: minutes; run with --ignored"]
+fn soak_smp_ping_pong_migrations() -> Result<()> {
+    require_kvm!(Ok(()));
+    let hops = env_or("SOAK_SMP_MIGRATIONS", 100);
+    let vcpus = u32::try_from(env_or("SOAK_SMP_VCPUS", 4))?;
+    let dir = tempfile::tempdir()?;
+    let started = Instant::now();
+    let mut vm = Running::boot_smp(
+        Guest::Smp,
+        KvmVmConfig::new(32 << 20, vcpus),
+        0,
+        SmpStart::InitSipi,
+        TIMEOUT,
+    )?;
+    vm.advance(BEFORE)?;
+    let mut worst = (Duration::ZERO, 0usize);
+    for i in 0..hops {
+        let url = if i % 2 == 0 {
+            format!(
+                "unix://{}",
+                dir.path().join(format!("smp{}.sock", i % 4)).display()
+            )
+        } else {
+            "tcp://127.0.0.1:0".to_owned()
+        };
+        let (next, report) =
+            migrate_url(&mut vm, &url).with_context(|| format!("hop {i} over {url}"))?;
+        // The source is paused: its memory is what the destination got.
+        let handed = SmpCounters::read(vm.vm.memory().mmap(), vcpus)?;
+        drop(vm);
+        vm = next;
+        if report.downtime.total > worst.0 {
+            worst = (report.downtime.total, i);
+        }
+        // Two rounds: the second is made of advances after the handover only.
+        vm.advance(2)
+            .with_context(|| format!("self-check after hop {i}"))?;
+        let now = SmpCounters::read(vm.vm.memory().mmap(), vcpus)?;
+        for (v, (h, n)) in handed.iter().zip(&now).enumerate() {
+            ensure!(
+                n.heartbeat > h.heartbeat && n.received > h.received,
+                "hop {i}: vCPU {v} did not advance: {h:?} -> {n:?}"
+            );
+        }
+    }
+    eprintln!(
+        "soak: {hops} migrations of a {vcpus}-vCPU guest in {:?}, worst downtime {:?} at #{}",
+        started.elapsed(),
+        worst.0,
+        worst.1
     );
     Ok(())
 }
