@@ -64,7 +64,7 @@ use crate::cpu_model::{CpuModel, CpuModelError};
 use crate::cpu_template;
 use crate::dirty;
 use crate::error::KvmStateError;
-use crate::machine::{restore_machine, save_machine, MachineState, VcpuGroup};
+use crate::machine::{restore_machine, resume_all, save_machine, MachineState, VcpuGroup};
 use crate::memory::{check_layout, GuestMemory, KvmMemoryError, KvmSlots, MemoryOptions};
 use crate::restore::EagerOptions;
 use crate::runner::{ExitHandler, VcpuRunner};
@@ -711,14 +711,13 @@ impl KvmVm {
         self.running
     }
 
-    /// Starts (resumes) every vCPU.
+    /// Starts (resumes) every vCPU: all are told to run before the first is waited
+    /// for.
     pub fn start(&mut self) -> Result<(), KvmVmError> {
         if self.migrated_out {
             return Err(KvmVmError::MigratedOut);
         }
-        for v in &self.vcpus {
-            v.resume()?;
-        }
+        resume_all(&self.vcpus).map_err(|e| KvmVmError::Migratable(e.into()))?;
         self.running = true;
         Ok(())
     }

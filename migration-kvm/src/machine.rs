@@ -192,6 +192,17 @@ pub fn restore_machine<V: VmBackend, G: VcpuGroup + ?Sized>(
     Ok(())
 }
 
+/// Resumes every vCPU thread: all are told to run before the first is waited for
+/// (with more vCPUs than cores, waiting for each in turn costs a scheduler time slice
+/// per vCPU).
+pub fn resume_all(vcpus: &[VcpuRunner]) -> Result<(), MachineError> {
+    let since: Vec<_> = vcpus.iter().map(VcpuRunner::request_resume).collect();
+    for (i, (v, since)) in vcpus.iter().zip(since).enumerate() {
+        v.wait_resumed(since).map_err(MachineError::vcpu(i))?;
+    }
+    Ok(())
+}
+
 /// vCPU threads: each vCPU's state is read and written on its own thread, all
 /// threads at once (jobs are handed to every thread before the first result is
 /// awaited).

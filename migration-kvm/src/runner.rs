@@ -244,19 +244,36 @@ impl VcpuRunner {
     /// Resumes a parked vCPU; returns once its thread has left the parked state
     /// (so [`is_paused`](Self::is_paused) is `false` until it parks again).
     pub fn resume(&self) -> Result<(), KvmStateError> {
+        let since = self.request_resume();
+        self.wait_resumed(since)
+    }
+
+    /// The first half of [`resume`](Self::resume): tells the thread to run, without
+    /// waiting. Returns what [`wait_resumed`](Self::wait_resumed) waits past (`None`:
+    /// it was running already).
+    pub(crate) fn request_resume(&self) -> Option<u64> {
         let mut c = self.shared.lock();
         if c.request == Request::Run {
-            return Ok(());
+            return None;
         }
         c.request = Request::Run;
         c.last_exit = None;
         self.shared.cv.notify_all();
-        let resumed = c.resumed;
-        while c.parked && c.resumed == resumed {
-            if c.exited {
-                return Err(KvmStateError::Thread("the vCPU thread ended".into()));
+        Some(c.resumed)
+    }
+
+    /// The second half of [`resume`](Self::resume): waits until the thread has left
+    /// the parked state it was in when [`request_resume`](Self::request_resume)
+    /// returned `since`.
+    pub(crate) fn wait_resumed(&self, since: Option<u64>) -> Result<(), KvmStateError> {
+        let mut c = self.shared.lock();
+        if let Some(resumed) = since {
+            while c.parked && c.resumed == resumed {
+                if c.exited {
+                    break;
+                }
+                c = self.shared.cv.wait(c).unwrap_or_else(|e| e.into_inner());
             }
-            c = self.shared.cv.wait(c).unwrap_or_else(|e| e.into_inner());
         }
         if c.exited {
             return Err(KvmStateError::Thread("the vCPU thread ended".into()));
