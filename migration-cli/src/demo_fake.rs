@@ -38,6 +38,12 @@ impl FakeTarget {
                 g.display()
             );
         }
+        if args.vcpus > 1 {
+            println!(
+                "note: --vcpus {} needs KVM; the fake VM has no vCPUs",
+                args.vcpus
+            );
+        }
         let mem = args.mem.unwrap_or(DEFAULT_MEM);
         if mem < 32 << 20 || mem % 4096 != 0 {
             return Err(anyhow!("--mem must be a multiple of 4 KiB, at least 32M"));

@@ -1,6 +1,7 @@
 //! The demo on a real KVM guest: migration-kvm's `KvmVm` running one of
-//! migration-testkit's self-checking guests (or `--guest FILE`), judged from its
-//! port writes, which migration-testkit's [`GuestLog`] records.
+//! migration-testkit's self-checking guests (or `--guest FILE`) on one or more
+//! vCPUs, judged from its port writes, which migration-testkit's [`GuestLog`]
+//! records.
 
 use std::path::Path;
 use std::time::Duration;
@@ -14,8 +15,8 @@ use migration_core::{
 use migration_kvm::restore::EagerOptions;
 use migration_kvm::{KvmVm, KvmVmConfig, RestoreMode};
 use migration_testkit::guest::{
-    configure_vcpu, describe_error_code, write_boot_memory, Failure, Guest, GuestImage, GuestLog,
-    PortMonitor, Verdict,
+    describe_error_code, load_vcpus, Failure, Guest, GuestImage, GuestLog, PortMonitor, SmpStart,
+    Verdict,
 };
 
 use crate::demo_target::{BuildFn, Check, DemoArgs, DemoTarget};
@@ -136,21 +137,34 @@ impl Migratable for DemoKvm {
 #[derive(Debug)]
 pub struct KvmTarget {
     mem: u64,
+    vcpus: u32,
+    start: SmpStart,
     image: Vec<u8>,
     name: String,
     arg: u64,
 }
 
 impl KvmTarget {
-    /// A target for `args`: the built-in memory_pattern guest, or `--guest FILE`.
+    /// A target for `args`: the built-in memory_pattern guest (the smp guest with
+    /// more than one vCPU), or `--guest FILE`.
     pub fn new(args: &DemoArgs) -> anyhow::Result<Self> {
         let mem = args.mem.unwrap_or(DEFAULT_MEM);
+        let vcpus = args.vcpus;
         let (image, name, arg) = match &args.guest {
             Some(path) => {
                 let img = GuestImage::from_file(path)
                     .with_context(|| format!("loading guest {}", path.display()))?;
                 (img.bytes().to_vec(), path.display().to_string(), 0)
             }
+            None if vcpus > 1 => (
+                Guest::Smp.image().to_vec(),
+                format!(
+                    "{} (its vCPUs woken with INIT-SIPI-SIPI; each checks shared counters and \
+                     the TSC, sends IPIs around a ring and NMIs to itself)",
+                    Guest::Smp.name()
+                ),
+                0,
+            ),
             None => (
                 Guest::MemoryPattern.image().to_vec(),
                 format!(
@@ -161,14 +175,22 @@ impl KvmTarget {
                 WORKING_SET_END,
             ),
         };
-        if args.guest.is_none() && mem < WORKING_SET_END {
+        if args.guest.is_none() && vcpus == 1 && mem < WORKING_SET_END {
             return Err(anyhow!(
                 "--mem must be at least {} MiB for the built-in guest",
                 WORKING_SET_END >> 20
             ));
         }
+        // The built-in SMP guest shows the INIT-SIPI-SIPI start; a guest file gets
+        // every vCPU at its entry point (docs/guest-abi.md §9).
+        let start = match args.guest {
+            None => SmpStart::InitSipi,
+            Some(_) => SmpStart::AllAtEntry,
+        };
         Ok(Self {
             mem,
+            vcpus,
+            start,
             image,
             name,
             arg,
@@ -185,9 +207,11 @@ impl DemoTarget for KvmTarget {
 
     fn describe(&self) -> String {
         format!(
-            "KVM guest {}, {} MiB of RAM, 1 vCPU",
+            "KVM guest {}, {} MiB of RAM, {} vCPU{}",
             self.name,
-            self.mem >> 20
+            self.mem >> 20,
+            self.vcpus,
+            if self.vcpus == 1 { "" } else { "s" }
         )
     }
 
@@ -197,14 +221,8 @@ impl DemoTarget for KvmTarget {
 
     fn boot(&mut self) -> anyhow::Result<DemoKvm> {
         let log = GuestLog::new();
-        let mut vm = KvmVm::new(KvmVmConfig::new(self.mem, 1), log.handlers())?;
-        let ram = write_boot_memory(vm.memory().mmap(), &self.image)?;
-        let arg = self.arg;
-        vm.with_vcpu(0, move |fd| -> anyhow::Result<()> {
-            let kvm = kvm_ioctls::Kvm::new()?;
-            configure_vcpu(fd, &kvm, ram, arg)?;
-            Ok(())
-        })??;
+        let mut vm = KvmVm::new(KvmVmConfig::new(self.mem, self.vcpus), log.handlers())?;
+        load_vcpus(&vm, &self.image, self.arg, self.start)?;
         vm.start()?;
         Ok(DemoKvm::new(vm, log))
     }

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use migration_core::{IncomingVm, Migratable, MigratableError, MigrationOptions, ReceiveOptions};
 
+use migration_testkit::guest::smp::SMP_MAX_VCPUS;
+
 use crate::report::parse_size;
 
 /// Options of `vmsnap demo`.
@@ -19,6 +21,12 @@ pub struct DemoArgs {
     /// Guest memory size (e.g. 64M, 1G).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub mem: Option<u64>,
+    /// vCPUs of the KVM guest: with more than one, the built-in guest is the SMP
+    /// guest (its vCPUs woken with INIT-SIPI-SIPI), and a `--guest` file has every
+    /// vCPU started at its entry point (docs/guest-abi.md §9).
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(SMP_MAX_VCPUS)))]
+    pub vcpus: u32,
     /// Only snapshot and restore (no live migration).
     #[arg(long, conflicts_with = "migrate_only")]
     pub snapshot_only: bool,

@@ -428,6 +428,27 @@ fn demo_on_kvm() {
 }
 
 #[test]
+fn demo_on_kvm_with_four_vcpus() {
+    if !migration_testkit::skip_unless_kvm() {
+        return;
+    }
+    let out = vmsnap(&["demo", "--vcpus", "4", "--mem", "64M"]);
+    assert!(out.status.success(), "{}", all(&out));
+    let text = stdout(&out);
+    assert!(text.contains("KVM guest smp"), "{text}");
+    assert!(text.contains("4 vCPUs"), "{text}");
+    for step in ["restore", "migration 1"] {
+        assert!(
+            text.contains(&format!("guest after {step}: continued correctly")),
+            "{text}"
+        );
+    }
+    // More vCPUs than the SMP guest runs with is refused before anything starts.
+    let out = vmsnap(&["demo", "--vcpus", "33"]);
+    assert_eq!(out.status.code(), Some(2), "{}", all(&out));
+}
+
+#[test]
 fn merge_applies_incrementals_and_refuses_a_broken_chain() {
     use migration_core::{MemoryRangeTable, MemorySink};
     use migration_kvm::memory::GuestMemory;
