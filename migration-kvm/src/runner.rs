@@ -229,9 +229,12 @@ impl VcpuRunner {
     pub fn request_pause(&self) {
         {
             let mut c = self.shared.lock();
-            if c.request == Request::Run {
-                c.request = Request::Pause;
+            if c.request != Request::Run {
+                // Parked, parking by itself (its exit handler asked) or already
+                // kicked by whoever asked first: a signal would only wake it.
+                return;
             }
+            c.request = Request::Pause;
         }
         self.kick();
     }
