@@ -13,9 +13,11 @@
 //! The destination guest must pass its self-check after each migration.
 //!
 //! Run: `cargo bench -p migration-kvm --bench migration` (env `BENCH_MIB`: guest
-//! size, default 1024; `BENCH_ITERS`: iterations of the raw copy and of scenario 1,
-//! default 2, best counts; `BENCH_ONLY_FULL`: scenario 1 only, for profiling). Needs
-//! `/dev/kvm`.
+//! size, default 1024; `BENCH_VCPUS`: vCPUs of the VM, default 1: the guest runs on
+//! vCPU 0 and the others wait for INIT, as a booting guest's APs do, their state
+//! saved, sent and restored with the rest; `BENCH_ITERS`: iterations of the raw
+//! copy and of scenario 1, default 2, best counts; `BENCH_ONLY_FULL`: scenario 1
+//! only, for profiling). Needs `/dev/kvm`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -55,10 +57,9 @@ fn wait_for(monitor: &Mutex<PortMonitor>, n: u64) -> Result<()> {
     }
 }
 
-/// A running 1-vCPU VM of `size` bytes with `guest` booted (memory-pattern: working
-/// set [1 MiB, 2 MiB)); `fill` writes random bytes to [FILL_START, size) first.
-/// A running source VM of `size` bytes running `guest` (booted with load argument
-/// `arg`), its memory from 16 MiB up random-filled if `fill`.
+/// A running source VM of `size` bytes and `BENCH_VCPUS` vCPUs running `guest` on
+/// vCPU 0 (booted with load argument `arg`), its memory from 16 MiB up random-filled
+/// if `fill`.
 fn source(
     size: u64,
     guest: Guest,
@@ -66,7 +67,8 @@ fn source(
     fill: bool,
 ) -> Result<(KvmVm, Arc<Mutex<PortMonitor>>)> {
     let monitor = Arc::new(Mutex::new(PortMonitor::new(2)));
-    let mut vm = KvmVm::new(KvmVmConfig::new(size, 1), |_| {
+    let vcpus = u32::try_from(env_or("BENCH_VCPUS", 1)).unwrap_or(1);
+    let mut vm = KvmVm::new(KvmVmConfig::new(size, vcpus), |_| {
         monitor_handler(monitor.clone(), None)
     })?;
     let ram = write_boot_memory(vm.memory().mmap(), guest.image())?;
