@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 use kvm_ioctls::VmFd;
 use migration_core::{Codec, Snapshot};
 use migration_kvm::{
@@ -16,6 +16,8 @@ use migration_kvm::{
 };
 use migration_testkit::guest::{monitor_handler, Failure, Guest, PortMonitor, TestVm, Verdict};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+mod child;
 
 const RAM: usize = 32 << 20;
 /// Progress events before the snapshot, and after each restore.
@@ -362,24 +364,11 @@ fn counter_avx_restores_in_a_separate_process_from_files() -> Result<()> {
     let dir = tempfile::tempdir()?;
     write_snapshot_files(&saved, dir.path())?;
 
-    let out = std::process::Command::new(std::env::current_exe()?)
-        .args([
-            "counter_avx_restores_in_a_separate_process_from_files",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, dir.path())
-        .output()
-        .context("re-exec the test binary")?;
-    ensure!(
-        out.status.success(),
-        "child failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result = std::fs::read_to_string(dir.path().join("result.txt"))
-        .context("the child wrote no result: did it run the restore?")?;
+    let result = child::rerun_in_child(
+        "counter_avx_restores_in_a_separate_process_from_files",
+        CHILD_ENV,
+        dir.path(),
+    )?;
     let v: Vec<u64> = result
         .split_whitespace()
         .map(str::parse)

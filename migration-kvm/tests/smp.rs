@@ -27,6 +27,7 @@ use migration_testkit::guest::{
 };
 use migration_testkit::require_kvm;
 
+mod child;
 #[allow(dead_code)] // the SMP tests use only some of what the others share
 mod common;
 
@@ -184,19 +185,7 @@ fn snapshot_then_restore_in_a_new_process(test: &str, vcpus: u32, start: SmpStar
         src.last_progress()?.to_string(),
     )?;
     drop(src);
-    let out = std::process::Command::new(std::env::current_exe()?)
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, dir.path())
-        .output()
-        .context("re-exec the test binary")?;
-    ensure!(
-        out.status.success(),
-        "child failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result = std::fs::read_to_string(dir.path().join("result.txt"))
-        .context("the child wrote no result: did it run the restore?")?;
+    let result = child::rerun_in_child(test, CHILD_ENV, dir.path())?;
     ensure!(result == "ok", "child: {result}");
     Ok(())
 }

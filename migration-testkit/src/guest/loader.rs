@@ -167,7 +167,7 @@ pub fn configure_vcpu(vcpu: &VcpuFd, kvm: &Kvm, ram_size: u64, arg: u64) -> Resu
 /// VMM that gives its vCPUs a CPU template, such as migration-kvm's `KvmVm`, has set
 /// it already). Order: `KVM_SET_SREGS`, `KVM_SET_REGS`, `KVM_SET_FPU`.
 pub fn configure_vcpu_registers(vcpu: &VcpuFd, ram_size: u64, arg: u64) -> Result<(), GuestError> {
-    set_entry_state(vcpu, ram_size, arg, 0, 1, SmpStart::AllAtEntry)
+    set_entry_state(vcpu, [ram_size, arg, 0, 1, SmpStart::AllAtEntry.register()])
 }
 
 /// Puts vCPU `index` of `count` of a guest started as `start` says in its entry
@@ -194,7 +194,14 @@ pub fn configure_vcpu_smp(
     if index > 0 && start == SmpStart::InitSipi {
         return Ok(());
     }
-    set_entry_state(vcpu, ram_size, arg, index, count, start)?;
+    let gprs = [
+        ram_size,
+        arg,
+        u64::from(index),
+        u64::from(count),
+        start.register(),
+    ];
+    set_entry_state(vcpu, gprs)?;
     if index > 0 {
         vcpu.set_mp_state(kvm_mp_state {
             mp_state: KVM_MP_STATE_RUNNABLE,
@@ -204,14 +211,8 @@ pub fn configure_vcpu_smp(
     Ok(())
 }
 
-fn set_entry_state(
-    vcpu: &VcpuFd,
-    ram_size: u64,
-    arg: u64,
-    index: u32,
-    count: u32,
-    start: SmpStart,
-) -> Result<(), GuestError> {
+/// The ABI's entry state with `[RDI, RSI, RDX, RCX, R8]` = `gprs`.
+fn set_entry_state(vcpu: &VcpuFd, gprs: [u64; 5]) -> Result<(), GuestError> {
     let mut sregs = vcpu.get_sregs().map_err(GuestError::kvm("KVM_GET_SREGS"))?;
     sregs.cs = segment(SEL_CODE, 0xb, true);
     let data = segment(SEL_DATA, 0x3, false);
@@ -240,11 +241,7 @@ fn set_entry_state(
     let mut regs = vcpu.get_regs().map_err(GuestError::kvm("KVM_GET_REGS"))?;
     regs.rip = IMAGE_ADDR;
     regs.rsp = BOOT_STACK_TOP;
-    regs.rdi = ram_size;
-    regs.rsi = arg;
-    regs.rdx = u64::from(index);
-    regs.rcx = u64::from(count);
-    regs.r8 = start.register();
+    [regs.rdi, regs.rsi, regs.rdx, regs.rcx, regs.r8] = gprs;
     regs.rflags = 0x2;
     vcpu.set_regs(&regs)
         .map_err(GuestError::kvm("KVM_SET_REGS"))?;

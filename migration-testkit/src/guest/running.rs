@@ -362,16 +362,10 @@ impl RunningGuest {
         arg: u64,
         timeout: Duration,
     ) -> Result<Self, RunningGuestError> {
-        let log = GuestLog::new();
-        let mut vm = KvmVm::new(config, log.handlers())?;
-        let ram = write_boot_memory(vm.memory().mmap(), guest.image())?;
-        vm.with_vcpu(0, move |fd| configure_vcpu_registers(fd, ram, arg))??;
-        vm.start()?;
-        Ok(Self {
-            vm,
-            log,
-            baseline: None,
-            timeout,
+        Self::boot_into(config, timeout, |vm| {
+            let ram = write_boot_memory(vm.memory().mmap(), guest.image())?;
+            vm.with_vcpu(0, move |fd| configure_vcpu_registers(fd, ram, arg))??;
+            Ok(())
         })
     }
 
@@ -384,9 +378,21 @@ impl RunningGuest {
         start: SmpStart,
         timeout: Duration,
     ) -> Result<Self, RunningGuestError> {
+        Self::boot_into(config, timeout, |vm| {
+            load_vcpus(vm, guest.image(), arg, start)
+        })
+    }
+
+    /// A fresh VM built from `config` and recording into a new log, loaded by `load`,
+    /// then started.
+    fn boot_into(
+        config: KvmVmConfig,
+        timeout: Duration,
+        load: impl FnOnce(&KvmVm) -> Result<(), RunningGuestError>,
+    ) -> Result<Self, RunningGuestError> {
         let log = GuestLog::new();
         let mut vm = KvmVm::new(config, log.handlers())?;
-        load_vcpus(&vm, guest.image(), arg, start)?;
+        load(&vm)?;
         vm.start()?;
         Ok(Self {
             vm,
