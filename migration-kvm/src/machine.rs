@@ -82,6 +82,10 @@ pub enum MachineError {
         #[source]
         source: KvmStateError,
     },
+    /// A step the save needs is missing from [`MACHINE_SAVE_ORDER`] (a table edited
+    /// wrong; its test catches it first).
+    #[error("step `{0}` is not in MACHINE_SAVE_ORDER")]
+    NotInOrder(MachineStep),
     /// A restore was given a different number of vCPU states than the machine has
     /// vCPUs (nothing was written).
     #[error("{states} vCPU states for a machine with {vcpus} vCPUs")]
@@ -112,6 +116,10 @@ impl From<MachineError> for MigratableError {
             count @ MachineError::Count { .. } => MigratableError::Restore {
                 path: String::new(),
                 source: Box::new(count),
+            },
+            order @ MachineError::NotInOrder(_) => MigratableError::Snapshot {
+                path: String::new(),
+                source: Box::new(order),
             },
         }
     }
@@ -153,15 +161,9 @@ pub fn save_machine<V: VmBackend, G: VcpuGroup + ?Sized>(
             MachineStep::Vcpus => states = Some(vcpus.save_all()?),
         }
     }
-    let missing = |step: MachineStep| {
-        MachineError::Devices(KvmStateError::Invalid {
-            step: crate::error::Step::Setup(step.name()),
-            reason: "not run: missing from MACHINE_SAVE_ORDER".into(),
-        })
-    };
     Ok(MachineState {
-        vm: vm.ok_or_else(|| missing(MachineStep::Devices))?,
-        vcpus: states.ok_or_else(|| missing(MachineStep::Vcpus))?,
+        vm: vm.ok_or(MachineError::NotInOrder(MachineStep::Devices))?,
+        vcpus: states.ok_or(MachineError::NotInOrder(MachineStep::Vcpus))?,
     })
 }
 

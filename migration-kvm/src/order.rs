@@ -160,7 +160,7 @@ pub const MACHINE_SAVE_ORDER: &[Ordered<MachineStep>] = &[
 /// step: a vCPU resumed early would send IPIs into LAPICs not yet restored (whose
 /// restore then overwrites them) and run against vCPUs whose TSC is not yet set.
 pub const MACHINE_RESTORE_ORDER: &[Ordered<MachineStep>] = &[
-    at(MachineStep::PauseVcpus, "no vCPU may run while any state is written (a fresh VM's vCPUs are parked: this is then a check)"),
+    at(MachineStep::PauseVcpus, "no vCPU may run while any state is written (a fresh VM's vCPUs are parked already: then it does nothing)"),
     at(MachineStep::Devices, "before any vCPU: the LAPICs deliver into the PICs and the IOAPIC and kvmclock must be set before a vCPU's MSRs point at it (VM_RESTORE_ORDER)"),
     at(MachineStep::Vcpus, "each vCPU in VCPU_RESTORE_ORDER, all in parallel, each on its own thread: KVM keeps no order between vCPUs (their TSC writes are matched within a second whatever the order)"),
 ];

@@ -24,13 +24,14 @@
 # IPI it sent last was received, or the receiver has not yet run LOST_HB
 # iterations since.
 #
-# Every GATE_EVERY iterations it enters ring 0 through SYSCALL (x2APIC registers
-# are MSRs: ring 0 only; `int` from ring 3 is #UD on kvm_pvm): the gate checks its LAPIC's tag and that the
-# caller's R15 is its x2APIC ID (registers of another vCPU), and, if the
-# vCPU's previous IPI was received, sends the next fixed IPI (IPI_VECTOR) to vCPU
-# (index + 1) mod count: a ring with one IPI in flight per sender. Every NMI_EVERY
-# gates it also sends itself an NMI, whose handler sends itself a second one while
-# NMIs are blocked: that one must wait for the handler's IRETQ.
+# Every GATE_EVERY iterations it enters ring 0 (x2APIC registers are MSRs: ring 0
+# only) through UD2, an exception gate: on kvm_pvm `int n` from ring 3 raises #UD
+# and SYSCALL stays at CPL 3. The gate checks its LAPIC's tag and that the caller's
+# R15 is its x2APIC ID (registers of another vCPU), and, if the vCPU's previous IPI
+# was received and the next vCPU has started, sends the next fixed IPI (IPI_VECTOR)
+# to vCPU (index + 1) mod count: a ring with one IPI in flight per sender. Every
+# NMI_EVERY gates it also sends itself an NMI, whose handler sends itself a second
+# one while NMIs are blocked: that one must wait for the handler's IRETQ.
 #
 # Every ring-0 entry (gate, IPI, NMI) first checks the LAPIC's tag: vCPU i sets
 # its LVT Error register (masked) to vector LAPIC_TAG_BASE + i, so a LAPIC restored
@@ -42,8 +43,9 @@
 # Errors   (port 0x11): ERR_SMP | vCPU << 16 | K_* (the failing check), the
 #                       common codes, 0xC0000002 no x2APIC.
 #
-# Ring-0 code is emulated instruction by instruction on kvm_pvm hosts (about
-# 10 us an instruction): the handlers are short and rare (GATE_EVERY).
+# Ring-0 code is emulated instruction by instruction on kvm_pvm hosts (a gate and
+# its IPI, about 45 instructions, cost about 130 us there): the handlers are short
+# and rare (GATE_EVERY).
 
         .set SMP_GUEST, 1
         .set RING3_RFLAGS, 0x3202       # IOPL=3, IF=1
