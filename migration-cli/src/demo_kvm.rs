@@ -221,7 +221,11 @@ impl DemoTarget for KvmTarget {
 
     fn boot(&mut self) -> anyhow::Result<DemoKvm> {
         let log = GuestLog::new();
-        let mut vm = KvmVm::new(KvmVmConfig::new(self.mem, self.vcpus), log.handlers())?;
+        let mut vm = KvmVm::new(
+            KvmVmConfig::new(self.mem, self.vcpus),
+            Self::codecs(),
+            log.handlers(),
+        )?;
         load_vcpus(&vm, &self.image, self.arg, self.start)?;
         vm.start()?;
         Ok(DemoKvm::new(vm, log))

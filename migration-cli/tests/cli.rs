@@ -451,12 +451,12 @@ fn demo_on_kvm_with_four_vcpus() {
 #[test]
 fn merge_applies_incrementals_and_refuses_a_broken_chain() {
     use migration_core::{MemoryRangeTable, MemorySink};
-    use migration_kvm::memory::GuestMemory;
+    use migration_kvm::memory::GuestRam;
     use migration_kvm::snapshot_memory::{content_digest, write_full, write_incremental};
     use std::fs::File;
 
     let dir = tempfile::tempdir().unwrap();
-    let mem = GuestMemory::anonymous(&[MemoryRange::new(0, 1 << 20)]).unwrap();
+    let mem = GuestRam::anonymous(&[MemoryRange::new(0, 1 << 20)]).unwrap();
     let tree = |rip| kvm_tree(rip, postcard(), false);
     let opts = WriteOptions::default();
     mem.write_memory(0x3000, &[7; 4096]).unwrap();
@@ -566,9 +566,11 @@ fn cpu_host_check_and_baseline_work_on_a_real_snapshot() {
     }
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("vm.snap");
-    let mut vm = KvmVm::new(KvmVmConfig::new(4 << 20, 1), |_| {
-        Box::new(|_| ExitAction::Continue)
-    })
+    let mut vm = KvmVm::new(
+        KvmVmConfig::new(4 << 20, 1),
+        migration_serde::registry(),
+        |_| Box::new(|_| ExitAction::Continue),
+    )
     .unwrap();
     vm.save_snapshot(&snap).unwrap();
 

@@ -15,7 +15,7 @@ use migration_core::container::WriteOptions;
 use migration_core::{
     CodecRegistry, MemoryRange, MemoryRangeTable, MemorySink, MemorySource, Snapshot,
 };
-use migration_kvm::memory::{GuestMemory, MemoryOptions};
+use migration_kvm::memory::{GuestRam, MemoryOptions};
 use migration_kvm::restore::EagerOptions;
 use migration_kvm::snapshot_memory::{restore_eager_from, restore_lazy_from, write_full};
 
@@ -57,8 +57,8 @@ fn best<T>(reps: usize, mut f: impl FnMut() -> Result<(Duration, T)>) -> Result<
     Ok(best)
 }
 
-fn random_memory(size: u64, data: u64) -> Result<GuestMemory> {
-    let mem = GuestMemory::anonymous(&[MemoryRange::new(0, size)])?;
+fn random_memory(size: u64, data: u64) -> Result<GuestRam> {
+    let mem = GuestRam::anonymous(&[MemoryRange::new(0, size)])?;
     let mut rng = Rng(0x1234_5678_9abc_def1);
     let mut buf = vec![0u8; MIB as usize];
     let mut gpa = 0;
@@ -106,7 +106,7 @@ fn main() -> Result<()> {
     if want("eager") {
         let memset = |huge: bool| {
             best(2, || {
-                let m = GuestMemory::anonymous_with(
+                let m = GuestRam::anonymous_with(
                     &[MemoryRange::new(0, GIB)],
                     MemoryOptions {
                         huge_pages: huge,
@@ -229,7 +229,7 @@ fn main() -> Result<()> {
 /// Full snapshot of 1 GiB random memory vs a plain sequential write; zero detection.
 fn snapshot_section(
     dir: &std::path::Path,
-    mem: &GuestMemory,
+    mem: &GuestRam,
     snap_path: &std::path::Path,
 ) -> Result<()> {
     let mut buf = vec![0u8; MIB as usize];
@@ -312,7 +312,7 @@ fn snapshot_section(
     );
 
     // Zero detection: a snapshot of 1 GiB of zero (touched) memory writes nothing.
-    let zeros = GuestMemory::anonymous(&[MemoryRange::new(0, GIB)])?;
+    let zeros = GuestRam::anonymous(&[MemoryRange::new(0, GIB)])?;
     zeros.zero_memory(0, GIB)?; // touch every page
     let zpath = dir.join("zero");
     let zero = best(3, || {

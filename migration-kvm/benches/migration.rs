@@ -28,13 +28,14 @@ use anyhow::{bail, ensure, Result};
 use migration_core::{
     receive_migration, send_migration, ConvergencePolicy, Migratable, MigrationReport,
 };
-use migration_kvm::memory::GuestMemoryMmapBitmap;
 use migration_kvm::{KvmVm, KvmVmConfig};
 use migration_testkit::bench::{env_or, loopback_tcp_copy, ms, print_report};
 use migration_testkit::guest::{
     configure_vcpu, monitor_handler, write_boot_memory, Guest, PortMonitor, Verdict, TIMER_IDLE,
 };
 use migration_testkit::Rng;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::GuestMemoryMmap;
 use vm_memory::{Bytes, GuestAddress};
 
 const BUF: usize = 2 << 20;
@@ -68,9 +69,11 @@ fn source(
 ) -> Result<(KvmVm, Arc<Mutex<PortMonitor>>)> {
     let monitor = Arc::new(Mutex::new(PortMonitor::new(2)));
     let vcpus = u32::try_from(env_or("BENCH_VCPUS", 1)).unwrap_or(1);
-    let mut vm = KvmVm::new(KvmVmConfig::new(size, vcpus), |_| {
-        monitor_handler(monitor.clone(), None)
-    })?;
+    let mut vm = KvmVm::new(
+        KvmVmConfig::new(size, vcpus),
+        migration_serde::registry(),
+        |_| monitor_handler(monitor.clone(), None),
+    )?;
     let ram = write_boot_memory(vm.memory().mmap(), guest.image())?;
     vm.with_vcpu(0, move |fd| -> Result<()> {
         let kvm = kvm_ioctls::Kvm::new()?;
@@ -133,7 +136,7 @@ fn migrate(vm: &mut KvmVm, limit: Duration, policy: ConvergencePolicy) -> Result
 /// Writes random pages of [FILL_START, size) at `rate` bytes/s until `stop`, through
 /// the dirty-tracked mapping (as a device or the guest would).
 fn dirtier(
-    mem: &GuestMemoryMmapBitmap,
+    mem: &GuestMemoryMmap<AtomicBitmap>,
     size: u64,
     rate: u64,
     stop: &AtomicBool,

@@ -25,8 +25,8 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use migration_kvm::cpu_check::check;
 use migration_kvm::msr::MSR_CHUNK;
 use migration_kvm::{
-    restore_vm_state, save_vm_state, ClockRestore, CpuModel, HostCaps, KvmVcpu, KvmVm, KvmVmConfig,
-    MachineState, VcpuState, VmState,
+    restore_vm_state, save_vm_state, ClockRestore, CpuModel, DeviceLayout, HostCaps, KvmVcpu,
+    KvmVm, KvmVmConfig, MachineState, VcpuState, VmState,
 };
 use migration_testkit::bench::env_or;
 use migration_testkit::guest::{load_vcpus, Guest, GuestLog, SmpStart, TestVm};
@@ -87,16 +87,26 @@ fn raw_restore(vm: &VmFd, fd: &VcpuFd, vm_state: &VmState, s: &VcpuState, raw: &
 }
 
 fn raw_restore_devices(vm: &VmFd, vm_state: &VmState) {
-    vm.set_pit2(vm_state.pit2.get()).unwrap();
+    // The bench VM is full irqchip + PIT: every piece is there.
+    vm.set_pit2(vm_state.pit2.as_ref().unwrap().get()).unwrap();
     vm.set_clock(&kvm_bindings::kvm_clock_data {
         clock: vm_state.clock.get().clock,
         ..Default::default()
     })
     .unwrap();
     for (chip, bytes) in [
-        (KVM_IRQCHIP_PIC_MASTER, vm_state.pic_master.as_bytes()),
-        (KVM_IRQCHIP_PIC_SLAVE, vm_state.pic_slave.as_bytes()),
-        (KVM_IRQCHIP_IOAPIC, vm_state.ioapic.as_bytes()),
+        (
+            KVM_IRQCHIP_PIC_MASTER,
+            vm_state.pic_master.as_ref().unwrap().as_bytes(),
+        ),
+        (
+            KVM_IRQCHIP_PIC_SLAVE,
+            vm_state.pic_slave.as_ref().unwrap().as_bytes(),
+        ),
+        (
+            KVM_IRQCHIP_IOAPIC,
+            vm_state.ioapic.as_ref().unwrap().as_bytes(),
+        ),
     ] {
         let mut c = kvm_irqchip {
             chip_id: chip,
@@ -125,7 +135,7 @@ fn raw_restore_vcpu(fd: &VcpuFd, s: &VcpuState, raw: &Raw) {
     unsafe { fd.set_xsave2(&raw.xsave).unwrap() };
     fd.set_xcrs(s.xcrs.get()).unwrap();
     fd.set_debug_regs(s.debugregs.get()).unwrap();
-    fd.set_lapic(s.lapic.get()).unwrap();
+    fd.set_lapic(s.lapic.as_ref().unwrap().get()).unwrap();
     for chunk in &raw.msr_chunks {
         assert_eq!(fd.set_msrs(chunk).unwrap(), chunk.as_slice().len());
     }
@@ -196,11 +206,11 @@ fn main() {
 fn one_vcpu() {
     let t = TestVm::new(16 << 20).unwrap();
     t.boot(Guest::CounterAvx.image(), 0).unwrap();
-    let caps = HostCaps::probe(&t.kvm, &t.vm).unwrap();
+    let caps = HostCaps::probe(&t.kvm, &t.vm, &DeviceLayout::FULL_WITH_PIT).unwrap();
     let TestVm { vcpu, vm, .. } = t;
     let vcpu = KvmVcpu::new(0, vcpu, caps.clone());
 
-    let vm_state = save_vm_state(&vm).unwrap();
+    let vm_state = save_vm_state(&vm, &DeviceLayout::FULL_WITH_PIT).unwrap();
     let state = vcpu.save_state().unwrap();
     let mut raw = raw_buffers(&state, caps.xsave_size());
     let fd = vcpu.backend();
@@ -248,7 +258,7 @@ fn one_vcpu() {
         .configure_from_args();
     c.bench_function("save/ours", |b| {
         b.iter(|| {
-            black_box(save_vm_state(&vm).unwrap());
+            black_box(save_vm_state(&vm, &DeviceLayout::FULL_WITH_PIT).unwrap());
             black_box(vcpu.save_state().unwrap())
         })
     });
@@ -257,7 +267,13 @@ fn one_vcpu() {
     });
     c.bench_function("restore/ours", |b| {
         b.iter(|| {
-            restore_vm_state(&vm, &vm_state, ClockRestore::Exact).unwrap();
+            restore_vm_state(
+                &vm,
+                &DeviceLayout::FULL_WITH_PIT,
+                &vm_state,
+                ClockRestore::Exact,
+            )
+            .unwrap();
             vcpu.restore_state(&state).unwrap()
         })
     });
@@ -281,7 +297,7 @@ fn one_vcpu() {
     for _ in 0..rounds {
         let t0 = Instant::now();
         for _ in 0..per {
-            black_box(save_vm_state(&vm).unwrap());
+            black_box(save_vm_state(&vm, &DeviceLayout::FULL_WITH_PIT).unwrap());
             black_box(vcpu.save_state().unwrap());
         }
         s_ours.push(t0.elapsed() / per);
@@ -292,7 +308,13 @@ fn one_vcpu() {
         s_raw.push(t0.elapsed() / per);
         let t0 = Instant::now();
         for _ in 0..per {
-            restore_vm_state(&vm, &vm_state, ClockRestore::Exact).unwrap();
+            restore_vm_state(
+                &vm,
+                &DeviceLayout::FULL_WITH_PIT,
+                &vm_state,
+                ClockRestore::Exact,
+            )
+            .unwrap();
             vcpu.restore_state(&state).unwrap();
         }
         r_ours.push(t0.elapsed() / per);
@@ -349,7 +371,12 @@ const SMP_COUNTS: [u32; 4] = [1, 2, 4, 8];
 /// up, x2APIC on, IPIs sent): the state a snapshot of a live machine holds.
 fn smp_vm(n: u32) -> KvmVm {
     let log = GuestLog::new();
-    let mut vm = KvmVm::new(KvmVmConfig::new(32 << 20, n), log.handlers()).unwrap();
+    let mut vm = KvmVm::new(
+        KvmVmConfig::new(32 << 20, n),
+        migration_serde::registry(),
+        log.handlers(),
+    )
+    .unwrap();
     load_vcpus(&vm, Guest::Smp.image(), 0, SmpStart::AllAtEntry).unwrap();
     vm.start().unwrap();
     log.wait(None, 2, Duration::from_secs(120)).unwrap();
@@ -403,7 +430,7 @@ fn raw_machine_restore(vm: &KvmVm, vm_state: &VmState, raws: &[RawVcpu]) -> Dura
 /// the other (`with_vcpu` waits for each).
 fn sequential_save(vm: &KvmVm) -> Duration {
     let t0 = Instant::now();
-    black_box(save_vm_state(vm.vm_fd()).unwrap());
+    black_box(save_vm_state(vm.vm_fd(), &DeviceLayout::FULL_WITH_PIT).unwrap());
     for i in 0..vm.vcpu_count() {
         black_box(
             vm.vcpus()[i]
@@ -445,7 +472,12 @@ fn machine_sweep() {
             let t0 = Instant::now();
             let state = vm.save_state().unwrap();
             cold_save.push(t0.elapsed());
-            let mut fresh = KvmVm::new(vm.config().clone(), GuestLog::new().handlers()).unwrap();
+            let mut fresh = KvmVm::new(
+                vm.config().clone(),
+                migration_serde::registry(),
+                GuestLog::new().handlers(),
+            )
+            .unwrap();
             let t0 = Instant::now();
             fresh.restore_state(&state).unwrap();
             cold_restore.push(t0.elapsed());

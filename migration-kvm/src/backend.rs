@@ -1,7 +1,9 @@
 //! [`VcpuBackend`] and [`VmBackend`]: the get/set surface this crate uses.
 //!
 //! Each method is one KVM ioctl with kvm-ioctls' signature. The traits are implemented
-//! for [`kvm_ioctls::VcpuFd`] and [`kvm_ioctls::VmFd`]; a test double (such as
+//! for [`kvm_ioctls::VcpuFd`] and [`kvm_ioctls::VmFd`], and for a reference to any
+//! implementation: a VMM that owns its fds lends them (`KvmVcpu::new(0, &fd, caps)`,
+//! `save_vm_state(&vm_fd, …)`) and keeps them. A test double (such as
 //! migration-testkit's `RecordingVcpu`) implements them to record the order of calls
 //! or inject a failure, without /dev/kvm.
 
@@ -102,6 +104,12 @@ macro_rules! forward {
     };
 }
 
+macro_rules! forward_to_target {
+    ($($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty;)*) => {
+        $(fn $name(&self, $($arg: $ty),*) -> $ret { T::$name(self, $($arg),*) })*
+    };
+}
+
 impl VcpuBackend for VcpuFd {
     forward! {
         get_regs() -> Result<kvm_regs>;
@@ -145,6 +153,58 @@ impl VcpuBackend for VcpuFd {
 
 impl VmBackend for VmFd {
     forward! {
+        get_pit2() -> Result<kvm_pit_state2>;
+        set_pit2(pit: &kvm_pit_state2) -> Result<()>;
+        get_clock() -> Result<kvm_clock_data>;
+        set_clock(clock: &kvm_clock_data) -> Result<()>;
+        get_irqchip(irqchip: &mut kvm_irqchip) -> Result<()>;
+        set_irqchip(irqchip: &kvm_irqchip) -> Result<()>;
+        check_extension_int(cap: Cap) -> i32;
+    }
+}
+
+/// A borrowed backend is a backend: the caller keeps its fd.
+impl<T: VcpuBackend + ?Sized> VcpuBackend for &T {
+    forward_to_target! {
+        get_regs() -> Result<kvm_regs>;
+        set_regs(regs: &kvm_regs) -> Result<()>;
+        get_sregs() -> Result<kvm_sregs>;
+        set_sregs(sregs: &kvm_sregs) -> Result<()>;
+        get_xsave() -> Result<kvm_xsave>;
+        get_xcrs() -> Result<kvm_xcrs>;
+        set_xcrs(xcrs: &kvm_xcrs) -> Result<()>;
+        get_debug_regs() -> Result<kvm_debugregs>;
+        set_debug_regs(regs: &kvm_debugregs) -> Result<()>;
+        get_lapic() -> Result<kvm_lapic_state>;
+        set_lapic(lapic: &kvm_lapic_state) -> Result<()>;
+        get_mp_state() -> Result<kvm_mp_state>;
+        set_mp_state(mp_state: kvm_mp_state) -> Result<()>;
+        get_vcpu_events() -> Result<kvm_vcpu_events>;
+        set_vcpu_events(events: &kvm_vcpu_events) -> Result<()>;
+        get_msrs(msrs: &mut Msrs) -> Result<usize>;
+        set_msrs(msrs: &Msrs) -> Result<usize>;
+        get_cpuid2(num_entries: usize) -> Result<CpuId>;
+        set_cpuid2(cpuid: &CpuId) -> Result<()>;
+        get_tsc_khz() -> Result<u32>;
+        set_tsc_khz(khz: u32) -> Result<()>;
+        get_nested_state(buffer: &mut KvmNestedStateBuffer) -> Result<Option<NonZeroUsize>>;
+        set_nested_state(buffer: &KvmNestedStateBuffer) -> Result<()>;
+    }
+
+    unsafe fn get_xsave2(&self, xsave: &mut Xsave) -> Result<()> {
+        // SAFETY: the caller's guarantee is the one `T::get_xsave2` needs.
+        unsafe { T::get_xsave2(self, xsave) }
+    }
+
+    unsafe fn set_xsave2(&self, xsave: &Xsave) -> Result<()> {
+        // SAFETY: the caller's guarantee is the one `T::set_xsave2` needs.
+        unsafe { T::set_xsave2(self, xsave) }
+    }
+}
+
+/// A borrowed backend is a backend: the caller keeps its fd.
+impl<T: VmBackend + ?Sized> VmBackend for &T {
+    forward_to_target! {
         get_pit2() -> Result<kvm_pit_state2>;
         set_pit2(pit: &kvm_pit_state2) -> Result<()>;
         get_clock() -> Result<kvm_clock_data>;

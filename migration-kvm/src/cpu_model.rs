@@ -45,6 +45,7 @@ use crate::cpu_features::{
     dynamic_mask, feature_by_name, Feature, FeatureBit, RegId, FEATURE_REGISTERS,
 };
 use crate::error::{KvmStateError, Step};
+use crate::layout::DeviceLayout;
 use crate::msr;
 use crate::state::{CpuidEntry, CpuidState, MAX_CPUID_ENTRIES, MAX_MSRS, MAX_XSAVE_BYTES};
 use crate::vcpu::{HostCaps, VcpuState};
@@ -234,7 +235,8 @@ impl CpuModel {
     pub fn probe_host(kvm: &Kvm) -> Result<Self, KvmStateError> {
         let setup = |what| KvmStateError::get(Step::Setup(what));
         let vm = kvm.create_vm().map_err(setup("KVM_CREATE_VM"))?;
-        let caps = HostCaps::probe(kvm, &vm)?;
+        // A bare VM: no irqchip (nothing here reads a LAPIC).
+        let caps = HostCaps::probe(kvm, &vm, &DeviceLayout::NONE)?;
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(setup("KVM_GET_SUPPORTED_CPUID"))?;

@@ -4,27 +4,28 @@
 //! - the guest (vCPUs): KVM's dirty log, on while the slots carry
 //!   `KVM_MEM_LOG_DIRTY_PAGES` ([`KvmSlots::set_dirty_logging`]), read and cleared
 //!   with `KVM_GET_DIRTY_LOG`;
-//! - the VMM and its devices, writing through vm-memory: the `AtomicBitmap` of each
-//!   region of [`GuestMemory`].
+//! - the VMM and its devices, writing through vm-memory: the bitmap of each region of
+//!   a [`GuestRam`], if it has one ([`DirtyBitmap`]; with `()` these writes are not
+//!   seen).
 //!
 //! The dirty set is their OR, per slot, coalesced into a [`MemoryRangeTable`].
-//! Reading clears both logs.
+//! Reading clears both logs. The slots may be this crate's ([`GuestRam::register`])
+//! or the VMM's own ([`GuestRam::describe_slots`]).
 
 use kvm_ioctls::VmFd;
 use migration_core::memory::PAGE_SIZE;
 use migration_core::MemoryRangeTable;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
 
-use vm_memory::bitmap::AtomicBitmap;
-
-use crate::memory::{GuestMemory, GuestRegionMmapBitmap, KvmMemoryError, KvmSlots};
+use crate::bitmap::DirtyBitmap;
+use crate::memory::{GuestRam, KvmMemoryError, KvmSlots};
 
 /// Starts dirty tracking: clears the VMM bitmaps and turns KVM's log on for every
 /// slot (a fresh, empty log).
-pub fn start_dirty_log(
+pub fn start_dirty_log<B: DirtyBitmap>(
     vm: &VmFd,
     slots: &mut KvmSlots,
-    memory: &GuestMemory,
+    memory: &GuestRam<B>,
 ) -> Result<(), KvmMemoryError> {
     clear_vmm_dirty(memory);
     slots.set_dirty_logging(vm, true)
@@ -36,13 +37,13 @@ pub fn stop_dirty_log(vm: &VmFd, slots: &mut KvmSlots) -> Result<(), KvmMemoryEr
 }
 
 /// The pages dirtied since tracking started or since the previous call: KVM's log
-/// (if logging is on) OR the VMM bitmaps. Clears both.
+/// (if logging is on) OR the VMM bitmaps (if `B` tracks). Clears both.
 ///
-/// `slots` must be the registration of `memory` (same regions).
-pub fn dirty_log(
+/// `slots` must describe `memory`'s regions (same addresses).
+pub fn dirty_log<B: DirtyBitmap>(
     vm: &VmFd,
     slots: &KvmSlots,
-    memory: &GuestMemory,
+    memory: &GuestRam<B>,
 ) -> Result<MemoryRangeTable, KvmMemoryError> {
     let mut table = MemoryRangeTable::new();
     for s in slots.slots() {
@@ -61,7 +62,9 @@ pub fn dirty_log(
             vec![0u64; size.div_ceil(PAGE_SIZE as usize).div_ceil(64)]
         };
         if let Some(region) = memory.mmap().find_region(GuestAddress(s.gpa)) {
-            or_into(&mut bitmap, &vmm_bitmap(region).get_and_reset());
+            if let Some(vmm) = vmm_bitmap(region).take_dirty() {
+                or_into(&mut bitmap, &vmm);
+            }
         }
         table.append_bitmap(&bitmap, s.gpa, PAGE_SIZE);
     }
@@ -69,26 +72,28 @@ pub fn dirty_log(
 }
 
 /// The pages the VMM wrote through vm-memory since the previous call (clears the
-/// bitmaps). Without KVM: what a snapshot of a stopped VM modified by devices needs.
-pub fn vmm_dirty_log(memory: &GuestMemory) -> MemoryRangeTable {
+/// bitmaps; empty if `B` does not track). Without KVM: what a snapshot of a stopped
+/// VM modified by devices needs.
+pub fn vmm_dirty_log<B: DirtyBitmap>(memory: &GuestRam<B>) -> MemoryRangeTable {
     let mut table = MemoryRangeTable::new();
     for region in memory.mmap().iter() {
-        let bitmap = vmm_bitmap(region).get_and_reset();
-        table.append_bitmap(&bitmap, region.start_addr().0, PAGE_SIZE);
+        if let Some(bitmap) = vmm_bitmap(region).take_dirty() {
+            table.append_bitmap(&bitmap, region.start_addr().0, PAGE_SIZE);
+        }
     }
     table
 }
 
 /// Clears the VMM dirty bitmaps of every region.
-pub fn clear_vmm_dirty(memory: &GuestMemory) {
+pub fn clear_vmm_dirty<B: DirtyBitmap>(memory: &GuestRam<B>) {
     for region in memory.mmap().iter() {
-        vmm_bitmap(region).reset();
+        vmm_bitmap(region).clear_dirty();
     }
 }
 
 /// The VMM dirty bitmap of one region (bit `i` = page `i` of the region).
-pub fn vmm_bitmap(region: &GuestRegionMmapBitmap) -> &AtomicBitmap {
-    let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
+pub fn vmm_bitmap<B: DirtyBitmap>(region: &GuestRegionMmap<B>) -> &B {
+    let mapping: &MmapRegion<B> = region;
     mapping.bitmap()
 }
 
@@ -106,7 +111,7 @@ mod tests {
 
     #[test]
     fn vmm_writes_through_vm_memory_are_tracked_and_cleared() {
-        let m = GuestMemory::anonymous(&[
+        let m = GuestRam::anonymous(&[
             MemoryRange::new(0, 0x10_0000),
             MemoryRange::new(0x100_0000, 0x10_0000),
         ])

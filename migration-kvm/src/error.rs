@@ -2,6 +2,7 @@
 
 use migration_core::MigratableError;
 
+use crate::layout::DeviceLayout;
 use crate::order::{VcpuStep, VmStep};
 
 /// Whether an error arose reading state out of KVM or writing it back.
@@ -75,6 +76,18 @@ pub enum KvmStateError {
     /// `KVM_CLOCK_REALTIME` timestamp (the source host's clocksource is not TSC-based).
     #[error("the saved kvmclock has no KVM_CLOCK_REALTIME timestamp: restore it with ClockRestore::Exact")]
     NoRealtimeClock,
+    /// A VM's device state was saved from another [`DeviceLayout`] than the VM it
+    /// is restored into has.
+    #[error("device layout mismatch: the snapshot's VM had {snapshot}, this VM has {vm}")]
+    Layout {
+        /// The layout the state was saved from.
+        snapshot: DeviceLayout,
+        /// The layout of the VM restored into.
+        vm: DeviceLayout,
+    },
+    /// Completing a vCPU's last exit (`KVM_RUN` with `immediate_exit`) failed.
+    #[error("completing the vCPU's pending I/O (KVM_RUN with immediate_exit) failed: {0}")]
+    CompleteIo(#[source] kvm_ioctls::Error),
     /// The vCPU thread is gone, or did not answer.
     #[error("vCPU thread: {0}")]
     Thread(String),
@@ -90,7 +103,7 @@ impl KvmStateError {
             Self::Ioctl { step, .. } | Self::Invalid { step, .. } => Some(*step),
             Self::Msr { .. } => Some(Step::Vcpu(VcpuStep::Msrs)),
             Self::NoRealtimeClock => Some(Step::Vm(VmStep::Clock)),
-            Self::Thread(_) | Self::NotPaused => None,
+            Self::Layout { .. } | Self::CompleteIo(_) | Self::Thread(_) | Self::NotPaused => None,
         }
     }
 
@@ -142,10 +155,12 @@ impl From<KvmStateError> for MigratableError {
                 direction: Direction::Get,
                 ..
             } => e.into_snapshot_error(""),
-            KvmStateError::Thread(_) | KvmStateError::NotPaused => MigratableError::Pause {
-                path: String::new(),
-                source: Box::new(e),
-            },
+            KvmStateError::Thread(_) | KvmStateError::NotPaused | KvmStateError::CompleteIo(_) => {
+                MigratableError::Pause {
+                    path: String::new(),
+                    source: Box::new(e),
+                }
+            }
             _ => e.into_restore_error(""),
         }
     }

@@ -1,7 +1,7 @@
 //! [`KvmVm`]: a whole KVM VM (in-kernel irqchip and PIT, guest memory, vCPU threads)
 //! that is [`Migratable`], and its configuration [`KvmVmConfig`].
 //!
-//! The pieces are this crate's: [`GuestMemory`] registered as KVM slots, dirty
+//! The pieces are this crate's: [`GuestRam`] registered as KVM slots, dirty
 //! tracking from [`dirty`], [`KvmVmDevices`] for the VM-wide device
 //! state and one parked [`VcpuRunner`] per vCPU. `KvmVm` composes them:
 //!
@@ -27,7 +27,8 @@
 //! }
 //! // 4 MiB of RAM, one vCPU; every exit just re-enters the guest.
 //! let config = KvmVmConfig::new(4 << 20, 1);
-//! let mut vm = KvmVm::new(config.clone(), |_vcpu| Box::new(|_exit| ExitAction::Continue))?;
+//! let codecs = migration_serde::registry();
+//! let mut vm = KvmVm::new(config.clone(), codecs, |_vcpu| Box::new(|_exit| ExitAction::Continue))?;
 //! // The handshake carries the config, with the CPU model the guest got (this
 //! // host's: no template); the destination rebuilds it from the bytes.
 //! let sent = KvmVmConfig::from_bytes(&vm.migration_options().config)?;
@@ -46,7 +47,7 @@ use std::fmt;
 use std::fs::File;
 use std::path::Path;
 
-use kvm_bindings::{kvm_cpuid_entry2, kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use migration_core::arch::Arch;
 use migration_core::codec::CodecRegistry;
@@ -64,8 +65,9 @@ use crate::cpu_model::{CpuModel, CpuModelError};
 use crate::cpu_template;
 use crate::dirty;
 use crate::error::KvmStateError;
+use crate::layout::DeviceLayout;
 use crate::machine::{restore_machine, resume_all, save_machine, MachineState, VcpuGroup};
-use crate::memory::{check_layout, GuestMemory, KvmMemoryError, KvmSlots, MemoryOptions};
+use crate::memory::{check_layout, GuestRam, KvmMemoryError, KvmSlots, MemoryOptions};
 use crate::restore::EagerOptions;
 use crate::runner::{ExitHandler, VcpuRunner};
 use crate::snapshot_memory::{restore_eager_from, restore_lazy_from, SnapshotMemoryError};
@@ -368,6 +370,10 @@ impl Versioned for ConfigSection {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KvmVmError {
+    /// A KVM ioctl failed: a VMM's own ioctl, converted with `?` or
+    /// `KvmVmError::from` (which then converts into a `MigratableError`).
+    #[error("KVM ioctl failed: {0}")]
+    Ioctl(#[from] kvm_ioctls::Error),
     /// A KVM ioctl of VM construction failed.
     #[error("{step}: {source}")]
     Kvm {
@@ -437,7 +443,7 @@ pub enum RestoreMode {
     Lazy,
 }
 
-/// A KVM VM: in-kernel irqchip and PIT2, [`GuestMemory`] in KVM slots, one
+/// A KVM VM: in-kernel irqchip and PIT2, [`GuestRam`] in KVM slots, one
 /// [`VcpuRunner`] thread per vCPU. [`Migratable`] (and so [`Snapshottable`] and
 /// [`Transportable`]).
 ///
@@ -451,7 +457,7 @@ pub struct KvmVm {
     vcpus: Vec<VcpuRunner>,
     slots: Option<KvmSlots>,
     devices: KvmVmDevices<VmFd>,
-    memory: GuestMemory,
+    memory: GuestRam,
     kvm: Kvm,
     running: bool,
     /// Set once a migration out of this VM completed: it must never run again.
@@ -489,23 +495,27 @@ impl Drop for KvmVm {
 }
 
 impl KvmVm {
-    /// Builds a paused VM with fresh zeroed memory for `config.layout`. `handlers`
-    /// is called once per vCPU index for its exit handler. Codecs default to
-    /// `migration_serde::registry()` ([`set_codecs`](Self::set_codecs) changes them).
+    /// Builds a paused VM with fresh zeroed memory for `config.layout`. `codecs`
+    /// encode its state (the preferred one) and decode what is restored into it
+    /// (`migration_serde::registry()`, or a registry of your own: this crate
+    /// depends on no codec). `handlers` is called once per vCPU index for its exit
+    /// handler.
     pub fn new(
         config: KvmVmConfig,
+        codecs: CodecRegistry,
         handlers: impl FnMut(u32) -> ExitHandler,
     ) -> Result<Self, KvmVmError> {
         config.validate()?;
-        let memory = GuestMemory::anonymous_with(&config.layout, config.memory)?;
-        Self::with_memory(config, memory, handlers)
+        let memory = GuestRam::anonymous_with(&config.layout, config.memory)?;
+        Self::with_memory(config, memory, codecs, handlers)
     }
 
     /// Builds a paused VM around existing guest `memory` (e.g. restored from a file),
     /// whose layout must be `config.layout`.
     pub fn with_memory(
         config: KvmVmConfig,
-        memory: GuestMemory,
+        memory: GuestRam,
+        codecs: CodecRegistry,
         mut handlers: impl FnMut(u32) -> ExitHandler,
     ) -> Result<Self, KvmVmError> {
         config.validate()?;
@@ -519,13 +529,11 @@ impl KvmVm {
         let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         // Irqchip and PIT before any vCPU.
-        vm.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        vm.create_pit2(kvm_pit_config::default())
-            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        let layout = DeviceLayout::FULL_WITH_PIT;
+        layout.create(&vm)?;
         let slots = memory.register(&vm, 0, false)?;
         let cpuid = vcpu_cpuid(&kvm, config.cpu.as_ref())?;
-        let caps = HostCaps::probe(&kvm, &vm)?;
+        let caps = HostCaps::probe(&kvm, &vm, &layout)?;
         let mut fds = Vec::with_capacity(config.vcpus as usize);
         for i in 0..config.vcpus {
             let fd = vm
@@ -545,9 +553,9 @@ impl KvmVm {
             config.cpu = Some(CpuModel::of_backend(name, fd, &caps)?);
         }
         let mut this = Self {
-            devices: KvmVmDevices::new(vm, config.clock_restore),
+            devices: KvmVmDevices::new(vm, layout, config.clock_restore),
             config,
-            codecs: migration_serde::registry(),
+            codecs,
             vcpus: Vec::with_capacity(fds.len()),
             slots: Some(slots),
             memory,
@@ -614,8 +622,7 @@ impl KvmVm {
             Some(guest) => cpu.admit(guest)?,
             None => None,
         };
-        let mut vm = Self::new(config, handlers)?;
-        vm.codecs = codecs;
+        let mut vm = Self::new(config, codecs, handlers)?;
         vm.cpu_policy = cpu;
         vm.cpu_forced = forced;
         Ok(vm)
@@ -678,7 +685,7 @@ impl KvmVm {
     }
 
     /// Guest memory.
-    pub fn memory(&self) -> &GuestMemory {
+    pub fn memory(&self) -> &GuestRam {
         &self.memory
     }
 
@@ -827,8 +834,7 @@ impl KvmVm {
             }
             RestoreMode::Lazy => restore_lazy_from(&mut f, &config.layout, &codecs)?,
         };
-        let mut vm = Self::with_memory(config, memory, handlers)?;
-        vm.codecs = codecs;
+        let mut vm = Self::with_memory(config, memory, codecs, handlers)?;
         vm.cpu_policy = cpu;
         vm.restore(&tree)?;
         Ok(vm)

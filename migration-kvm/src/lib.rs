@@ -30,9 +30,9 @@
 //!     vm.create_pit2(Default::default())?;
 //!     let fd = vm.create_vcpu(0)?;
 //!     fd.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?)?;
-//!     let caps = HostCaps::probe(&kvm, &vm)?;
+//!     let caps = HostCaps::probe(&kvm, &vm, &DeviceLayout::FULL_WITH_PIT)?;
 //!     // The caller chooses how kvmclock is restored.
-//!     Ok((KvmVmDevices::new(vm, ClockRestore::Exact), KvmVcpu::new(0, fd, caps)))
+//!     Ok((KvmVmDevices::new(vm, DeviceLayout::FULL_WITH_PIT, ClockRestore::Exact), KvmVcpu::new(0, fd, caps)))
 //! };
 //!
 //! let (mut devices, mut vcpu) = new_vm()?;
@@ -81,17 +81,21 @@
 #![warn(missing_debug_implementations)]
 
 mod backend;
+pub mod bitmap;
 pub mod cpu_check;
 pub mod cpu_features;
 pub mod cpu_model;
 pub mod cpu_template;
 pub mod dirty;
 mod error;
+pub mod kick;
 pub mod kvm_vm;
+pub mod layout;
 pub mod machine;
 pub mod memory;
 pub mod msr;
 pub mod order;
+pub mod park;
 pub mod restore;
 mod runner;
 pub mod snapshot_memory;
@@ -103,10 +107,15 @@ pub use backend::{Result as IoctlResult, VcpuBackend, VmBackend};
 pub use cpu_check::{CpuIncompatible, CpuPolicy};
 pub use cpu_model::CpuModel;
 pub use error::{Direction, KvmStateError, Step};
+pub use kick::{
+    complete_pending_io, install_kick_handler, kick, kick_signal, AsVcpuFd, KickableVcpu,
+};
 pub use kvm_vm::{ConfigError, KvmVm, KvmVmConfig, KvmVmError, RestoreMode};
+pub use layout::{DeviceLayout, Irqchip};
 pub use machine::{restore_machine, save_machine, MachineError, MachineState, VcpuGroup};
 pub use order::{MachineStep, Ordered, VcpuStep, VmStep};
-pub use runner::{kick_signal, ExitAction, ExitEvent, ExitHandler, VcpuRunner};
+pub use park::PauseControl;
+pub use runner::{ExitAction, ExitEvent, ExitHandler, VcpuRunner};
 pub use state::{CpuidEntry, MsrEntry, Raw, SizeMismatch};
-pub use vcpu::{HostCaps, KvmVcpu, VcpuState};
+pub use vcpu::{restore_vcpu_state, save_vcpu_state, HostCaps, KvmVcpu, VcpuState};
 pub use vm::{restore_vm_state, save_vm_state, ClockRestore, KvmVmDevices, VmState};

@@ -1,6 +1,16 @@
-//! [`GuestMemory`]: guest RAM as vm-memory's `GuestMemoryMmap<AtomicBitmap>`, seen by
-//! the migration code as a [`MemorySource`] and a [`MemorySink`], and registered with
-//! KVM as memory slots ([`KvmSlots`]).
+//! [`GuestRam`]: guest RAM as a vm-memory `GuestMemoryMmap<B>`, seen by the migration
+//! code as a [`MemorySource`] and a [`MemorySink`], and registered with KVM as memory
+//! slots ([`KvmSlots`]).
+//!
+//! (Not to be confused with vm-memory's `GuestMemory` trait, renamed
+//! `GuestMemoryBackend` in vm-memory 0.18: `GuestRam` *holds* a vm-memory guest
+//! memory and adds its layout, range checks and the KVM slots.)
+//!
+//! Any vm-memory mmap memory works: anonymous or file-backed regions (a memfd, a
+//! file the VMM names), built here ([`GuestRam::anonymous`]) or by the VMM
+//! ([`GuestRam::from_mmap`]). `B` is vm-memory's dirty bitmap: [`AtomicBitmap`] (the
+//! default) tracks the VMM's own writes for migration, `()` tracks nothing (see
+//! [`crate::bitmap`] for what that loses).
 //!
 //! Every access is checked against the layout (the sorted, non-overlapping list of RAM
 //! regions) before a byte moves, and fails with [`MemoryError::OutOfRange`] otherwise.
@@ -14,19 +24,14 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use migration_core::memory::{check_range, PAGE_SIZE};
 use migration_core::{MemoryError, MemoryRange, MemorySink, MemorySource};
-use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap, BS};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
     MemoryRegionAddress, MmapRegion, ReadVolatile, VolatileSlice, WriteVolatile,
 };
 
-/// vm-memory's mmap backend with a dirty bitmap per region (VMM writes through
-/// vm-memory set bits in it).
-pub type GuestMemoryMmapBitmap = GuestMemoryMmap<AtomicBitmap>;
-
-/// One region of [`GuestMemoryMmapBitmap`].
-pub type GuestRegionMmapBitmap = GuestRegionMmap<AtomicBitmap>;
+use crate::bitmap::DirtyBitmap;
 
 /// Size of the bounce buffer for `dyn Read` / `dyn Write` streams: small enough to
 /// stay in cache, large enough to amortise the calls.
@@ -93,7 +98,9 @@ impl From<KvmMemoryError> for migration_core::MigratableError {
     }
 }
 
-/// How fresh anonymous guest memory is mapped.
+/// How fresh guest memory is mapped ([`GuestRam::anonymous_with`]; every region is
+/// mapped by [`map_region`]). Memory the VMM maps itself (file or memfd backed)
+/// comes in through [`GuestRam::from_mmap`] instead.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemoryOptions {
     /// `madvise(MADV_HUGEPAGE)`: transparent huge pages. First touch then costs one
@@ -114,13 +121,13 @@ impl Default for MemoryOptions {
     }
 }
 
-/// Guest RAM: vm-memory's [`GuestMemoryMmapBitmap`] plus its layout.
+/// Guest RAM: a vm-memory [`GuestMemoryMmap<B>`] plus its layout.
 ///
 /// ```
 /// use migration_core::{MemoryRange, MemorySink, MemorySource};
-/// use migration_kvm::memory::GuestMemory;
+/// use migration_kvm::memory::GuestRam;
 ///
-/// let mem = GuestMemory::anonymous(&[MemoryRange::new(0, 1 << 20)])?;
+/// let mem = GuestRam::anonymous(&[MemoryRange::new(0, 1 << 20)])?;
 /// mem.write_memory(0x1000, b"hello")?;
 /// let mut buf = [0u8; 5];
 /// mem.read_memory(0x1000, &mut buf)?;
@@ -130,8 +137,8 @@ impl Default for MemoryOptions {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone)]
-pub struct GuestMemory {
-    mmap: GuestMemoryMmapBitmap,
+pub struct GuestRam<B: DirtyBitmap = AtomicBitmap> {
+    mmap: GuestMemoryMmap<B>,
     layout: Vec<MemoryRange>,
 }
 
@@ -197,11 +204,12 @@ pub(crate) fn mmap_error(length: u64, source: io::Error) -> KvmMemoryError {
     KvmMemoryError::Mmap { length, source }
 }
 
-/// Maps `length` bytes of fresh anonymous private memory with a dirty bitmap.
-pub(crate) fn anonymous_region(
+/// Maps `length` bytes of fresh zeroed guest memory, as `options` say: anonymous
+/// private memory with a bitmap `B`, transparent huge pages if asked.
+pub fn map_region<B: NewBitmap>(
     length: u64,
     options: MemoryOptions,
-) -> Result<MmapRegion<AtomicBitmap>, KvmMemoryError> {
+) -> Result<MmapRegion<B>, KvmMemoryError> {
     let size = usize::try_from(length).map_err(|_| KvmMemoryError::InvalidLayout {
         gpa: 0,
         length,
@@ -211,8 +219,7 @@ pub(crate) fn anonymous_region(
     if options.populate {
         flags |= libc::MAP_POPULATE;
     }
-    let bitmap = AtomicBitmap::new(size, page_size_nz());
-    let region = MmapRegionBuilder::new_with_bitmap(size, bitmap)
+    let region = MmapRegionBuilder::new_with_bitmap(size, B::with_len(size))
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_mmap_flags(flags)
         .build()
@@ -229,26 +236,31 @@ pub(crate) fn anonymous_region(
     Ok(region)
 }
 
-fn page_size_nz() -> std::num::NonZeroUsize {
-    const { std::num::NonZeroUsize::new(PAGE_SIZE as usize).unwrap() }
-}
-
-impl GuestMemory {
-    /// Fresh zeroed anonymous memory for `layout`, with [`MemoryOptions::default`].
+impl GuestRam {
+    /// Fresh zeroed anonymous memory for `layout`, with [`MemoryOptions::default`]
+    /// and an [`AtomicBitmap`] ([`fresh`](Self::fresh) for another bitmap).
     pub fn anonymous(layout: &[MemoryRange]) -> Result<Self, KvmMemoryError> {
-        Self::anonymous_with(layout, MemoryOptions::default())
+        Self::fresh(layout, MemoryOptions::default())
     }
 
-    /// Fresh zeroed anonymous memory for `layout`.
+    /// Fresh zeroed anonymous memory for `layout`, with an [`AtomicBitmap`].
     pub fn anonymous_with(
         layout: &[MemoryRange],
         options: MemoryOptions,
     ) -> Result<Self, KvmMemoryError> {
+        Self::fresh(layout, options)
+    }
+}
+
+impl<B: DirtyBitmap + NewBitmap> GuestRam<B> {
+    /// Fresh zeroed memory for `layout`, every region mapped by [`map_region`] as
+    /// `options` say, with bitmap `B` (`GuestRam::<()>::fresh(…)`: no tracking).
+    pub fn fresh(layout: &[MemoryRange], options: MemoryOptions) -> Result<Self, KvmMemoryError> {
         check_layout(layout)?;
         let regions = layout
             .iter()
             .map(|r| {
-                let region = anonymous_region(r.length, options)?;
+                let region = map_region(r.length, options)?;
                 GuestRegionMmap::new(region, GuestAddress(r.gpa)).ok_or(
                     KvmMemoryError::InvalidLayout {
                         gpa: r.gpa,
@@ -260,9 +272,11 @@ impl GuestMemory {
             .collect::<Result<Vec<_>, _>>()?;
         Self::from_regions(regions)
     }
+}
 
-    /// Wraps regions already mapped (sorted by address).
-    pub fn from_regions(regions: Vec<GuestRegionMmapBitmap>) -> Result<Self, KvmMemoryError> {
+impl<B: DirtyBitmap> GuestRam<B> {
+    /// Wraps regions already mapped (sorted by address), anonymous or file-backed.
+    pub fn from_regions(regions: Vec<GuestRegionMmap<B>>) -> Result<Self, KvmMemoryError> {
         let layout: Vec<MemoryRange> = regions
             .iter()
             .map(|r| MemoryRange::new(r.start_addr().0, r.len()))
@@ -277,8 +291,10 @@ impl GuestMemory {
         Ok(Self { mmap, layout })
     }
 
-    /// Wraps an existing vm-memory guest memory (its regions must be page-aligned).
-    pub fn from_mmap(mmap: GuestMemoryMmapBitmap) -> Result<Self, KvmMemoryError> {
+    /// Wraps a VMM's own vm-memory guest memory: anonymous or file-backed (memfd)
+    /// regions, any bitmap. Its regions must be page-aligned. The memory is shared,
+    /// not copied: clones of `mmap` see the same pages.
+    pub fn from_mmap(mmap: GuestMemoryMmap<B>) -> Result<Self, KvmMemoryError> {
         let layout: Vec<MemoryRange> = mmap
             .iter()
             .map(|r| MemoryRange::new(r.start_addr().0, r.len()))
@@ -288,7 +304,7 @@ impl GuestMemory {
     }
 
     /// The vm-memory guest memory, for devices and loaders.
-    pub fn mmap(&self) -> &GuestMemoryMmapBitmap {
+    pub fn mmap(&self) -> &GuestMemoryMmap<B> {
         &self.mmap
     }
 
@@ -303,10 +319,7 @@ impl GuestMemory {
     }
 
     /// A volatile slice over `range`, which must lie inside one region.
-    pub fn slice(
-        &self,
-        range: MemoryRange,
-    ) -> Result<VolatileSlice<'_, vm_memory::bitmap::BS<'_, AtomicBitmap>>, MemoryError> {
+    pub fn slice(&self, range: MemoryRange) -> Result<VolatileSlice<'_, BS<'_, B>>, MemoryError> {
         let (region, offset) = self.locate(range)?;
         let len = usize::try_from(range.length).map_err(|_| out_of_range(range))?;
         region
@@ -315,7 +328,7 @@ impl GuestMemory {
     }
 
     /// The region holding `range` and the offset of `range` in it.
-    fn locate(&self, range: MemoryRange) -> Result<(&GuestRegionMmapBitmap, u64), MemoryError> {
+    fn locate(&self, range: MemoryRange) -> Result<(&GuestRegionMmap<B>, u64), MemoryError> {
         check_range(&self.layout, range)?;
         let region = self
             .mmap
@@ -328,7 +341,6 @@ impl GuestMemory {
     /// writes that bypass a `VolatileSlice`.
     fn mark_dirty(&self, gpa: u64, len: usize) {
         if let Some(region) = self.mmap.find_region(GuestAddress(gpa)) {
-            use vm_memory::bitmap::Bitmap;
             region
                 .bitmap()
                 .mark_dirty((gpa - region.start_addr().0) as usize, len);
@@ -400,31 +412,49 @@ impl GuestMemory {
         first_slot: u32,
         log_dirty: bool,
     ) -> Result<KvmSlots, KvmMemoryError> {
+        let mut slots = self.describe_slots(first_slot, log_dirty)?;
+        slots.registered = true;
+        for s in &slots.slots {
+            // SAFETY: the host range is a live mapping of exactly `size` bytes, kept
+            // alive by `slots.keep` until unregistered (or forever if leaked).
+            unsafe { set_slot(vm, s, log_dirty) }?;
+        }
+        Ok(slots)
+    }
+
+    /// Describes the KVM slots a VMM registered for these regions itself: region
+    /// `i` is slot `first_slot + i`, with `KVM_MEM_LOG_DIRTY_PAGES` set as
+    /// `log_dirty` says. Nothing is registered; the dirty-log helpers
+    /// ([`crate::dirty`]) then work on the VMM's slots. The [`KvmSlots`] keeps the
+    /// regions mapped while it lives; the registration stays the VMM's (dropping it
+    /// removes nothing and leaks nothing).
+    pub fn describe_slots(
+        &self,
+        first_slot: u32,
+        log_dirty: bool,
+    ) -> Result<KvmSlots, KvmMemoryError> {
         let mut slots = KvmSlots {
             slots: Vec::with_capacity(self.layout.len()),
-            regions: Vec::new(),
+            keep: Vec::with_capacity(self.layout.len()),
             log_dirty,
-            registered: true,
+            registered: false,
         };
         for (i, region) in self.mmap.iter().enumerate() {
-            let slot = first_slot
-                .checked_add(i as u32)
+            let slot = u32::try_from(i)
+                .ok()
+                .and_then(|i| first_slot.checked_add(i))
                 .ok_or(KvmMemoryError::InvalidLayout {
                     gpa: region.start_addr().0,
                     length: region.len(),
                     reason: "slot number overflows",
                 })?;
-            let s = MemorySlot {
+            slots.slots.push(MemorySlot {
                 slot,
                 gpa: region.start_addr().0,
                 size: region.len(),
                 host_addr: region.as_ptr() as u64,
-            };
-            slots.regions.push(region.get_mmap());
-            slots.slots.push(s);
-            // SAFETY: the host range is a live mapping of exactly `size` bytes, kept
-            // alive by `slots.regions` until unregistered (or forever if leaked).
-            unsafe { set_slot(vm, &s, log_dirty) }?;
+            });
+            slots.keep.push(region.get_mmap());
         }
         Ok(slots)
     }
@@ -501,7 +531,7 @@ fn volatile_error(e: vm_memory::VolatileMemoryError) -> MemoryError {
     }
 }
 
-impl MemorySource for GuestMemory {
+impl<B: DirtyBitmap> MemorySource for GuestRam<B> {
     fn regions(&self) -> Vec<MemoryRange> {
         self.layout.clone()
     }
@@ -538,7 +568,7 @@ impl MemorySource for GuestMemory {
     }
 }
 
-impl MemorySink for GuestMemory {
+impl<B: DirtyBitmap> MemorySink for GuestRam<B> {
     fn regions(&self) -> Vec<MemoryRange> {
         self.layout.clone()
     }
@@ -606,17 +636,40 @@ pub struct MemorySlot {
     pub host_addr: u64,
 }
 
-/// The KVM memory slots of a [`GuestMemory`] ([`GuestMemory::register`]); turns
-/// dirty logging on and off and keeps the memory mapped while KVM uses it.
+/// Keeps a region's mapping alive, whatever its bitmap type.
+type Keep = Arc<dyn std::any::Any + Send + Sync>;
+
+/// The KVM memory slots of a VM's guest RAM: registered by [`GuestRam::register`],
+/// or registered by the VMM and described with [`GuestRam::describe_slots`] or
+/// [`KvmSlots::from_raw`]. Turns dirty logging on and off.
 #[derive(Debug)]
 pub struct KvmSlots {
     slots: Vec<MemorySlot>,
-    regions: Vec<Arc<MmapRegion<AtomicBitmap>>>,
+    /// The mappings behind the slots (empty for [`KvmSlots::from_raw`]).
+    keep: Vec<Keep>,
     log_dirty: bool,
+    /// Registered by this value ([`GuestRam::register`]), and not yet unregistered.
     registered: bool,
 }
 
 impl KvmSlots {
+    /// Describes slots a VMM registered itself, from their raw numbers and
+    /// addresses, with `KVM_MEM_LOG_DIRTY_PAGES` set as `log_dirty` says.
+    ///
+    /// # Safety
+    /// Each slot's `host_addr .. host_addr + size` must stay mapped while the
+    /// returned value lives: [`set_dirty_logging`](Self::set_dirty_logging) hands
+    /// those addresses to KVM again. Prefer [`GuestRam::describe_slots`], which keeps
+    /// the mappings alive itself.
+    pub unsafe fn from_raw(slots: Vec<MemorySlot>, log_dirty: bool) -> Self {
+        Self {
+            slots,
+            keep: Vec::new(),
+            log_dirty,
+            registered: false,
+        }
+    }
+
     /// The slots, sorted by address.
     pub fn slots(&self) -> &[MemorySlot] {
         &self.slots
@@ -631,7 +684,8 @@ impl KvmSlots {
     /// fresh (empty) log.
     pub fn set_dirty_logging(&mut self, vm: &VmFd, enable: bool) -> Result<(), KvmMemoryError> {
         for s in &self.slots {
-            // SAFETY: the slot's memory is kept mapped by `self.regions`.
+            // SAFETY: the slot's memory is kept mapped by `self.keep`, or by the
+            // caller of `from_raw` (its contract).
             unsafe { set_slot(vm, s, enable) }?;
         }
         self.log_dirty = enable;
@@ -654,7 +708,7 @@ impl Drop for KvmSlots {
     fn drop(&mut self) {
         if self.registered {
             // Still in a VM that may run: never unmap memory KVM can reach.
-            for r in self.regions.drain(..) {
+            for r in self.keep.drain(..) {
                 std::mem::forget(r);
             }
         }
@@ -665,8 +719,8 @@ impl Drop for KvmSlots {
 mod tests {
     use super::*;
 
-    fn mem() -> GuestMemory {
-        GuestMemory::anonymous(&[
+    fn mem() -> GuestRam {
+        GuestRam::anonymous(&[
             MemoryRange::new(0, 0x10_0000),
             MemoryRange::new(0x20_0000, 0x10_0000),
         ])
@@ -687,7 +741,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    GuestMemory::anonymous(&bad),
+                    GuestRam::anonymous(&bad),
                     Err(KvmMemoryError::InvalidLayout { .. })
                 ),
                 "{bad:?}"

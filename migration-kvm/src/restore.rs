@@ -21,9 +21,9 @@ use migration_core::memory::PAGE_SIZE;
 use migration_core::{MemoryError, MemoryRange, MemorySink};
 use vm_memory::{GuestAddress, GuestRegionMmap};
 
+use crate::bitmap::DirtyBitmap;
 use crate::memory::{
-    anonymous_region, check_extents, check_layout, mmap_error, GuestMemory, KvmMemoryError,
-    MemoryOptions,
+    check_extents, check_layout, map_region, mmap_error, GuestRam, KvmMemoryError, MemoryOptions,
 };
 
 /// Where the bytes of one guest range sit in a snapshot file.
@@ -117,7 +117,7 @@ pub fn restore_lazy(
     file: &File,
     layout: &[MemoryRange],
     extents: &[FileExtent],
-) -> Result<GuestMemory, RestoreError> {
+) -> Result<GuestRam, RestoreError> {
     let file_len = file.metadata()?.len();
     check_file_extents(layout, extents, file_len)?;
     let mut regions = Vec::with_capacity(layout.len());
@@ -128,7 +128,7 @@ pub fn restore_lazy(
             huge_pages: false,
             populate: false,
         };
-        let region = anonymous_region(r.length, options)?;
+        let region = map_region(r.length, options)?;
         let base = region.as_ptr() as usize;
         for e in extents.iter().filter(|e| r.contains(&e.range())) {
             let addr = base + (e.gpa - r.gpa) as usize;
@@ -158,7 +158,7 @@ pub fn restore_lazy(
             },
         )?);
     }
-    Ok(GuestMemory::from_regions(regions)?)
+    Ok(GuestRam::from_regions(regions)?)
 }
 
 /// How [`restore_eager`] copies.
@@ -190,10 +190,10 @@ pub fn restore_eager(
     layout: &[MemoryRange],
     extents: &[FileExtent],
     options: EagerOptions,
-) -> Result<GuestMemory, RestoreError> {
+) -> Result<GuestRam, RestoreError> {
     let file_len = file.metadata()?.len();
     check_file_extents(layout, extents, file_len)?;
-    let memory = GuestMemory::anonymous_with(layout, options.memory)?;
+    let memory = GuestRam::anonymous_with(layout, options.memory)?;
     copy_extents(&memory, file, extents, options.threads, false, true)?;
     Ok(memory)
 }
@@ -205,18 +205,18 @@ pub fn restore_eager_runs(
     layout: &[MemoryRange],
     runs: &[FileExtent],
     options: EagerOptions,
-) -> Result<GuestMemory, RestoreError> {
+) -> Result<GuestRam, RestoreError> {
     let file_len = file.metadata()?.len();
     check_file_extents(layout, runs, file_len)?;
-    let memory = GuestMemory::anonymous_with(layout, options.memory)?;
+    let memory = GuestRam::anonymous_with(layout, options.memory)?;
     copy_extents(&memory, file, runs, options.threads, false, false)?;
     Ok(memory)
 }
 
 /// Eager restore into existing memory: every extent's bytes are copied in and the
 /// file's holes inside extents are zeroed. Memory outside the extents is left alone.
-pub fn restore_eager_into(
-    memory: &GuestMemory,
+pub fn restore_eager_into<B: DirtyBitmap>(
+    memory: &GuestRam<B>,
     file: &File,
     extents: &[FileExtent],
     threads: usize,
@@ -237,8 +237,8 @@ struct Piece {
     length: u64,
 }
 
-fn copy_extents(
-    memory: &GuestMemory,
+fn copy_extents<B: DirtyBitmap>(
+    memory: &GuestRam<B>,
     file: &File,
     extents: &[FileExtent],
     threads: usize,
@@ -408,7 +408,7 @@ mod tests {
         (f, extents)
     }
 
-    fn check(mem: &GuestMemory) {
+    fn check(mem: &GuestRam) {
         let mut b = vec![0u8; 0x4000];
         mem.read_memory(0x4000, &mut b).unwrap();
         assert!(b[..0x1000].iter().all(|&x| x == 0));
@@ -444,7 +444,7 @@ mod tests {
             };
             check(&restore_eager(&f, &layout(), &extents, opts).unwrap());
         }
-        let mem = GuestMemory::anonymous(&layout()).unwrap();
+        let mem = GuestRam::anonymous(&layout()).unwrap();
         mem.write_memory(4 * MIB, &[9; 0x1000]).unwrap(); // in a file hole: zeroed
         restore_eager_into(&mem, &f, &extents, 2).unwrap();
         check(&mem);
@@ -458,7 +458,7 @@ mod tests {
             length,
             file_offset,
         };
-        let mem = GuestMemory::anonymous(&layout()).unwrap();
+        let mem = GuestRam::anonymous(&layout()).unwrap();
         mem.write_memory(0, &[5; 16]).unwrap();
         // Outside RAM (in the gap between the regions).
         let e = restore_eager_into(

@@ -1,8 +1,10 @@
-//! [`VcpuRunner`]: a vCPU running on its own thread, and the protocol that pauses it.
+//! [`VcpuRunner`]: a vCPU running on its own thread, pausable at any time, its
+//! exits handed to the VMM's [`ExitHandler`].
 //!
-//! A vCPU thread spends its time inside `KVM_RUN`. To read consistent state:
+//! The runner is the pause protocol's pieces put together ([`crate::kick`],
+//! [`crate::park`]); a VMM with its own run loop uses the pieces directly. To pause:
 //! 1. the controller sets the pause request (under a mutex) and sends the thread the
-//!    kick signal ([`kick_signal`], a real-time signal);
+//!    kick signal;
 //! 2. the signal handler sets `kvm_run.immediate_exit = 1`: if the thread was in the
 //!    guest, the signal already made `KVM_RUN` return `EINTR`; if it was about to
 //!    enter, `immediate_exit` makes the entry return `EINTR` at once (no lost wake-up);
@@ -16,23 +18,23 @@
 //! While parked, the thread runs closures sent with [`with_vcpu`](VcpuRunner::with_vcpu)
 //! (save, restore) on its own [`KvmVcpu`], so the `VcpuFd` never leaves its thread.
 //!
-//! Port I/O exits go to an [`ExitHandler`]: a test guest's ports can be monitored, and
-//! the handler can stop the vCPU ([`ExitAction::Pause`]).
+//! Every exit goes to the [`ExitHandler`] with its data ([`ExitEvent`]): port and
+//! MMIO accesses, and any other exit as kvm-ioctls reports it. The handler can stop
+//! the vCPU ([`ExitAction::Pause`]).
 
-use std::cell::Cell;
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use migration_core::{MigratableError, Pausable, Snapshot, Snapshottable};
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::error::KvmStateError;
+use crate::kick::{install_kick_handler, kick, KickableVcpu};
+use crate::park::{PauseControl, Request, Submitted};
 use crate::vcpu::{KvmVcpu, VcpuState};
 
-/// What a vCPU exit handler sees.
+/// What a vCPU exit handler sees: the exit, with its data.
 #[derive(Debug)]
 pub enum ExitEvent<'a> {
     /// `OUT` to `port` with `data` (1, 2 or 4 bytes).
@@ -49,8 +51,27 @@ pub enum ExitEvent<'a> {
         /// The bytes to return.
         data: &'a mut [u8],
     },
-    /// Any other exit, described (`"Hlt"`, `"Shutdown"`, `"InternalError"`…).
-    Other(String),
+    /// A read of `data.len()` bytes at guest-physical `addr` outside RAM: fill `data`;
+    /// KVM hands it to the guest on the next entry.
+    MmioRead {
+        /// The guest-physical address.
+        addr: u64,
+        /// The bytes to return.
+        data: &'a mut [u8],
+    },
+    /// A write of `data` at guest-physical `addr` outside RAM.
+    MmioWrite {
+        /// The guest-physical address.
+        addr: u64,
+        /// The bytes written.
+        data: &'a [u8],
+    },
+    /// Any other exit, as kvm-ioctls reports it (`Hlt`, `Shutdown`, `IoapicEoi`,
+    /// `SystemEvent`, `FailEntry`, `InternalError`…), with its data.
+    Other(VcpuExit<'a>),
+    /// `KVM_RUN` failed (other than `EINTR`/`EAGAIN`): the vCPU parks whatever the
+    /// handler answers (re-entering would fail again).
+    RunFailed(&'a kvm_ioctls::Error),
 }
 
 /// What the vCPU thread does after an exit.
@@ -66,87 +87,21 @@ pub enum ExitAction {
 /// Handles vCPU exits on the vCPU thread.
 pub type ExitHandler = Box<dyn FnMut(ExitEvent<'_>) -> ExitAction + Send>;
 
-/// The signal that kicks a vCPU thread out of `KVM_RUN`: `SIGRTMIN + 1`.
-pub fn kick_signal() -> libc::c_int {
-    SIGRTMIN() + 1
-}
-
-thread_local! {
-    /// This thread's `kvm_run` page, for the kick signal handler.
-    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
-}
-
-extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    let _ = KVM_RUN.try_with(|p| {
-        let p = p.get();
-        if !p.is_null() {
-            // SAFETY: `p` is the kvm_run mapping of the VcpuFd this thread runs; it
-            // stays mapped until the thread clears the pointer (before dropping the
-            // fd). A volatile byte store is what KVM's API asks signal handlers to do.
-            unsafe { std::ptr::addr_of_mut!((*p).immediate_exit).write_volatile(1) };
-        }
-    });
-}
-
-fn install_kick_handler() -> Result<(), KvmStateError> {
-    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
-    INSTALLED
-        .get_or_init(|| {
-            register_signal_handler(kick_signal(), handle_kick).map_err(|e| e.to_string())
-        })
-        .clone()
-        .map_err(|e| KvmStateError::Thread(format!("cannot install the kick signal handler: {e}")))
-}
-
-type Job = Box<dyn FnOnce(&mut KvmVcpu<VcpuFd>) + Send>;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Request {
-    Run,
-    Pause,
-    Quit,
-}
-
-struct Ctl {
-    request: Request,
-    parked: bool,
-    /// Incremented each time the thread leaves the parked state.
-    resumed: u64,
-    exited: bool,
-    last_exit: Option<String>,
-    jobs: Vec<Job>,
-}
-
-struct Shared {
-    ctl: Mutex<Ctl>,
-    cv: Condvar,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Ctl> {
-        // A panic on the vCPU thread poisons the lock; the state is still coherent.
-        self.ctl.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
 /// A [`KvmVcpu`] running on its own thread, pausable at any time.
 ///
 /// A [`Snapshottable`] with the vCPU's id (`vcpu<N>`): `snapshot` and `restore` need
 /// the vCPU paused and fail with [`KvmStateError::NotPaused`] otherwise.
 pub struct VcpuRunner {
     id: String,
-    shared: Arc<Shared>,
-    thread: Option<JoinHandle<KvmVcpu<VcpuFd>>>,
+    control: Arc<PauseControl<KvmVcpu<VcpuFd>>>,
+    thread: Option<JoinHandle<Option<KvmVcpu<VcpuFd>>>>,
 }
 
 impl std::fmt::Debug for VcpuRunner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let c = self.shared.lock();
         f.debug_struct("VcpuRunner")
             .field("id", &self.id)
-            .field("request", &c.request)
-            .field("parked", &c.parked)
-            .field("last_exit", &c.last_exit)
+            .field("control", &self.control)
             .finish()
     }
 }
@@ -157,147 +112,80 @@ impl VcpuRunner {
     pub fn spawn(vcpu: KvmVcpu<VcpuFd>, handler: ExitHandler) -> Result<Self, KvmStateError> {
         install_kick_handler()?;
         let id = format!("vcpu{}", vcpu.index());
-        let shared = Arc::new(Shared {
-            ctl: Mutex::new(Ctl {
-                request: Request::Pause,
-                parked: false,
-                resumed: 0,
-                exited: false,
-                last_exit: None,
-                jobs: Vec::new(),
-            }),
-            cv: Condvar::new(),
-        });
-        let s = shared.clone();
+        let control = Arc::new(PauseControl::new());
+        let c = control.clone();
         let thread = std::thread::Builder::new()
             .name(id.clone())
-            .spawn(move || vcpu_thread(vcpu, s, handler))
+            .spawn(move || vcpu_thread(vcpu, &c, handler))
             .map_err(|e| KvmStateError::Thread(format!("cannot spawn: {e}")))?;
         let runner = Self {
             id,
-            shared,
+            control,
             thread: Some(thread),
         };
-        runner.wait_parked(None)?;
+        runner.control.wait_parked(None)?;
         Ok(runner)
     }
 
     fn kick(&self) {
         if let Some(t) = &self.thread {
-            // ESRCH if the thread already ended: nothing to kick.
-            let _ = t.kill(kick_signal());
+            // Only fails if the signal cannot be sent at all; the wait that follows
+            // then reports the thread's state.
+            let _ = kick(t);
         }
-    }
-
-    /// Waits until the thread is parked (or `timeout` passes: `Ok(false)`).
-    fn wait_parked(&self, timeout: Option<Duration>) -> Result<bool, KvmStateError> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut c = self.shared.lock();
-        while !c.parked {
-            if c.exited {
-                return Err(KvmStateError::Thread("the vCPU thread ended".into()));
-            }
-            match deadline {
-                None => c = self.shared.cv.wait(c).unwrap_or_else(|e| e.into_inner()),
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return Ok(false);
-                    }
-                    c = self
-                        .shared
-                        .cv
-                        .wait_timeout(c, d - now)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
-                }
-            }
-        }
-        Ok(true)
     }
 
     /// Pauses the vCPU: returns once it is out of `KVM_RUN`, its pending I/O is
     /// completed, and it is parked. Pausing a parked vCPU does nothing.
     pub fn pause(&self) -> Result<(), KvmStateError> {
-        self.request_pause();
-        self.wait_parked(None).map(|_| ())
+        self.control.pause(|| self.kick())
     }
 
     /// The first half of [`pause`](Self::pause): asks the vCPU to park and kicks it
-    /// out of `KVM_RUN`, without waiting. Kicking every vCPU of a VM before waiting
-    /// for any pauses them all in about the time of one.
+    /// out of `KVM_RUN` ([`PauseControl::request_pause`]), without waiting. Kicking
+    /// every vCPU of a VM before waiting for any pauses them all in about the time of
+    /// one.
     pub fn request_pause(&self) {
-        {
-            let mut c = self.shared.lock();
-            if c.request != Request::Run {
-                // Parked, parking by itself (its exit handler asked) or already
-                // kicked by whoever asked first: a signal would only wake it.
-                return;
-            }
-            c.request = Request::Pause;
+        if self.control.request_pause() {
+            self.kick();
         }
-        self.kick();
     }
 
     /// The second half of [`pause`](Self::pause): waits until the vCPU is parked.
     pub(crate) fn wait_paused(&self) -> Result<(), KvmStateError> {
-        self.wait_parked(None).map(|_| ())
+        self.control.wait_parked(None).map(|_| ())
     }
 
     /// Resumes a parked vCPU; returns once its thread has left the parked state
     /// (so [`is_paused`](Self::is_paused) is `false` until it parks again).
     pub fn resume(&self) -> Result<(), KvmStateError> {
-        let since = self.request_resume();
-        self.wait_resumed(since)
+        self.control.resume()
     }
 
-    /// The first half of [`resume`](Self::resume): tells the thread to run, without
-    /// waiting. Returns what [`wait_resumed`](Self::wait_resumed) waits past (`None`:
-    /// it was running already).
+    /// The first half of [`resume`](Self::resume) ([`PauseControl::request_resume`]).
     pub(crate) fn request_resume(&self) -> Option<u64> {
-        let mut c = self.shared.lock();
-        if c.request == Request::Run {
-            return None;
-        }
-        c.request = Request::Run;
-        c.last_exit = None;
-        self.shared.cv.notify_all();
-        Some(c.resumed)
+        self.control.request_resume()
     }
 
-    /// The second half of [`resume`](Self::resume): waits until the thread has left
-    /// the parked state it was in when [`request_resume`](Self::request_resume)
-    /// returned `since`.
+    /// The second half of [`resume`](Self::resume) ([`PauseControl::wait_resumed`]).
     pub(crate) fn wait_resumed(&self, since: Option<u64>) -> Result<(), KvmStateError> {
-        let mut c = self.shared.lock();
-        if let Some(resumed) = since {
-            while c.parked && c.resumed == resumed {
-                if c.exited {
-                    break;
-                }
-                c = self.shared.cv.wait(c).unwrap_or_else(|e| e.into_inner());
-            }
-        }
-        if c.exited {
-            return Err(KvmStateError::Thread("the vCPU thread ended".into()));
-        }
-        Ok(())
+        self.control.wait_resumed(since)
     }
 
     /// Waits up to `timeout` for the vCPU to park by itself (its handler returned
-    /// [`ExitAction::Pause`] or an unhandled exit happened). Returns whether it did.
+    /// [`ExitAction::Pause`] or `KVM_RUN` failed). Returns whether it did.
     pub fn wait_for_pause(&self, timeout: Duration) -> Result<bool, KvmStateError> {
-        self.wait_parked(Some(timeout))
+        self.control.wait_parked(Some(timeout))
     }
 
     /// Whether the vCPU is parked.
     pub fn is_paused(&self) -> bool {
-        self.shared.lock().parked
+        self.control.is_parked()
     }
 
     /// The exit that made the vCPU park by itself, if any (cleared on resume).
     pub fn last_exit(&self) -> Option<String> {
-        self.shared.lock().last_exit.clone()
+        self.control.last_exit()
     }
 
     /// Runs `f` on the vCPU thread with its [`KvmVcpu`]. The vCPU must be paused.
@@ -305,7 +193,7 @@ impl VcpuRunner {
         &self,
         f: impl FnOnce(&mut KvmVcpu<VcpuFd>) -> R + Send + 'static,
     ) -> Result<R, KvmStateError> {
-        self.submit(f)?.wait()
+        self.control.run_on_vcpu(f)
     }
 
     /// [`with_vcpu`](Self::with_vcpu) without waiting: `f` runs on the vCPU thread
@@ -315,16 +203,7 @@ impl VcpuRunner {
         &self,
         f: impl FnOnce(&mut KvmVcpu<VcpuFd>) -> R + Send + 'static,
     ) -> Result<Submitted<R>, KvmStateError> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        let mut c = self.shared.lock();
-        if !c.parked || c.request != Request::Pause {
-            return Err(KvmStateError::NotPaused);
-        }
-        c.jobs.push(Box::new(move |v| {
-            let _ = tx.send(f(v));
-        }));
-        self.shared.cv.notify_all();
-        Ok(Submitted(rx))
+        self.control.submit(f)
     }
 
     /// Saves the paused vCPU's state.
@@ -348,30 +227,14 @@ impl VcpuRunner {
     }
 
     fn quit(&mut self) -> Result<KvmVcpu<VcpuFd>, KvmStateError> {
-        {
-            let mut c = self.shared.lock();
-            c.request = Request::Quit;
-            self.shared.cv.notify_all();
-        }
-        self.kick();
+        self.control.quit(|| self.kick());
         let t = self
             .thread
             .take()
             .ok_or_else(|| KvmStateError::Thread("already stopped".into()))?;
         t.join()
-            .map_err(|_| KvmStateError::Thread("the vCPU thread panicked".into()))
-    }
-}
-
-/// A job [`VcpuRunner::submit`] handed to a vCPU thread.
-pub(crate) struct Submitted<R>(mpsc::Receiver<R>);
-
-impl<R> Submitted<R> {
-    /// Waits for the job's result.
-    pub(crate) fn wait(self) -> Result<R, KvmStateError> {
-        self.0
-            .recv()
-            .map_err(|_| KvmStateError::Thread("the vCPU thread dropped a request".into()))
+            .map_err(|_| KvmStateError::Thread("the vCPU thread panicked".into()))?
+            .ok_or_else(|| KvmStateError::Thread("the vCPU thread could not start".into()))
     }
 }
 
@@ -383,6 +246,7 @@ impl Drop for VcpuRunner {
     }
 }
 
+/// What [`VcpuRunner::last_exit`] says about an exit that parked the vCPU.
 fn describe(exit: &VcpuExit<'_>) -> String {
     match exit {
         VcpuExit::IoOut(p, d) => format!("IoOut({p:#x}, {d:?})"),
@@ -390,112 +254,71 @@ fn describe(exit: &VcpuExit<'_>) -> String {
         VcpuExit::MmioRead(a, d) => format!("MmioRead({a:#x}, {} bytes)", d.len()),
         VcpuExit::MmioWrite(a, d) => format!("MmioWrite({a:#x}, {d:?})"),
         VcpuExit::FailEntry(r, cpu) => format!("FailEntry(reason {r:#x}, cpu {cpu})"),
-        VcpuExit::InternalError => "InternalError".into(),
-        VcpuExit::Hlt => "Hlt".into(),
-        VcpuExit::Shutdown => "Shutdown".into(),
         other => format!("{other:?}"),
     }
 }
 
 fn vcpu_thread(
-    mut vcpu: KvmVcpu<VcpuFd>,
-    shared: Arc<Shared>,
+    vcpu: KvmVcpu<VcpuFd>,
+    control: &PauseControl<KvmVcpu<VcpuFd>>,
     mut handler: ExitHandler,
-) -> KvmVcpu<VcpuFd> {
-    let run_ptr: *mut kvm_run = vcpu.backend_mut().get_kvm_run();
-    KVM_RUN.with(|p| p.set(run_ptr));
-    let vcpu = vcpu_loop(vcpu, &shared, &mut handler);
-    KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
-    let mut c = shared.lock();
-    c.exited = true;
-    c.parked = false;
-    shared.cv.notify_all();
-    drop(c);
+) -> Option<KvmVcpu<VcpuFd>> {
+    // A fresh thread has no registered vCPU and `spawn` installed the handler, so
+    // this does not fail; if it did, the vCPU could never be paused: never run it.
+    let vcpu = match KickableVcpu::new(vcpu) {
+        Ok(mut k) => {
+            run_loop(&mut k, control, &mut handler);
+            Some(k.into_inner())
+        }
+        Err(e) => {
+            control.park_self(|| e.to_string());
+            None
+        }
+    };
+    control.exited();
     vcpu
 }
 
-fn vcpu_loop(
-    mut vcpu: KvmVcpu<VcpuFd>,
-    shared: &Shared,
+fn run_loop(
+    vcpu: &mut KickableVcpu<KvmVcpu<VcpuFd>>,
+    control: &PauseControl<KvmVcpu<VcpuFd>>,
     handler: &mut ExitHandler,
-) -> KvmVcpu<VcpuFd> {
+) {
     loop {
-        let request = shared.lock().request;
-        if request != Request::Run {
-            // Complete pending I/O without running guest code: with immediate_exit
-            // set, KVM_RUN finishes the last exit's emulation and returns EINTR.
-            let fd = vcpu.backend_mut();
-            fd.set_kvm_immediate_exit(1);
-            let _ = fd.run();
-            fd.set_kvm_immediate_exit(0);
-            if !park(&mut vcpu, shared) {
-                return vcpu;
+        if control.checkpoint() != Request::Run {
+            // Complete pending I/O without running guest code, then park.
+            if let Err(e) = vcpu.complete_pending_io() {
+                control.park_self(|| e.to_string());
+            }
+            if !vcpu.with_vcpu(|v| control.park(v)) {
+                return;
             }
             continue;
         }
-        let action = match vcpu.backend_mut().run() {
+        let mut parked_by = None;
+        let action = match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => handler(ExitEvent::IoOut { port, data }),
             Ok(VcpuExit::IoIn(port, data)) => handler(ExitEvent::IoIn { port, data }),
+            Ok(VcpuExit::MmioRead(addr, data)) => handler(ExitEvent::MmioRead { addr, data }),
+            Ok(VcpuExit::MmioWrite(addr, data)) => handler(ExitEvent::MmioWrite { addr, data }),
             Ok(exit) => {
                 let what = describe(&exit);
-                let action = handler(ExitEvent::Other(what.clone()));
-                if action == ExitAction::Pause {
-                    shared.lock().last_exit = Some(what);
-                }
+                let action = handler(ExitEvent::Other(exit));
+                parked_by = Some(what);
                 action
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                vcpu.backend_mut().set_kvm_immediate_exit(0);
+                vcpu.clear_immediate_exit();
                 ExitAction::Continue
             }
             Err(e) => {
-                let what = format!("KVM_RUN failed: {e}");
-                // Re-entering after an ioctl error would spin: always park.
-                let _ = handler(ExitEvent::Other(what.clone()));
-                shared.lock().last_exit = Some(what);
+                let _ = handler(ExitEvent::RunFailed(&e));
+                parked_by = Some(format!("KVM_RUN failed: {e}"));
                 ExitAction::Pause
             }
         };
         if action == ExitAction::Pause {
-            let mut c = shared.lock();
-            if c.request == Request::Run {
-                c.request = Request::Pause;
-            }
-            if c.last_exit.is_none() {
-                c.last_exit = Some("paused by the exit handler".into());
-            }
-        }
-    }
-}
-
-/// Parks the thread until resumed (returns `true`) or told to quit (`false`),
-/// running jobs meanwhile.
-fn park(vcpu: &mut KvmVcpu<VcpuFd>, shared: &Shared) -> bool {
-    let mut c = shared.lock();
-    c.parked = true;
-    shared.cv.notify_all();
-    loop {
-        let jobs = std::mem::take(&mut c.jobs);
-        if !jobs.is_empty() {
-            drop(c);
-            for job in jobs {
-                job(vcpu);
-            }
-            c = shared.lock();
-            continue;
-        }
-        match c.request {
-            Request::Run => {
-                c.parked = false;
-                c.resumed += 1;
-                shared.cv.notify_all();
-                return true;
-            }
-            Request::Quit => {
-                c.parked = false;
-                return false;
-            }
-            Request::Pause => c = shared.cv.wait(c).unwrap_or_else(|e| e.into_inner()),
+            control.park_self(|| parked_by.unwrap_or_else(|| "paused by the exit handler".into()));
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Guest memory snapshots in the container's file form (`docs/format.md` §6): full,
 //! incremental, merged, and restored lazily or eagerly.
 //!
-//! - **Full**: [`write_full`] writes every region of a [`GuestMemory`] as one extent;
+//! - **Full**: [`write_full`] writes every region of a [`GuestRam`] as one extent;
 //!   all-zero pages are holes (never written, never sent).
 //! - **Incremental**: [`write_incremental`] writes only the dirty ranges (from
 //!   [`dirty_log`](crate::dirty::dirty_log)), as extents: a page inside an extent
@@ -25,7 +25,8 @@ use migration_core::{
     Snapshot,
 };
 
-use crate::memory::{GuestMemory, MemoryOptions};
+use crate::bitmap::DirtyBitmap;
+use crate::memory::{GuestRam, MemoryOptions};
 use crate::restore::{self, EagerOptions, FileExtent, RestoreError};
 
 /// Identifies a snapshot file by its content: 32 bytes, the little-endian
@@ -81,10 +82,10 @@ pub fn digest_hex(d: &ContentDigest) -> String {
 /// Writes `snapshot` and all of `memory` in the file form to `w` (normally a `File`;
 /// zero pages become holes). The caller takes care of atomicity (`migration_core::
 /// file::write_snapshot_file` does temp file + rename).
-pub fn write_full<W: Write + Seek>(
+pub fn write_full<W: Write + Seek, B: DirtyBitmap>(
     w: &mut W,
     snapshot: &Snapshot,
-    memory: &GuestMemory,
+    memory: &GuestRam<B>,
     options: &WriteOptions,
 ) -> Result<WriteSummary, MigratableError> {
     container::write_snapshot(w, snapshot, Some(memory), options)
@@ -93,10 +94,10 @@ pub fn write_full<W: Write + Seek>(
 /// Writes an incremental snapshot: `snapshot` plus the `dirty` pages of `memory`,
 /// recording `parent` (the [`content_digest`] of the previous snapshot of the
 /// chain) in the header.
-pub fn write_incremental<W: Write + Seek>(
+pub fn write_incremental<W: Write + Seek, B: DirtyBitmap>(
     w: &mut W,
     snapshot: &Snapshot,
-    memory: &GuestMemory,
+    memory: &GuestRam<B>,
     dirty: &MemoryRangeTable,
     parent: ContentDigest,
     options: &WriteOptions,
@@ -112,18 +113,18 @@ pub fn write_incremental<W: Write + Seek>(
 /// A [`MemorySource`] that shows only some ranges of a guest memory (its
 /// "regions" are the ranges): what an incremental snapshot writes.
 #[derive(Debug)]
-pub struct DirtyView<'a> {
-    memory: &'a GuestMemory,
+pub struct DirtyView<'a, B: DirtyBitmap = vm_memory::bitmap::AtomicBitmap> {
+    memory: &'a GuestRam<B>,
     ranges: Vec<MemoryRange>,
 }
 
-impl<'a> DirtyView<'a> {
+impl<'a, B: DirtyBitmap> DirtyView<'a, B> {
     /// The ranges of `dirty` (checked against `memory`'s layout), coalesced to at most
     /// `max_ranges` ranges across their smallest gaps (pages in a filled gap are
     /// rewritten with their current content, which is harmless). Ranges are split at
     /// region boundaries.
     pub fn new(
-        memory: &'a GuestMemory,
+        memory: &'a GuestRam<B>,
         dirty: &MemoryRangeTable,
         max_ranges: usize,
     ) -> Result<Self, MemoryError> {
@@ -207,7 +208,7 @@ fn coalesce(ranges: Vec<MemoryRange>, layout: &[MemoryRange], max: usize) -> Vec
     out
 }
 
-impl MemorySource for DirtyView<'_> {
+impl<B: DirtyBitmap> MemorySource for DirtyView<'_, B> {
     fn regions(&self) -> Vec<MemoryRange> {
         self.ranges.clone()
     }
@@ -304,7 +305,7 @@ pub fn merge_chain<W: Write + Seek>(
     }
 
     // 2. Replay base then every link into scratch memory.
-    let scratch = GuestMemory::anonymous_with(
+    let scratch = GuestRam::anonymous_with(
         &layout,
         MemoryOptions {
             huge_pages: false,
@@ -390,7 +391,7 @@ pub fn restore_lazy_from(
     file: &mut File,
     layout: &[MemoryRange],
     codecs: &CodecRegistry,
-) -> Result<(Snapshot, GuestMemory), SnapshotMemoryError> {
+) -> Result<(Snapshot, GuestRam), SnapshotMemoryError> {
     let mut reader = open_full(file)?;
     let extents = file_extents(&reader);
     let tree = reader.read_snapshot(codecs, None, &ReadOptions::default())?;
@@ -406,7 +407,7 @@ pub fn restore_eager_from(
     layout: &[MemoryRange],
     codecs: &CodecRegistry,
     options: EagerOptions,
-) -> Result<(Snapshot, GuestMemory), SnapshotMemoryError> {
+) -> Result<(Snapshot, GuestRam), SnapshotMemoryError> {
     let mut reader = open_full(file)?;
     // Whole extents must fit the layout too, not only their runs.
     crate::memory::check_extents(layout, file_extents(&reader).iter().map(FileExtent::range))
@@ -450,7 +451,7 @@ mod tests {
         content_digest(&mut *f).unwrap()
     }
 
-    fn all(m: &GuestMemory) -> Vec<u8> {
+    fn all(m: &GuestRam) -> Vec<u8> {
         let mut v = Vec::new();
         for r in m.layout() {
             m.write_memory_to(r.gpa, r.length, &mut v).unwrap();
@@ -460,7 +461,7 @@ mod tests {
 
     #[test]
     fn incremental_chain_merges_to_the_full_snapshot() {
-        let mem = GuestMemory::anonymous(&layout()).unwrap();
+        let mem = GuestRam::anonymous(&layout()).unwrap();
         mem.write_memory(0x1000, &[1; 0x3000]).unwrap();
         mem.write_memory(9 * MIB, &[2; 0x1000]).unwrap();
         let mut base = tempfile::tempfile().unwrap();

@@ -7,11 +7,12 @@ use kvm_bindings::{
     kvm_vcpu_events, kvm_xcrs, CpuId, Xsave,
 };
 use kvm_ioctls::{Cap, Kvm, KvmNestedStateBuffer};
-use migration_core::{MigratableError, Pausable, Snapshot, Snapshottable};
+use migration_core::{MigratableError, Pausable, Snapshot, Snapshottable, Versioned};
 use zerocopy::{FromZeros, IntoBytes};
 
 use crate::backend::{VcpuBackend, VmBackend};
 use crate::error::{KvmStateError, Step};
+use crate::layout::DeviceLayout;
 use crate::msr;
 use crate::order::{Ordered, VcpuStep, VCPU_RESTORE_ORDER, VCPU_SAVE_ORDER};
 use crate::state::{
@@ -41,8 +42,9 @@ pub struct VcpuState {
     pub xcrs: Raw<kvm_xcrs>,
     /// Debug registers.
     pub debugregs: Raw<kvm_debugregs>,
-    /// Local APIC registers.
-    pub lapic: Raw<kvm_lapic_state>,
+    /// Local APIC registers (`None` in a VM without an in-kernel irqchip, whose
+    /// vCPUs have no in-kernel LAPIC).
+    pub lapic: Option<Raw<kvm_lapic_state>>,
     /// MSRs, in the order they were read.
     pub msrs: MsrState,
     /// Nested virtualization state (`None` on hosts without `KVM_CAP_NESTED_STATE`).
@@ -64,7 +66,9 @@ impl VcpuState {
         snapshot.add_state(VcpuStep::Xsave.name(), self.xsave.clone());
         snapshot.add_state(VcpuStep::Xcrs.name(), self.xcrs);
         snapshot.add_state(VcpuStep::DebugRegs.name(), self.debugregs);
-        snapshot.add_state(VcpuStep::Lapic.name(), self.lapic);
+        if let Some(lapic) = self.lapic {
+            snapshot.add_state(VcpuStep::Lapic.name(), lapic);
+        }
         snapshot.add_state(VcpuStep::Msrs.name(), self.msrs.clone());
         if let Some(n) = &self.nested {
             snapshot.add_state(VcpuStep::NestedState.name(), n.clone());
@@ -72,16 +76,21 @@ impl VcpuState {
         snapshot.add_state(VcpuStep::VcpuEvents.name(), self.vcpu_events);
     }
 
-    /// Reads every piece from the sections of `snapshot` (`tsc_khz` and
+    /// Reads every piece from the sections of `snapshot` (`tsc_khz`, `lapic` and
     /// `nested_state` may be absent).
     pub fn from_snapshot(snapshot: &Snapshot) -> Result<Self, MigratableError> {
-        let optional = |id: &str| snapshot.sections().any(|(s, _)| s == id);
-        Ok(Self {
-            tsc_khz: if optional(VcpuStep::TscKhz.name()) {
-                Some(snapshot.state(VcpuStep::TscKhz.name())?)
+        fn optional<T: Versioned>(
+            s: &Snapshot,
+            step: VcpuStep,
+        ) -> Result<Option<T>, MigratableError> {
+            if s.sections().any(|(id, _)| id == step.name()) {
+                s.state(step.name()).map(Some)
             } else {
-                None
-            },
+                Ok(None)
+            }
+        }
+        Ok(Self {
+            tsc_khz: optional(snapshot, VcpuStep::TscKhz)?,
             cpuid: snapshot.state(VcpuStep::Cpuid.name())?,
             mp_state: snapshot.state(VcpuStep::MpState.name())?,
             regs: snapshot.state(VcpuStep::Regs.name())?,
@@ -89,13 +98,9 @@ impl VcpuState {
             xsave: snapshot.state(VcpuStep::Xsave.name())?,
             xcrs: snapshot.state(VcpuStep::Xcrs.name())?,
             debugregs: snapshot.state(VcpuStep::DebugRegs.name())?,
-            lapic: snapshot.state(VcpuStep::Lapic.name())?,
+            lapic: optional(snapshot, VcpuStep::Lapic)?,
             msrs: snapshot.state(VcpuStep::Msrs.name())?,
-            nested: if optional(VcpuStep::NestedState.name()) {
-                Some(snapshot.state(VcpuStep::NestedState.name())?)
-            } else {
-                None
-            },
+            nested: optional(snapshot, VcpuStep::NestedState)?,
             vcpu_events: snapshot.state(VcpuStep::VcpuEvents.name())?,
         })
     }
@@ -110,8 +115,8 @@ impl VcpuState {
     }
 }
 
-/// What the host offers that vCPU save/restore depends on. Probe it once per VM with
-/// [`HostCaps::probe`], or fill it in by hand for a test double.
+/// What the host and the VM offer that vCPU save/restore depends on. Probe it once
+/// per VM with [`HostCaps::probe`], or fill it in by hand for a test double.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HostCaps {
     /// `KVM_GET_MSR_INDEX_LIST`.
@@ -124,11 +129,19 @@ pub struct HostCaps {
     pub nested_state_size: usize,
     /// Whether `KVM_GET_TSC_KHZ` works (`KVM_CAP_GET_TSC_KHZ`).
     pub tsc_khz: bool,
+    /// Whether the vCPUs have an in-kernel LAPIC: the VM has a full or split
+    /// irqchip ([`DeviceLayout::lapic`]). Without one the LAPIC is not saved.
+    pub lapic: bool,
 }
 
 impl HostCaps {
-    /// Probes `kvm` (the MSR index list) and `vm` (capabilities).
-    pub fn probe(kvm: &Kvm, vm: &impl VmBackend) -> Result<Self, KvmStateError> {
+    /// Probes `kvm` (the MSR index list) and `vm` (capabilities), a VM whose
+    /// in-kernel devices are `layout`.
+    pub fn probe(
+        kvm: &Kvm,
+        vm: &impl VmBackend,
+        layout: &DeviceLayout,
+    ) -> Result<Self, KvmStateError> {
         let list = kvm
             .get_msr_index_list()
             .map_err(KvmStateError::get(Step::Setup("msr_index_list")))?;
@@ -138,6 +151,7 @@ impl HostCaps {
             nested_state_size: usize::try_from(vm.check_extension_int(Cap::NestedState))
                 .unwrap_or(0),
             tsc_khz: vm.check_extension_int(Cap::GetTscKhz) > 0,
+            lapic: layout.lapic(),
         })
     }
 
@@ -256,7 +270,13 @@ impl<B: VcpuBackend> KvmVcpu<B> {
             VcpuStep::Xsave => b.xsave = Some(self.get_xsave()?),
             VcpuStep::Xcrs => b.xcrs = Some(Raw::new(be.get_xcrs().map_err(get)?)),
             VcpuStep::DebugRegs => b.debugregs = Some(Raw::new(be.get_debug_regs().map_err(get)?)),
-            VcpuStep::Lapic => b.lapic = Some(Raw::new(be.get_lapic().map_err(get)?)),
+            VcpuStep::Lapic => {
+                b.lapic = if self.caps.lapic {
+                    Some(Raw::new(be.get_lapic().map_err(get)?))
+                } else {
+                    None
+                }
+            }
             VcpuStep::Msrs => b.msrs = Some(MsrState(msr::get_msrs(be, self.msr_list()?)?)),
             VcpuStep::NestedState => b.nested = self.get_nested()?,
             VcpuStep::VcpuEvents => {
@@ -376,7 +396,22 @@ impl<B: VcpuBackend> KvmVcpu<B> {
             }
             VcpuStep::Xcrs => be.set_xcrs(s.xcrs.get()).map_err(set)?,
             VcpuStep::DebugRegs => be.set_debug_regs(s.debugregs.get()).map_err(set)?,
-            VcpuStep::Lapic => be.set_lapic(s.lapic.get()).map_err(set)?,
+            VcpuStep::Lapic => match (&s.lapic, self.caps.lapic) {
+                (Some(lapic), true) => be.set_lapic(lapic.get()).map_err(set)?,
+                (None, false) => {}
+                (Some(_), false) => {
+                    return Err(invalid(
+                        VcpuStep::Lapic,
+                        "the snapshot has a LAPIC; this vCPU has none (no in-kernel irqchip)",
+                    ))
+                }
+                (None, true) => {
+                    return Err(invalid(
+                        VcpuStep::Lapic,
+                        "the snapshot has no LAPIC (no in-kernel irqchip); this vCPU has one",
+                    ))
+                }
+            },
             VcpuStep::Msrs => msr::set_msrs(be, &s.msrs.0)?,
             VcpuStep::NestedState => {
                 if let Some(n) = &s.nested {
@@ -488,7 +523,7 @@ impl StateBuilder {
             xsave: need(self.xsave, VcpuStep::Xsave)?,
             xcrs: need(self.xcrs, VcpuStep::Xcrs)?,
             debugregs: need(self.debugregs, VcpuStep::DebugRegs)?,
-            lapic: need(self.lapic, VcpuStep::Lapic)?,
+            lapic: self.lapic,
             msrs: need(self.msrs, VcpuStep::Msrs)?,
             nested: self.nested,
             vcpu_events: need(self.vcpu_events, VcpuStep::VcpuEvents)?,
@@ -531,15 +566,41 @@ impl<B: VcpuBackend> Snapshottable for KvmVcpu<B> {
 }
 
 impl KvmVcpu<kvm_ioctls::VcpuFd> {
-    /// Wraps `fd` (vCPU `index` of `vm`), probing the host's capabilities.
+    /// Wraps `fd` (vCPU `index` of `vm`, whose devices are `layout`), probing the
+    /// host's capabilities.
     pub fn from_fd(
         kvm: &Kvm,
         vm: &kvm_ioctls::VmFd,
+        layout: &DeviceLayout,
         index: u32,
         fd: kvm_ioctls::VcpuFd,
     ) -> Result<Self, KvmStateError> {
-        Ok(Self::new(index, fd, HostCaps::probe(kvm, vm)?))
+        Ok(Self::new(index, fd, HostCaps::probe(kvm, vm, layout)?))
     }
+}
+
+/// Saves the state of a vCPU the caller keeps (`&VcpuFd`, or any [`VcpuBackend`]),
+/// as [`KvmVcpu::save_state`] does: in [`VCPU_SAVE_ORDER`], from a quiescent vCPU
+/// (not in `KVM_RUN`, pending I/O completed: [`crate::complete_pending_io`]).
+///
+/// The MSR list is computed from the vCPU's CPUID on every call; a [`KvmVcpu`]
+/// keeps it between saves.
+pub fn save_vcpu_state<B: VcpuBackend + ?Sized>(
+    vcpu: &B,
+    caps: &HostCaps,
+) -> Result<VcpuState, KvmStateError> {
+    KvmVcpu::new(0, vcpu, caps.clone()).save_state()
+}
+
+/// Restores `state` into a vCPU the caller keeps, in [`VCPU_RESTORE_ORDER`], as
+/// [`KvmVcpu::restore_state`] does. Restore the VM's device state first
+/// ([`crate::restore_vm_state`]).
+pub fn restore_vcpu_state<B: VcpuBackend + ?Sized>(
+    vcpu: &B,
+    caps: &HostCaps,
+    state: &VcpuState,
+) -> Result<(), KvmStateError> {
+    KvmVcpu::new(0, vcpu, caps.clone()).restore_state(state)
 }
 
 /// An MSR list from `(index, value)` pairs.
@@ -562,7 +623,7 @@ mod tests {
         migration_testkit::require_kvm!();
         let kvm = Kvm::new().expect("open /dev/kvm");
         let vm = kvm.create_vm().expect("KVM_CREATE_VM");
-        let caps = HostCaps::probe(&kvm, &vm).expect("probe");
+        let caps = HostCaps::probe(&kvm, &vm, &DeviceLayout::FULL).expect("probe");
         assert!(
             kernel_xsave_bound() >= caps.xsave_size(),
             "bound {} < KVM_CAP_XSAVE2 {}",
@@ -576,7 +637,7 @@ mod tests {
         migration_testkit::require_kvm!();
         let kvm = Kvm::new().expect("open /dev/kvm");
         let vm = kvm.create_vm().expect("KVM_CREATE_VM");
-        let mut caps = HostCaps::probe(&kvm, &vm).expect("probe");
+        let mut caps = HostCaps::probe(&kvm, &vm, &DeviceLayout::FULL).expect("probe");
         // Just above 4096 (takes the KVM_GET_XSAVE2 path) and below the bound: the
         // buffer must still be what the kernel may write, not this.
         caps.xsave2_size = XSAVE_LEGACY_BYTES + 64;

@@ -4,11 +4,12 @@ use kvm_bindings::{
     kvm_clock_data, kvm_ioapic_state, kvm_irqchip, kvm_pic_state, kvm_pit_state2,
     KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
-use migration_core::{MigratableError, Pausable, Snapshot, Snapshottable};
+use migration_core::{MigratableError, Pausable, Snapshot, Snapshottable, Versioned};
 use zerocopy::IntoBytes;
 
 use crate::backend::VmBackend;
 use crate::error::{KvmStateError, Step};
+use crate::layout::DeviceLayout;
 use crate::order::{Ordered, VmStep, VM_RESTORE_ORDER, VM_SAVE_ORDER};
 use crate::state::Raw;
 
@@ -27,39 +28,115 @@ pub enum ClockRestore {
 }
 
 /// The VM-wide in-kernel device state: plain data, no file descriptors.
+///
+/// Which pieces are present is the [`DeviceLayout`]'s to say: a piece is `Some`
+/// exactly when `layout` has it ([`DeviceLayout::has`]; [`check`](Self::check)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmState {
-    /// The i8254 PIT.
-    pub pit2: Raw<kvm_pit_state2>,
+    /// The in-kernel devices this state was saved from.
+    pub layout: DeviceLayout,
     /// kvmclock (`KVM_GET_CLOCK`), with its `KVM_CLOCK_REALTIME` timestamp when the host has one.
     pub clock: Raw<kvm_clock_data>,
-    /// The master i8259 PIC.
-    pub pic_master: Raw<kvm_pic_state>,
-    /// The slave i8259 PIC.
-    pub pic_slave: Raw<kvm_pic_state>,
-    /// The IOAPIC.
-    pub ioapic: Raw<kvm_ioapic_state>,
+    /// The i8254 PIT (layouts with a PIT).
+    pub pit2: Option<Raw<kvm_pit_state2>>,
+    /// The master i8259 PIC (full irqchip).
+    pub pic_master: Option<Raw<kvm_pic_state>>,
+    /// The slave i8259 PIC (full irqchip).
+    pub pic_slave: Option<Raw<kvm_pic_state>>,
+    /// The IOAPIC (full irqchip).
+    pub ioapic: Option<Raw<kvm_ioapic_state>>,
 }
 
 impl VmState {
-    /// Adds every piece as its own section (named [`VmStep::name`]) to `snapshot`.
-    pub fn add_to(&self, snapshot: &mut Snapshot) {
-        snapshot.add_state(VmStep::Pit2.name(), self.pit2);
-        snapshot.add_state(VmStep::Clock.name(), self.clock);
-        snapshot.add_state(VmStep::PicMaster.name(), self.pic_master);
-        snapshot.add_state(VmStep::PicSlave.name(), self.pic_slave);
-        snapshot.add_state(VmStep::Ioapic.name(), self.ioapic);
+    /// Whether `step`'s piece is present.
+    fn holds(&self, step: VmStep) -> bool {
+        match step {
+            VmStep::Clock => true,
+            VmStep::Pit2 => self.pit2.is_some(),
+            VmStep::PicMaster => self.pic_master.is_some(),
+            VmStep::PicSlave => self.pic_slave.is_some(),
+            VmStep::Ioapic => self.ioapic.is_some(),
+        }
     }
 
-    /// Reads every piece from the sections of `snapshot`.
+    /// Checks that the layout is valid and that exactly its pieces are present.
+    pub fn check(&self) -> Result<(), KvmStateError> {
+        self.layout.validate()?;
+        for Ordered { step, .. } in VM_SAVE_ORDER {
+            let (has, holds) = (self.layout.has(*step), self.holds(*step));
+            if has != holds {
+                let what = if holds { "present" } else { "missing" };
+                return Err(invalid(
+                    *step,
+                    &format!("{what}, but the layout is {}", self.layout),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the layout and every present piece as its own section (named
+    /// [`VmStep::name`]) to `snapshot`.
+    pub fn add_to(&self, snapshot: &mut Snapshot) {
+        snapshot.add_state(DeviceLayout::SECTION, self.layout);
+        snapshot.add_state(VmStep::Clock.name(), self.clock);
+        if let Some(pit2) = self.pit2 {
+            snapshot.add_state(VmStep::Pit2.name(), pit2);
+        }
+        if let Some(chip) = self.pic_master {
+            snapshot.add_state(VmStep::PicMaster.name(), chip);
+        }
+        if let Some(chip) = self.pic_slave {
+            snapshot.add_state(VmStep::PicSlave.name(), chip);
+        }
+        if let Some(chip) = self.ioapic {
+            snapshot.add_state(VmStep::Ioapic.name(), chip);
+        }
+    }
+
+    /// Reads the layout and the pieces it has from the sections of `snapshot`. A
+    /// snapshot without a `layout` section is [`DeviceLayout::FULL_WITH_PIT`] (it
+    /// predates the section). A piece the layout lacks, or a missing one, is an error.
     pub fn from_snapshot(snapshot: &Snapshot) -> Result<Self, MigratableError> {
-        Ok(Self {
-            pit2: snapshot.state(VmStep::Pit2.name())?,
+        let present = |id: &str| snapshot.sections().any(|(s, _)| s == id);
+        let layout = if present(DeviceLayout::SECTION) {
+            snapshot.state(DeviceLayout::SECTION)?
+        } else {
+            DeviceLayout::FULL_WITH_PIT
+        };
+        fn piece<T: Versioned>(
+            snapshot: &Snapshot,
+            layout: &DeviceLayout,
+            step: VmStep,
+        ) -> Result<Option<T>, MigratableError> {
+            if layout.has(step) {
+                snapshot.state(step.name()).map(Some)
+            } else {
+                Ok(None)
+            }
+        }
+        let state = Self {
             clock: snapshot.state(VmStep::Clock.name())?,
-            pic_master: snapshot.state(VmStep::PicMaster.name())?,
-            pic_slave: snapshot.state(VmStep::PicSlave.name())?,
-            ioapic: snapshot.state(VmStep::Ioapic.name())?,
-        })
+            pit2: piece(snapshot, &layout, VmStep::Pit2)?,
+            pic_master: piece(snapshot, &layout, VmStep::PicMaster)?,
+            pic_slave: piece(snapshot, &layout, VmStep::PicSlave)?,
+            ioapic: piece(snapshot, &layout, VmStep::Ioapic)?,
+            layout,
+        };
+        state
+            .check()
+            .map_err(|e| e.into_restore_error(snapshot.id()))?;
+        // A section of a piece the layout lacks: the snapshot contradicts itself.
+        for Ordered { step, .. } in VM_SAVE_ORDER {
+            if !layout.has(*step) && present(step.name()) {
+                return Err(invalid(
+                    *step,
+                    &format!("section present, but the recorded layout is {layout}"),
+                )
+                .into_restore_error(snapshot.id()));
+            }
+        }
+        Ok(state)
     }
 }
 
@@ -117,41 +194,57 @@ fn set_chip<T: crate::state::KvmStruct, V: VmBackend + ?Sized>(
         .map_err(KvmStateError::set(Step::Vm(step)))
 }
 
-/// Saves `VmState` from `vm` in [`VM_SAVE_ORDER`]. All vCPUs must be paused.
-pub fn save_vm_state<V: VmBackend + ?Sized>(vm: &V) -> Result<VmState, KvmStateError> {
-    let (mut pit2, mut clock, mut master, mut slave, mut ioapic) = (None, None, None, None, None);
-    for Ordered { step, .. } in VM_SAVE_ORDER {
+/// Saves the in-kernel device state of `vm`, whose devices are `layout`, in
+/// [`VM_SAVE_ORDER`]: exactly the pieces `layout` has. All vCPUs must be paused.
+pub fn save_vm_state<V: VmBackend + ?Sized>(
+    vm: &V,
+    layout: &DeviceLayout,
+) -> Result<VmState, KvmStateError> {
+    layout.validate()?;
+    let mut state = VmState {
+        layout: *layout,
+        clock: Raw::default(),
+        pit2: None,
+        pic_master: None,
+        pic_slave: None,
+        ioapic: None,
+    };
+    for Ordered { step, .. } in VM_SAVE_ORDER.iter().filter(|o| layout.has(o.step)) {
         let get = KvmStateError::get(Step::Vm(*step));
         match step {
-            VmStep::Pit2 => pit2 = Some(Raw::new(vm.get_pit2().map_err(get)?)),
-            VmStep::Clock => clock = Some(Raw::new(vm.get_clock().map_err(get)?)),
-            VmStep::PicMaster => master = Some(get_chip(vm, *step)?),
-            VmStep::PicSlave => slave = Some(get_chip(vm, *step)?),
-            VmStep::Ioapic => ioapic = Some(get_chip(vm, *step)?),
+            VmStep::Pit2 => state.pit2 = Some(Raw::new(vm.get_pit2().map_err(get)?)),
+            VmStep::Clock => state.clock = Raw::new(vm.get_clock().map_err(get)?),
+            VmStep::PicMaster => state.pic_master = Some(get_chip(vm, *step)?),
+            VmStep::PicSlave => state.pic_slave = Some(get_chip(vm, *step)?),
+            VmStep::Ioapic => state.ioapic = Some(get_chip(vm, *step)?),
         }
     }
-    let need = |step: VmStep| invalid(step, "not read: missing from VM_SAVE_ORDER");
-    Ok(VmState {
-        pit2: pit2.ok_or_else(|| need(VmStep::Pit2))?,
-        clock: clock.ok_or_else(|| need(VmStep::Clock))?,
-        pic_master: master.ok_or_else(|| need(VmStep::PicMaster))?,
-        pic_slave: slave.ok_or_else(|| need(VmStep::PicSlave))?,
-        ioapic: ioapic.ok_or_else(|| need(VmStep::Ioapic))?,
-    })
+    Ok(state)
 }
 
-/// Restores `state` into `vm` in [`VM_RESTORE_ORDER`], kvmclock as `clock` says.
-/// Call it before restoring any vCPU.
+/// Restores `state` into `vm`, whose devices are `layout`, in [`VM_RESTORE_ORDER`],
+/// kvmclock as `clock` says. Call it before restoring any vCPU.
+///
+/// A state saved from another layout is refused before any ioctl
+/// ([`KvmStateError::Layout`]): its pieces would have nowhere to go, or the VM's
+/// devices would keep their reset state.
 pub fn restore_vm_state<V: VmBackend + ?Sized>(
     vm: &V,
+    layout: &DeviceLayout,
     state: &VmState,
     clock: ClockRestore,
 ) -> Result<(), KvmStateError> {
+    if state.layout != *layout {
+        return Err(KvmStateError::Layout {
+            snapshot: state.layout,
+            vm: *layout,
+        });
+    }
+    state.check()?;
     for Ordered { step, .. } in VM_RESTORE_ORDER {
         let set = KvmStateError::set(Step::Vm(*step));
-        match step {
-            VmStep::Pit2 => vm.set_pit2(state.pit2.get()).map_err(set)?,
-            VmStep::Clock => {
+        match (step, state) {
+            (VmStep::Clock, _) => {
                 let saved = state.clock.get();
                 let data = match clock {
                     ClockRestore::Exact => kvm_clock_data {
@@ -173,19 +266,42 @@ pub fn restore_vm_state<V: VmBackend + ?Sized>(
                 };
                 vm.set_clock(&data).map_err(set)?
             }
-            VmStep::PicMaster => set_chip(vm, *step, &state.pic_master)?,
-            VmStep::PicSlave => set_chip(vm, *step, &state.pic_slave)?,
-            VmStep::Ioapic => set_chip(vm, *step, &state.ioapic)?,
+            (VmStep::Pit2, VmState { pit2: Some(p), .. }) => vm.set_pit2(p.get()).map_err(set)?,
+            (
+                VmStep::PicMaster,
+                VmState {
+                    pic_master: Some(c),
+                    ..
+                },
+            )
+            | (
+                VmStep::PicSlave,
+                VmState {
+                    pic_slave: Some(c), ..
+                },
+            ) => set_chip(vm, *step, c)?,
+            (
+                VmStep::Ioapic,
+                VmState {
+                    ioapic: Some(c), ..
+                },
+            ) => set_chip(vm, *step, c)?,
+            // Not in this layout (`check` made sure the state agrees).
+            _ => {}
         }
     }
     Ok(())
 }
 
-/// A VM's in-kernel devices (PIT, kvmclock, PICs, IOAPIC): a [`Snapshottable`] with
-/// id `devices`. A `KvmVm` composes it with the vCPUs (restored after it) and memory.
+/// A VM's in-kernel devices (kvmclock, and the PIT, PICs and IOAPIC its
+/// [`DeviceLayout`] has): a [`Snapshottable`] with id `devices`. A `KvmVm` composes
+/// it with the vCPUs (restored after it) and memory.
+///
+/// `V` is the VM backend: an owned `VmFd`, or `&VmFd` for a VMM that keeps its own.
 #[derive(Debug)]
 pub struct KvmVmDevices<V: VmBackend> {
     vm: V,
+    layout: DeviceLayout,
     clock: ClockRestore,
 }
 
@@ -193,9 +309,15 @@ impl<V: VmBackend> KvmVmDevices<V> {
     /// The snapshot id.
     pub const ID: &'static str = "devices";
 
-    /// The devices of `vm`; restore sets kvmclock as `clock` says.
-    pub fn new(vm: V, clock: ClockRestore) -> Self {
-        Self { vm, clock }
+    /// The devices of `vm`, which has the in-kernel devices `layout` says; restore
+    /// sets kvmclock as `clock` says.
+    pub fn new(vm: V, layout: DeviceLayout, clock: ClockRestore) -> Self {
+        Self { vm, layout, clock }
+    }
+
+    /// The VM's in-kernel devices.
+    pub fn layout(&self) -> DeviceLayout {
+        self.layout
     }
 
     /// The VM backend (e.g. the `VmFd`).
@@ -220,12 +342,12 @@ impl<V: VmBackend> KvmVmDevices<V> {
 
     /// Reads the device state ([`save_vm_state`]).
     pub fn save_state(&self) -> Result<VmState, KvmStateError> {
-        save_vm_state(&self.vm)
+        save_vm_state(&self.vm, &self.layout)
     }
 
     /// Writes the device state ([`restore_vm_state`]).
     pub fn restore_state(&self, state: &VmState) -> Result<(), KvmStateError> {
-        restore_vm_state(&self.vm, state, self.clock)
+        restore_vm_state(&self.vm, &self.layout, state, self.clock)
     }
 }
 

@@ -11,8 +11,8 @@ use anyhow::{anyhow, bail, ensure, Result};
 use kvm_ioctls::VmFd;
 use migration_core::{Codec, Snapshot};
 use migration_kvm::{
-    restore_vm_state, save_vm_state, ClockRestore, HostCaps, KvmVcpu, KvmVmDevices, VcpuRunner,
-    VcpuState, VcpuStep, VmState,
+    restore_vm_state, save_vm_state, ClockRestore, DeviceLayout, HostCaps, KvmVcpu, KvmVmDevices,
+    VcpuRunner, VcpuState, VcpuStep, VmState,
 };
 use migration_testkit::guest::{monitor_handler, Failure, Guest, PortMonitor, TestVm, Verdict};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -58,7 +58,7 @@ impl Machine {
         let TestVm {
             vcpu, vm, kvm, mem, ..
         } = t;
-        let caps = HostCaps::probe(&kvm, &vm)?;
+        let caps = HostCaps::probe(&kvm, &vm, &DeviceLayout::FULL_WITH_PIT)?;
         let monitor = Arc::new(Mutex::new(monitor));
         let runner = VcpuRunner::spawn(
             KvmVcpu::new(0, vcpu, caps),
@@ -108,7 +108,7 @@ impl Machine {
         let mut memory = vec![0u8; RAM];
         self.mem.read_slice(&mut memory, GuestAddress(0))?;
         Ok(Saved {
-            vm: save_vm_state(&self.vm)?,
+            vm: save_vm_state(&self.vm, &DeviceLayout::FULL_WITH_PIT)?,
             vcpu: self.runner.save_state()?,
             memory,
             last_progress,
@@ -128,7 +128,12 @@ impl Machine {
             stop_after,
         )?;
         m.mem.write_slice(&saved.memory, GuestAddress(0))?;
-        restore_vm_state(&m.vm, &saved.vm, ClockRestore::Exact)?;
+        restore_vm_state(
+            &m.vm,
+            &DeviceLayout::FULL_WITH_PIT,
+            &saved.vm,
+            ClockRestore::Exact,
+        )?;
         match order {
             None => m.runner.restore_state(&saved.vcpu)?,
             Some(order) => {
@@ -275,7 +280,10 @@ const TIMER_VECTOR: usize = 0x20;
 /// injected or in service, and a deadline armed: the only thing that keeps the
 /// timer alive is the TSC_DEADLINE MSR.
 fn timer_only_armed(vcpu: &VcpuState) -> bool {
-    let lapic = &vcpu.lapic.get().regs;
+    let Some(lapic) = &vcpu.lapic else {
+        return false; // no in-kernel LAPIC: no timer
+    };
+    let lapic = &lapic.get().regs;
     // IRR at 0x200 and ISR at 0x100, one 32-bit register per 16 bytes.
     let bit = |base: usize| {
         let reg = base + (TIMER_VECTOR / 32) * 0x10;

@@ -251,7 +251,7 @@ fn destination_error_while_applying_state_leaves_the_guest_running() -> Result<(
                     source: Box::new(e),
                 })?;
             config.vcpus = 2;
-            Ok(KvmVm::new(config, Log::default().handlers())?)
+            Ok(KvmVm::new(config, codecs(), Log::default().handlers())?)
         })
         .map(|_| ())
     });

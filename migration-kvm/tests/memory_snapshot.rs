@@ -18,36 +18,38 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use migration_core::container::WriteOptions;
 use migration_core::{Codec, CodecRegistry, MemoryError, MemoryRange, MemorySource, Snapshot};
 use migration_kvm::dirty;
-use migration_kvm::memory::{GuestMemory, KvmSlots};
+use migration_kvm::memory::{GuestRam, KvmSlots};
 use migration_kvm::restore::{EagerOptions, RestoreError};
 use migration_kvm::snapshot_memory::{
     content_digest, merge_chain, restore_eager_from, restore_lazy_from, write_full,
     write_incremental, SnapshotMemoryError,
 };
-use migration_kvm::{restore_vm_state, save_vm_state, ClockRestore, KvmVcpu, VcpuState, VmState};
+use migration_kvm::{
+    restore_vm_state, save_vm_state, ClockRestore, DeviceLayout, KvmVcpu, VcpuState, VmState,
+};
 use migration_testkit::guest::{load_with_arg, run_until, Guest, PortMonitor, Verdict};
 
 const MIB: u64 = 1 << 20;
 const RUN: Duration = Duration::from_secs(60);
 
-/// A one-vCPU VM over a [`GuestMemory`].
+/// A one-vCPU VM over a [`GuestRam`].
 struct Vm {
     vcpu: KvmVcpu<VcpuFd>,
     vm: VmFd,
     kvm: Kvm,
-    mem: GuestMemory,
+    mem: GuestRam,
     slots: Option<KvmSlots>,
 }
 
 impl Vm {
-    fn new(mem: GuestMemory, log_dirty: bool) -> Result<Self> {
+    fn new(mem: GuestRam, log_dirty: bool) -> Result<Self> {
         let kvm = Kvm::new()?;
         let vm = kvm.create_vm()?;
         vm.create_irq_chip()?;
         vm.create_pit2(kvm_pit_config::default())?;
         let slots = mem.register(&vm, 0, log_dirty)?;
         let fd = vm.create_vcpu(0)?;
-        let vcpu = KvmVcpu::from_fd(&kvm, &vm, 0, fd)?;
+        let vcpu = KvmVcpu::from_fd(&kvm, &vm, &DeviceLayout::FULL_WITH_PIT, 0, fd)?;
         Ok(Self {
             vcpu,
             vm,
@@ -57,7 +59,7 @@ impl Vm {
         })
     }
 
-    fn boot(mem: GuestMemory, log_dirty: bool, arg: u64) -> Result<Self> {
+    fn boot(mem: GuestRam, log_dirty: bool, arg: u64) -> Result<Self> {
         let vm = Self::new(mem, log_dirty)?;
         load_with_arg(
             vm.mem.mmap(),
@@ -102,7 +104,7 @@ impl Drop for Vm {
 fn save_cpu(vm: &Vm) -> Result<Snapshot> {
     let mut root = Snapshot::new("vm");
     let mut devices = Snapshot::new("devices");
-    save_vm_state(&vm.vm)?.add_to(&mut devices);
+    save_vm_state(&vm.vm, &DeviceLayout::FULL_WITH_PIT)?.add_to(&mut devices);
     root.add_child(devices);
     let mut vcpu = Snapshot::new("vcpu0");
     vm.vcpu.save_state()?.add_to(&mut vcpu);
@@ -119,6 +121,7 @@ fn restore_cpu(vm: &Vm, tree: &Snapshot) -> Result<()> {
     let devices = tree.child("devices").context("no devices")?;
     restore_vm_state(
         &vm.vm,
+        &DeviceLayout::FULL_WITH_PIT,
         &VmState::from_snapshot(devices)?,
         ClockRestore::Exact,
     )?;
@@ -127,7 +130,7 @@ fn restore_cpu(vm: &Vm, tree: &Snapshot) -> Result<()> {
     Ok(())
 }
 
-fn all_memory(m: &GuestMemory) -> Result<Vec<u8>> {
+fn all_memory(m: &GuestRam) -> Result<Vec<u8>> {
     let mut v = Vec::new();
     for r in m.layout() {
         m.write_memory_to(r.gpa, r.length, &mut v)?;
@@ -146,7 +149,7 @@ fn file_bytes(f: &mut File) -> Result<Vec<u8>> {
 fn full_snapshot_restores_eager_and_lazy_and_the_guest_continues() -> Result<()> {
     migration_testkit::require_kvm!(Ok(()));
     let layout = [MemoryRange::new(0, 64 * MIB)];
-    let mut vm = Vm::boot(GuestMemory::anonymous(&layout)?, false, 0)?;
+    let mut vm = Vm::boot(GuestRam::anonymous(&layout)?, false, 0)?;
     let progress = vm.run(3, None)?;
     let state = save_cpu(&vm)?;
     let mut file = tempfile::tempfile()?;
@@ -189,7 +192,7 @@ fn full_snapshot_restores_eager_and_lazy_and_the_guest_continues() -> Result<()>
 fn incremental_chain_merged_equals_a_full_snapshot() -> Result<()> {
     migration_testkit::require_kvm!(Ok(()));
     let layout = [MemoryRange::new(0, 32 * MIB)];
-    let mut vm = Vm::boot(GuestMemory::anonymous(&layout)?, true, 0)?;
+    let mut vm = Vm::boot(GuestRam::anonymous(&layout)?, true, 0)?;
     let mem = vm.mem.clone();
     let mut progress = vm.run(2, None)?;
     let mut base = tempfile::tempfile()?;
@@ -266,7 +269,7 @@ fn incremental_chain_merged_equals_a_full_snapshot() -> Result<()> {
 fn four_gib_guest_touching_64_mib_makes_a_sparse_snapshot() -> Result<()> {
     migration_testkit::require_kvm!(Ok(()));
     let layout = [MemoryRange::new(0, 4096 * MIB)];
-    let mut vm = Vm::boot(GuestMemory::anonymous(&layout)?, false, MIB + 64 * MIB)?;
+    let mut vm = Vm::boot(GuestRam::anonymous(&layout)?, false, MIB + 64 * MIB)?;
     vm.run(1, None)?;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("snap");
@@ -301,7 +304,7 @@ fn four_gib_guest_touching_64_mib_makes_a_sparse_snapshot() -> Result<()> {
 fn snapshot_larger_than_the_guest_layout_is_a_typed_error() -> Result<()> {
     // Plain memory is enough: no KVM needed to build the file.
     let layout = [MemoryRange::new(0, 16 * MIB)];
-    let mem = GuestMemory::anonymous(&layout)?;
+    let mem = GuestRam::anonymous(&layout)?;
     migration_core::MemorySink::write_memory(&mem, 15 * MIB, &[1; 4096])?;
     let mut file = tempfile::tempfile()?;
     write_full(

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use migration_core::{Codec, MigratableError, Snapshot};
 use migration_kvm::order::{MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
 use migration_kvm::{
-    restore_machine, restore_vm_state, save_machine, save_vm_state, ClockRestore, Direction,
-    KvmStateError, KvmVcpu, KvmVmDevices, MachineError, Step, VcpuStep, VmStep,
+    restore_machine, restore_vm_state, save_machine, save_vm_state, ClockRestore, DeviceLayout,
+    Direction, KvmStateError, KvmVcpu, KvmVmDevices, MachineError, Step, VcpuStep, VmStep,
 };
 use migration_testkit::recording_machine::RecordingMachine;
 use migration_testkit::recording_vcpu::{Call, RecordingVcpu};
@@ -39,13 +39,19 @@ fn before(calls: &[&str], a: &str, b: &str) {
 /// returns the restore calls.
 fn restore_calls(fake: &RecordingVcpu) -> Vec<&'static str> {
     let vcpu = KvmVcpu::new(0, fake.clone(), fake.caps());
-    let vm_state = save_vm_state(fake).unwrap();
+    let vm_state = save_vm_state(fake, &DeviceLayout::FULL_WITH_PIT).unwrap();
     let state = vcpu.save_state().unwrap();
 
     let dst = RecordingVcpu::new();
     dst.set_current_tsc_khz(1_000_000); // differs from the saved rate: set_tsc_khz runs
     let dst_vcpu = KvmVcpu::new(0, dst.clone(), dst.caps());
-    restore_vm_state(&dst, &vm_state, ClockRestore::Exact).unwrap();
+    restore_vm_state(
+        &dst,
+        &DeviceLayout::FULL_WITH_PIT,
+        &vm_state,
+        ClockRestore::Exact,
+    )
+    .unwrap();
     dst_vcpu.restore_state(&state).unwrap();
     assert_eq!(
         dst_vcpu.save_state().unwrap(),
@@ -262,10 +268,16 @@ fn a_refused_msr_is_named() {
 #[test]
 fn a_failing_vm_device_call_names_its_step() {
     let src = RecordingVcpu::new();
-    let state = save_vm_state(&src).unwrap();
+    let state = save_vm_state(&src, &DeviceLayout::FULL_WITH_PIT).unwrap();
     let dst = RecordingVcpu::new();
     dst.fail_on(Some("set_irqchip(pic_slave)"));
-    let e = restore_vm_state(&dst, &state, ClockRestore::Exact).unwrap_err();
+    let e = restore_vm_state(
+        &dst,
+        &DeviceLayout::FULL_WITH_PIT,
+        &state,
+        ClockRestore::Exact,
+    )
+    .unwrap_err();
     assert_eq!(e.step(), Some(Step::Vm(VmStep::PicSlave)));
     assert!(!dst.call_names().contains(&"set_irqchip(ioapic)"));
 }
@@ -273,9 +285,10 @@ fn a_failing_vm_device_call_names_its_step() {
 #[test]
 fn advancing_the_clock_needs_a_realtime_timestamp() {
     let src = RecordingVcpu::new(); // its clock has no KVM_CLOCK_REALTIME flag
-    let state = save_vm_state(&src).unwrap();
+    let state = save_vm_state(&src, &DeviceLayout::FULL_WITH_PIT).unwrap();
     let e = restore_vm_state(
         &RecordingVcpu::new(),
+        &DeviceLayout::FULL_WITH_PIT,
         &state,
         ClockRestore::AdvanceByWallTime,
     )
@@ -286,7 +299,11 @@ fn advancing_the_clock_needs_a_realtime_timestamp() {
 #[test]
 fn snapshottable_components_restore_from_every_codec_and_report_paths() {
     let src = RecordingVcpu::new();
-    let mut devices = KvmVmDevices::new(src.clone(), ClockRestore::Exact);
+    let mut devices = KvmVmDevices::new(
+        src.clone(),
+        DeviceLayout::FULL_WITH_PIT,
+        ClockRestore::Exact,
+    );
     let mut vcpu = KvmVcpu::new(3, src.clone(), src.caps());
     let registry = migration_serde::registry();
     for codec in registry.iter() {
@@ -300,7 +317,11 @@ fn snapshottable_components_restore_from_every_codec_and_report_paths() {
         read.resolve_codecs(&registry);
 
         let dst = RecordingVcpu::new();
-        let mut dst_devices = KvmVmDevices::new(dst.clone(), ClockRestore::Exact);
+        let mut dst_devices = KvmVmDevices::new(
+            dst.clone(),
+            DeviceLayout::FULL_WITH_PIT,
+            ClockRestore::Exact,
+        );
         let mut dst_vcpu = KvmVcpu::new(3, dst.clone(), dst.caps());
         read.restore_child(&mut dst_devices).unwrap();
         read.restore_child(&mut dst_vcpu).unwrap();

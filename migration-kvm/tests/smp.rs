@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use kvm_bindings::{KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED};
 use migration_core::{MemorySink, MemorySource};
-use migration_kvm::{KvmVm, KvmVmConfig, MachineState, RestoreMode};
+use migration_kvm::{KvmVm, KvmVmConfig, MachineState, RestoreMode, VcpuState};
 use migration_testkit::guest::smp::{
     ipi_pending, lapic_tag, SmpCheck, SmpCounters, SmpFailure, SmpMarker, PERCPU_ADDR,
     PERCPU_STRIDE, SHARED_COUNTER_ADDR, TSC_STAMP_ADDR,
@@ -51,7 +51,7 @@ fn build(vcpus: u32, start: SmpStart, park: &[(u32, SmpMarker)]) -> Result<(KvmV
     for (vcpu, marker) in park {
         log.park_at(*vcpu, marker.value());
     }
-    let vm = KvmVm::new(KvmVmConfig::new(MEM, vcpus), log.handlers())?;
+    let vm = KvmVm::new(KvmVmConfig::new(MEM, vcpus), codecs(), log.handlers())?;
     load_vcpus(&vm, Guest::Smp.image(), 0, start)?;
     Ok((vm, log))
 }
@@ -92,7 +92,7 @@ fn every_vcpu_advanced(before: &[SmpCounters], after: &[SmpCounters]) -> Result<
 /// restored, paused, reporting into a new log.
 fn clone_vm(src: &KvmVm, state: &MachineState) -> Result<(KvmVm, GuestLog)> {
     let log = GuestLog::new();
-    let mut vm = KvmVm::new(src.config().clone(), log.handlers())?;
+    let mut vm = KvmVm::new(src.config().clone(), codecs(), log.handlers())?;
     for r in src.config().layout.clone() {
         let mut buf = vec![0u8; r.length as usize];
         src.memory().read_memory(r.gpa, &mut buf)?;
@@ -324,10 +324,15 @@ fn ipi_in_flight(vcpus: u32) -> Result<(KvmVm, GuestLog, MachineState)> {
     let c = counters(&vm)?;
     ensure!(c[0].sent == c[1].received + 1, "{c:?}");
     ensure!(
-        ipi_pending(state.vcpus[1].lapic.get()),
+        ipi_pending(lapic_of(&state.vcpus[1])?),
         "vCPU 1's LAPIC does not hold the IPI"
     );
     Ok((vm, log, state))
+}
+
+/// A vCPU's LAPIC state (a `KvmVm` has the full irqchip: every vCPU has one).
+fn lapic_of(state: &VcpuState) -> Result<&kvm_bindings::kvm_lapic_state> {
+    Ok(state.lapic.as_ref().context("no LAPIC saved")?.get())
 }
 
 /// An IPI requested but not delivered when the VM stops is in the receiver's LAPIC;
@@ -345,9 +350,9 @@ fn an_ipi_in_flight_at_the_snapshot_arrives_after_restore() -> Result<()> {
         continues(dst, dst_log, baseline, &saved).with_context(|| format!("{vcpus} vCPUs"))?;
 
         let mut lost = state.clone();
-        let lapic = lost.vcpus[1].lapic.get_mut();
+        let lapic = lost.vcpus[1].lapic.as_mut().context("no LAPIC")?.get_mut();
         lapic.regs[0x220] &= !1; // IRR bit of vector 0x40
-        ensure!(!ipi_pending(lost.vcpus[1].lapic.get()));
+        ensure!(!ipi_pending(lapic_of(&lost.vcpus[1])?));
         let (dst, dst_log) = clone_vm(&vm, &lost)?;
         fails_with(dst, dst_log, 0, SmpCheck::IpiLost).with_context(|| format!("{vcpus} vCPUs"))?;
     }
@@ -366,8 +371,8 @@ fn a_lapic_restored_from_another_vcpu_is_seen_by_the_guest() -> Result<()> {
     src.advance(BEFORE)?;
     src.vm.stop()?;
     let state = src.vm.save_state()?;
-    ensure!(lapic_tag(state.vcpus[0].lapic.get()) == Some(0));
-    ensure!(lapic_tag(state.vcpus[1].lapic.get()) == Some(1));
+    ensure!(lapic_tag(lapic_of(&state.vcpus[0])?) == Some(0));
+    ensure!(lapic_tag(lapic_of(&state.vcpus[1])?) == Some(1));
     let saved = counters(&src.vm)?;
     let baseline = src.last_progress()?;
 
@@ -399,7 +404,8 @@ fn dropped_vcpu_events_of_one_vcpu_are_seen_by_the_guest() -> Result<()> {
     let saved = counters(&vm)?;
     let baseline = log.last_progress().unwrap_or(0);
 
-    let fresh = KvmVm::new(vm.config().clone(), GuestLog::new().handlers())?.save_state()?;
+    let fresh =
+        KvmVm::new(vm.config().clone(), codecs(), GuestLog::new().handlers())?.save_state()?;
     let mut dropped = state.clone();
     dropped.vcpus[1].vcpu_events = fresh.vcpus[1].vcpu_events;
     ensure!(dropped.vcpus[1].vcpu_events.get().nmi.masked == 0);

@@ -144,9 +144,11 @@ fn helper_kvm_source() -> Result<()> {
     }
     let url = std::env::var(URL)?;
     let monitor = Arc::new(Mutex::new(PortMonitor::new(PASSES)));
-    let mut vm = KvmVm::new(KvmVmConfig::new(RAM, 1), |_| {
-        monitor_handler(monitor.clone(), None)
-    })?;
+    let mut vm = KvmVm::new(
+        KvmVmConfig::new(RAM, 1),
+        migration_serde::registry(),
+        |_| monitor_handler(monitor.clone(), None),
+    )?;
     let ram = write_boot_memory(vm.memory().mmap(), Guest::MemoryPattern.image())?;
     vm.with_vcpu(0, move |fd| -> Result<()> {
         let kvm = kvm_ioctls::Kvm::new()?;

@@ -35,7 +35,7 @@ use migration_core::{
     receive_migration_over, CodecRegistry, MemorySource, MigratableError, ReceiveOptions, Snapshot,
 };
 use migration_kvm::state::{CpuidState, MsrState, NestedState, TscKhz, XsaveState};
-use migration_kvm::{CpuidEntry, MsrEntry, Raw, VcpuState, VmState};
+use migration_kvm::{CpuidEntry, DeviceLayout, MsrEntry, Raw, VcpuState, VmState};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -818,7 +818,7 @@ pub mod seeds {
             xsave: sample_xsave(),
             xcrs: Raw::new(kvm_xcrs::default()),
             debugregs: Raw::new(kvm_debugregs::default()),
-            lapic: Raw::new(kvm_lapic_state::default()),
+            lapic: Some(Raw::new(kvm_lapic_state::default())),
             msrs: sample_msrs(),
             nested: None,
             vcpu_events: Raw::new(kvm_vcpu_events::default()),
@@ -828,14 +828,15 @@ pub mod seeds {
     /// A VM state of default device structs.
     pub fn sample_vm() -> VmState {
         VmState {
-            pit2: Raw::new(kvm_pit_state2::default()),
+            layout: DeviceLayout::FULL_WITH_PIT,
+            pit2: Some(Raw::new(kvm_pit_state2::default())),
             clock: Raw::new(kvm_clock_data {
                 clock: 99,
                 ..Default::default()
             }),
-            pic_master: Raw::new(kvm_pic_state::default()),
-            pic_slave: Raw::new(kvm_pic_state::default()),
-            ioapic: Raw::new(kvm_ioapic_state::default()),
+            pic_master: Some(Raw::new(kvm_pic_state::default())),
+            pic_slave: Some(Raw::new(kvm_pic_state::default())),
+            ioapic: Some(Raw::new(kvm_ioapic_state::default())),
         }
     }
 }

@@ -53,6 +53,6 @@ pub use loader::{
     BOOT_PML4_ADDR, BOOT_STACK_TOP, IDENTITY_MAP_SIZE, MIN_RAM_SIZE,
 };
 pub use monitor::{Failure, PortEvent, PortMonitor, Verdict, PORT_ERROR, PORT_INFO, PORT_PROGRESS};
-pub use run::{complete_pending_io, install_kick_handler, kick_signal, run_until};
+pub use run::run_until;
 pub use running::{load_vcpus, monitor_handler, GuestLog, RunningGuest, RunningGuestError};
 pub use vm::{TestVm, VmConfig};

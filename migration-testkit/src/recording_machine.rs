@@ -28,7 +28,8 @@ use std::sync::{Mutex, PoisonError};
 use std::thread;
 
 use migration_kvm::{
-    ClockRestore, KvmStateError, KvmVcpu, KvmVmDevices, MachineError, VcpuGroup, VcpuState,
+    ClockRestore, DeviceLayout, KvmStateError, KvmVcpu, KvmVmDevices, MachineError, VcpuGroup,
+    VcpuState,
 };
 
 use crate::recording_vcpu::{Call, RecordingVcpu};
@@ -56,7 +57,11 @@ impl RecordingMachine {
 
     /// The VM-wide devices over the fake VM (kvmclock restored exactly).
     pub fn devices(&self) -> KvmVmDevices<RecordingVcpu> {
-        KvmVmDevices::new(self.vm.clone(), ClockRestore::Exact)
+        KvmVmDevices::new(
+            self.vm.clone(),
+            DeviceLayout::FULL_WITH_PIT,
+            ClockRestore::Exact,
+        )
     }
 
     /// Fake vCPU `index`.

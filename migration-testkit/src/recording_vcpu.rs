@@ -211,7 +211,7 @@ impl RecordingVcpu {
     }
 
     /// Host capabilities matching this fake: its MSRs as the index list, its xsave
-    /// size, no nested state, `KVM_GET_TSC_KHZ` available.
+    /// size, no nested state, `KVM_GET_TSC_KHZ` available, a LAPIC.
     pub fn caps(&self) -> HostCaps {
         let i = self.lock();
         HostCaps {
@@ -219,6 +219,7 @@ impl RecordingVcpu {
             xsave2_size: i.xsave2_size,
             nested_state_size: 0,
             tsc_khz: true,
+            lapic: true,
         }
     }
 

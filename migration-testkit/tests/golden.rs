@@ -34,8 +34,8 @@ use migration_kvm::cpu_template;
 use migration_kvm::kvm_vm::{add_config, config_of};
 use migration_kvm::state::CpuidState;
 use migration_kvm::{
-    ClockRestore, CpuModel, CpuPolicy, CpuidEntry, HostCaps, KvmVcpu, KvmVmConfig, KvmVmDevices,
-    VcpuState, VmState,
+    ClockRestore, CpuModel, CpuPolicy, CpuidEntry, DeviceLayout, HostCaps, KvmVcpu, KvmVmConfig,
+    KvmVmDevices, VcpuState, VmState,
 };
 use migration_testkit::fuzz_bodies::{seeds, small_layout};
 use migration_testkit::{FakeDevice, FakeDeviceManager, FakeMemory, FakeVm};
@@ -302,9 +302,9 @@ fn kvm_vm(kvm: &Kvm) -> (KvmVmDevices<kvm_ioctls::VmFd>, KvmVcpu<kvm_ioctls::Vcp
     let fd = vm.create_vcpu(0).unwrap();
     fd.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap())
         .unwrap();
-    let caps = HostCaps::probe(kvm, &vm).unwrap();
+    let caps = HostCaps::probe(kvm, &vm, &DeviceLayout::FULL_WITH_PIT).unwrap();
     (
-        KvmVmDevices::new(vm, ClockRestore::Exact),
+        KvmVmDevices::new(vm, DeviceLayout::FULL_WITH_PIT, ClockRestore::Exact),
         KvmVcpu::new(0, fd, caps),
     )
 }

@@ -69,9 +69,9 @@ pub enum GuestError {
         /// The count.
         count: u32,
     },
-    /// Installing the vCPU kick signal handler failed.
-    #[error("cannot install the vCPU kick signal handler: {0}")]
-    Signal(vmm_sys_util::errno::Error),
+    /// Making the vCPU kickable, or completing its pending I/O, failed.
+    #[error(transparent)]
+    Kick(#[from] migration_kvm::KvmStateError),
     /// Starting the watchdog thread failed.
     #[error("cannot start the watchdog thread: {0}")]
     Thread(std::io::Error),

@@ -52,6 +52,14 @@ enum Event {
     Exit { vcpu: u32, what: String },
 }
 
+/// How a test log names an exit other than port I/O (`Hlt`, `MmioWrite(…)`…).
+fn exit_name(event: &ExitEvent<'_>) -> String {
+    match event {
+        ExitEvent::Other(exit) => format!("{exit:?}"),
+        other => format!("{other:?}"),
+    }
+}
+
 /// A vCPU exit handler that feeds `monitor` directly: port writes are judged as they
 /// come, port reads read zero, and the vCPU parks once the guest has failed (a bad
 /// self-check or an unexpected exit), or, with `park_after`, at the exit that brings
@@ -66,7 +74,7 @@ pub fn monitor_handler(monitor: Arc<Mutex<PortMonitor>>, park_after: Option<u64>
                 data.fill(0);
                 m.verdict().clone()
             }
-            ExitEvent::Other(what) => m.on_unexpected_exit(what),
+            other => m.on_unexpected_exit(exit_name(&other)),
         };
         let enough = park_after.is_some_and(|n| m.progress_events() >= n);
         if enough || matches!(verdict, Verdict::Fail(_)) {
@@ -136,8 +144,11 @@ impl GuestLog {
                 data.fill(0);
                 ExitAction::Continue
             }
-            ExitEvent::Other(what) => {
-                log.push(Event::Exit { vcpu, what });
+            other => {
+                log.push(Event::Exit {
+                    vcpu,
+                    what: exit_name(&other),
+                });
                 ExitAction::Pause
             }
         })
@@ -391,7 +402,7 @@ impl RunningGuest {
         load: impl FnOnce(&KvmVm) -> Result<(), RunningGuestError>,
     ) -> Result<Self, RunningGuestError> {
         let log = GuestLog::new();
-        let mut vm = KvmVm::new(config, log.handlers())?;
+        let mut vm = KvmVm::new(config, migration_serde::registry(), log.handlers())?;
         load(&vm)?;
         vm.start()?;
         Ok(Self {
