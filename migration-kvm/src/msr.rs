@@ -204,6 +204,18 @@ pub fn cpuid_implied(
     out
 }
 
+/// MSRs KVM refuses to write on a vCPU without an in-kernel LAPIC (a VM without an
+/// irqchip), even with the value it reads back: left out of such a vCPU's save list.
+pub const NEEDS_LAPIC: &[(u32, &str)] = &[(
+    0x4b56_4d06,
+    "MSR_KVM_ASYNC_PF_INT: the async page fault vector is delivered through the in-kernel LAPIC",
+)];
+
+/// Whether MSR `index` is in [`NEEDS_LAPIC`].
+pub fn needs_lapic(index: u32) -> bool {
+    NEEDS_LAPIC.iter().any(|(i, _)| *i == index)
+}
+
 /// The MSRs to save: KVM's index list filtered by [`MSR_ALLOWLIST`], plus the
 /// CPUID-implied ones, sorted and without duplicates.
 pub fn save_list(

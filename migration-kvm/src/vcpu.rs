@@ -220,7 +220,8 @@ impl<B: VcpuBackend> KvmVcpu<B> {
     }
 
     /// The MSR indices a save reads: [`msr::save_list`] of the host's index list and
-    /// this vCPU's CPUID, computed on first use and kept until the next restore.
+    /// this vCPU's CPUID (without [`msr::NEEDS_LAPIC`] on a vCPU without a LAPIC),
+    /// computed on first use and kept until the next restore.
     pub fn msr_list(&self) -> Result<&[u32], KvmStateError> {
         if let Some(l) = self.msr_list.get() {
             return Ok(l);
@@ -228,7 +229,10 @@ impl<B: VcpuBackend> KvmVcpu<B> {
         let cpuid = self.get_cpuid()?;
         let mcg_cap = msr::get_msr(&self.backend, msr::MSR_IA32_MCG_CAP);
         let mtrr_cap = msr::get_msr(&self.backend, msr::MSR_MTRRCAP);
-        let list = msr::save_list(&self.caps.msr_index_list, &cpuid.0, mcg_cap, mtrr_cap);
+        let mut list = msr::save_list(&self.caps.msr_index_list, &cpuid.0, mcg_cap, mtrr_cap);
+        if !self.caps.lapic {
+            list.retain(|i| !msr::needs_lapic(*i));
+        }
         Ok(self.msr_list.get_or_init(|| list))
     }
 
