@@ -46,6 +46,7 @@
 use std::fmt;
 use std::fs::File;
 use std::path::Path;
+use std::time::Instant;
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -619,10 +620,16 @@ impl KvmVm {
             )));
         }
         let forced = match &config.cpu {
-            Some(guest) => cpu.admit(guest)?,
+            Some(guest) => cpu.admit(guest).inspect_err(|e| {
+                tracing::warn!(error = %e, "incoming guest CPU refused");
+            })?,
             None => None,
         };
+        let t = Instant::now();
+        let vcpus = config.vcpus;
+        let ram_bytes = config.mem_size();
         let mut vm = Self::new(config, codecs, handlers)?;
+        tracing::info!(vcpus, ram_bytes, elapsed = ?t.elapsed(), "destination VM built");
         vm.cpu_policy = cpu;
         vm.cpu_forced = forced;
         Ok(vm)
@@ -722,18 +729,22 @@ impl KvmVm {
     /// for.
     pub fn start(&mut self) -> Result<(), KvmVmError> {
         if self.migrated_out {
+            tracing::warn!("refused to resume: the VM was migrated out");
             return Err(KvmVmError::MigratedOut);
         }
         resume_all(&self.vcpus).map_err(|e| KvmVmError::Migratable(e.into()))?;
         self.running = true;
+        tracing::debug!(vcpus = self.vcpus.len(), "VM resumed");
         Ok(())
     }
 
     /// Pauses every vCPU: each is kicked out of `KVM_RUN`, its pending I/O completed,
     /// and parked. All are kicked before the first is waited for.
     pub fn stop(&mut self) -> Result<(), KvmVmError> {
+        let t = Instant::now();
         VcpuGroup::pause_all(&self.vcpus[..]).map_err(|e| KvmVmError::Migratable(e.into()))?;
         self.running = false;
+        tracing::debug!(vcpus = self.vcpus.len(), elapsed = ?t.elapsed(), "VM paused");
         Ok(())
     }
 
@@ -782,18 +793,29 @@ impl KvmVm {
     }
 
     fn save_snapshot_paused(&mut self, path: &Path) -> Result<WriteSummary, KvmVmError> {
+        let _span = tracing::info_span!("save_snapshot", path = %path.display()).entered();
+        let t = Instant::now();
         let mut tree = self.snapshot()?;
         let codec = self.codecs.preferred().cloned().ok_or_else(|| {
             KvmVmError::Mismatch("the codec registry has no preferred codec".into())
         })?;
         tree.encode(&codec)?;
+        tracing::debug!(codec = %codec.id(), elapsed = ?t.elapsed(), "state captured and encoded");
         let options = WriteOptions::default();
-        Ok(file::write_snapshot_file(
+        let summary = file::write_snapshot_file(
             path,
             &tree,
             Some(&self.memory as &dyn MemorySource),
             &options,
-        )?)
+        )?;
+        tracing::info!(
+            file_bytes = summary.total_length,
+            memory_bytes = summary.memory_bytes,
+            data_bytes = summary.data_bytes,
+            elapsed = ?t.elapsed(),
+            "snapshot written"
+        );
+        Ok(summary)
     }
 
     /// Restores a snapshot file written by [`save_snapshot`](Self::save_snapshot)
@@ -819,24 +841,45 @@ impl KvmVm {
         cpu: CpuPolicy,
         handlers: impl FnMut(u32) -> ExitHandler,
     ) -> Result<Self, KvmVmError> {
+        let path = path.as_ref();
+        let _span = tracing::info_span!("restore_from_file", path = %path.display()).entered();
+        let start = Instant::now();
+        let step = |what: &str, t: Instant| tracing::info!(elapsed = ?t.elapsed(), "{what}");
         let mut f = File::open(path)?;
         // The tree first (file form: memory is not read), for the layout.
+        let t = Instant::now();
         let tree = migration_core::container::ContainerReader::open(&mut f)?.read_snapshot(
             &codecs,
             None,
             &Default::default(),
         )?;
         let config = config_of(&tree)?;
+        tracing::info!(
+            vcpus = config.vcpus,
+            ram_bytes = config.mem_size(),
+            regions = config.layout.len(),
+            elapsed = ?t.elapsed(),
+            "state tree read"
+        );
+        let t = Instant::now();
         cpu_check::admit_snapshot(&tree, &guest_name(&config), &cpu)?;
+        step("guest CPU admitted", t);
+        let t = Instant::now();
         let (tree, memory) = match mode {
             RestoreMode::Eager(options) => {
                 restore_eager_from(&mut f, &config.layout, &codecs, options)?
             }
             RestoreMode::Lazy => restore_lazy_from(&mut f, &config.layout, &codecs)?,
         };
+        tracing::info!(mode = ?mode, elapsed = ?t.elapsed(), "memory restored");
+        let t = Instant::now();
         let mut vm = Self::with_memory(config, memory, codecs, handlers)?;
         vm.cpu_policy = cpu;
+        step("VM built", t);
+        let t = Instant::now();
         vm.restore(&tree)?;
+        step("device and vCPU state restored", t);
+        step("restored", start);
         Ok(vm)
     }
 }
@@ -947,7 +990,14 @@ impl Snapshottable for KvmVm {
             .map_err(KvmVmError::from)?;
         let state =
             MachineState::from_snapshot(snapshot, self.vcpus.len()).map_err(|e| e.within(VM_ID))?;
+        let t = Instant::now();
         self.restore_state(&state)?;
+        tracing::debug!(
+            layout = %state.vm.layout,
+            vcpus = state.vcpus.len(),
+            elapsed = ?t.elapsed(),
+            "devices and vCPUs restored"
+        );
         // The guest's model is the restored one from now on (what a later snapshot
         // or migration carries).
         if let Some(m) = cpu_check::snapshot_models(snapshot, &name)?
