@@ -97,7 +97,12 @@ fn workspace_dependencies(krate: &str) -> BTreeSet<String> {
         if line.starts_with('[') {
             in_deps = line == "[dependencies]";
         } else if in_deps {
-            if let Some(name) = CRATES.iter().find(|c| line.starts_with(&format!("{c}."))) {
+            // `name.workspace = true` or `name = { workspace = true, … }`.
+            let key = line
+                .split(|c: char| c == '.' || c == '=' || c.is_whitespace())
+                .next()
+                .unwrap_or("");
+            if let Some(name) = CRATES.iter().find(|c| **c == key) {
                 deps.insert((*name).to_owned());
             }
         }

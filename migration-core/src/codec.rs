@@ -109,6 +109,21 @@ pub enum CodecError {
         /// The type the section holds.
         found: &'static str,
     },
+    /// A payload did not decode as the type a component asked for: the codec's own
+    /// error, with the type and the section version. Either the bytes are damaged
+    /// or the type's layout changed without a new section version.
+    #[error(
+        "a version {version} payload does not decode as `{ty}` (a changed layout needs a new section version): {source}"
+    )]
+    AsType {
+        /// The Rust type asked for.
+        ty: &'static str,
+        /// The section's recorded version.
+        version: u32,
+        /// The codec's error.
+        #[source]
+        source: Box<CodecError>,
+    },
     /// The operation needs an encoded section, and this one still holds typed state.
     #[error("section is not encoded yet: encode the snapshot with a codec first")]
     NotEncoded,

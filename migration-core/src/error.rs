@@ -8,7 +8,7 @@
 use std::io;
 
 use crate::box_error::BoxError;
-use crate::codec::CodecError;
+use crate::codec::{CodecError, CodecId, CodecRegistry};
 use crate::container::FormatError;
 use crate::memory::MemoryError;
 
@@ -124,6 +124,19 @@ pub enum MigratableError {
         /// Id of the snapshot it was given.
         found: String,
     },
+    /// A snapshot holds sections encoded with codecs this reader has not
+    /// registered: found before anything is restored.
+    #[error(
+        "the snapshot needs codecs [{}]; not registered here: [{}]",
+        ids(.needed),
+        ids(.missing)
+    )]
+    MissingCodecs {
+        /// Every codec the snapshot's sections name, in id order.
+        needed: Vec<CodecId>,
+        /// Those the registry lacks.
+        missing: Vec<CodecId>,
+    },
     /// A checksum or structural check failed.
     #[error("integrity check failed: {0}")]
     Integrity(String),
@@ -174,7 +187,36 @@ macro_rules! with_path {
     };
 }
 
+/// `json, pcd1` (each id as [`CodecId`] displays it: text, or hex when not printable).
+fn ids(ids: &[CodecId]) -> String {
+    ids.iter()
+        .map(CodecId::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl MigratableError {
+    /// Checks that `registry` has every codec in `needed` (the codecs a snapshot's
+    /// sections name): [`MigratableError::MissingCodecs`] otherwise.
+    pub fn check_codecs(
+        needed: impl IntoIterator<Item = CodecId>,
+        registry: &CodecRegistry,
+    ) -> Result<(), Self> {
+        let needed: std::collections::BTreeSet<CodecId> = needed.into_iter().collect();
+        let missing: Vec<CodecId> = needed
+            .iter()
+            .filter(|id| registry.get(**id).is_none())
+            .copied()
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(Self::MissingCodecs {
+            needed: needed.into_iter().collect(),
+            missing,
+        })
+    }
+
     /// Prepends `id` to the component path of this error, if it has one.
     ///
     /// A parent calls this on errors from its children, so the error that reaches

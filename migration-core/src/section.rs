@@ -123,7 +123,8 @@ impl Section {
     }
 
     /// Decodes the payload as `T`, whatever its version. Typed state is returned as is
-    /// when it is a `T`.
+    /// when it is a `T`. A payload that does not decode is [`CodecError::AsType`],
+    /// naming `T`.
     pub fn decode<T: DeserializeOwned + Clone + Any>(&self) -> Result<T, CodecError> {
         match &self.data {
             Data::State(state) => state.as_any().downcast_ref::<T>().cloned().ok_or_else(|| {
@@ -138,7 +139,11 @@ impl Section {
                 payload,
             } => {
                 let codec = codec.as_ref().ok_or(CodecError::UnknownCodec(*codec_id))?;
-                codec::decode(codec.as_ref(), payload)
+                codec::decode(codec.as_ref(), payload).map_err(|source| CodecError::AsType {
+                    ty: type_name::<T>(),
+                    version: self.version,
+                    source: Box::new(source),
+                })
             }
         }
     }

@@ -5,7 +5,7 @@
 //! maps, so a tree encodes to the same bytes whatever order it was built in.
 
 use std::any::Any;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use serde::de::{self, Deserializer};
@@ -211,6 +211,21 @@ impl Snapshot {
         for child in self.children.values_mut() {
             child.resolve_codecs(registry);
         }
+    }
+
+    /// The codecs the encoded sections of the whole tree name: what a reader must
+    /// have registered to restore it.
+    pub fn required_codecs(&self) -> BTreeSet<CodecId> {
+        self.walk()
+            .flat_map(|(_, node)| node.sections.values().filter_map(Section::codec_id))
+            .collect()
+    }
+
+    /// Checks that `registry` has every codec the tree needs
+    /// ([`required_codecs`](Self::required_codecs)), before anything is restored:
+    /// [`MigratableError::MissingCodecs`] lists them otherwise.
+    pub fn check_codecs(&self, registry: &CodecRegistry) -> Result<(), MigratableError> {
+        MigratableError::check_codecs(self.required_codecs(), registry)
     }
 
     /// Whether every section in the tree is encoded.

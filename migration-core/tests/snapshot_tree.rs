@@ -224,3 +224,113 @@ fn an_error_mid_tree_names_the_component_path() {
         other => panic!("expected a missing child, got {other}"),
     }
 }
+
+/// A struct's layout changed (a field inserted) without a new section version: the
+/// positional codec fails, and the error names the section, its path, its version
+/// and the type, not only the codec's own words ("Serde Deserialization Error").
+#[test]
+fn a_section_that_does_not_decode_names_its_path_and_type() {
+    use serde::{Deserialize, Serialize};
+    #[derive(Clone, Serialize, Deserialize)]
+    struct Uart {
+        lcr: u8,
+    }
+    impl migration_core::Versioned for Uart {
+        const VERSION: u32 = 1;
+    }
+    /// The same version, another layout.
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    struct UartChanged {
+        lcr: u8,
+        fifo: Vec<u64>,
+        divisor: u64,
+    }
+    impl migration_core::Versioned for UartChanged {
+        const VERSION: u32 = 1;
+    }
+    let postcard = codecs().get(migration_serde::POSTCARD_ID).unwrap().clone();
+    let mut vm = Snapshot::new("vm");
+    let mut uart = Snapshot::new("uart0");
+    uart.add_state("state", Uart { lcr: 3 });
+    vm.add_child(uart);
+    vm.encode(&postcard).unwrap();
+    let err = vm
+        .child("uart0")
+        .unwrap()
+        .state::<UartChanged>("state")
+        .unwrap_err()
+        .within("vm");
+    let MigratableError::Codec {
+        path,
+        section,
+        source: CodecError::AsType { ty, version, .. },
+    } = &err
+    else {
+        panic!("expected a decode error naming the type, got {err}");
+    };
+    assert_eq!(
+        (path.as_str(), section.as_str(), *version),
+        ("vm/uart0", "state", 1)
+    );
+    assert!(ty.ends_with("UartChanged"), "{ty}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("section `state` of `vm/uart0`: a version 1 payload does not decode as `")
+            && text.contains("UartChanged` (a changed layout needs a new section version): `pcd1` could not decode"),
+        "{text}"
+    );
+}
+
+/// A snapshot whose sections need a codec the reader lacks is refused before
+/// anything is restored, with the list of what it needs: from the tree, and from a
+/// container's metadata before any payload or memory is read.
+#[test]
+fn a_snapshot_names_the_codecs_it_needs_and_is_refused_early_without_them() {
+    use std::io::Cursor;
+    let all = codecs();
+    let (json, postcard) = (
+        all.get(migration_serde::JSON_ID).unwrap().clone(),
+        all.get(migration_serde::POSTCARD_ID).unwrap().clone(),
+    );
+    let mut vm = Snapshot::new("vm");
+    let mut a = Snapshot::new("a");
+    a.add_state_as("s", 1, 7u32);
+    a.encode(&json).unwrap();
+    let mut b = Snapshot::new("b");
+    b.add_state_as("s", 1, 8u32);
+    b.encode(&postcard).unwrap();
+    vm.add_child(a);
+    vm.add_child(b);
+    let needed: Vec<_> = vm.required_codecs().into_iter().collect();
+    assert_eq!(
+        needed,
+        [migration_serde::JSON_ID, migration_serde::POSTCARD_ID]
+    );
+
+    let only_json = CodecRegistry::new().with(json.clone());
+    vm.check_codecs(&all).unwrap();
+    let err = vm.check_codecs(&only_json).unwrap_err();
+    assert!(
+        matches!(&err, MigratableError::MissingCodecs { missing, .. } if missing == &[migration_serde::POSTCARD_ID]),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "the snapshot needs codecs [json, pcd1]; not registered here: [pcd1]"
+    );
+
+    // The container reader knows it from the metadata alone.
+    let mut bytes = Cursor::new(Vec::new());
+    migration_core::container::write_snapshot(&mut bytes, &vm, None, &Default::default()).unwrap();
+    let reader =
+        migration_core::container::ContainerReader::open(Cursor::new(bytes.into_inner())).unwrap();
+    assert_eq!(
+        reader.required_codecs().into_iter().collect::<Vec<_>>(),
+        needed
+    );
+    assert_eq!(
+        reader.check_codecs(&only_json).unwrap_err().to_string(),
+        err.to_string()
+    );
+    reader.check_codecs(&all).unwrap();
+}

@@ -834,6 +834,8 @@ impl KvmVm {
     /// [`restore_from_file`](Self::restore_from_file), checking each vCPU's saved
     /// CPU with `cpu` as soon as the tree is read: an incompatible guest is refused
     /// with [`KvmVmError::Cpu`] before memory is read or any VM or vCPU is created.
+    /// Before that, a file whose sections need a codec `codecs` lacks is refused
+    /// with the list of codecs it needs ([`MigratableError::MissingCodecs`]).
     pub fn restore_from_file_with(
         path: impl AsRef<Path>,
         mode: RestoreMode,
@@ -848,11 +850,10 @@ impl KvmVm {
         let mut f = File::open(path)?;
         // The tree first (file form: memory is not read), for the layout.
         let t = Instant::now();
-        let tree = migration_core::container::ContainerReader::open(&mut f)?.read_snapshot(
-            &codecs,
-            None,
-            &Default::default(),
-        )?;
+        let mut reader = migration_core::container::ContainerReader::open(&mut f)?;
+        // Every codec the sections name, before a payload or a page is read.
+        reader.check_codecs(&codecs)?;
+        let tree = reader.read_snapshot(&codecs, None, &Default::default())?;
         let config = config_of(&tree)?;
         tracing::info!(
             vcpus = config.vcpus,
@@ -1230,6 +1231,40 @@ mod tests {
         // Exactly the cap is accepted (validation only: nothing is mapped).
         let at_cap = KvmVmConfig::new(MAX_GUEST_RAM, 1);
         assert_eq!(KvmVmConfig::from_bytes(&at_cap.to_bytes()), Ok(at_cap));
+    }
+
+    #[test]
+    fn a_snapshot_file_needing_an_unregistered_codec_is_refused_before_anything_is_built() {
+        migration_testkit::require_kvm!();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vm.snap");
+        let handlers = |_| -> ExitHandler { Box::new(|_| crate::runner::ExitAction::Continue) };
+        let mut vm = KvmVm::new(
+            KvmVmConfig::new(4 << 20, 1),
+            migration_serde::registry(),
+            handlers,
+        )
+        .expect("VM");
+        vm.save_snapshot(&path).expect("save"); // postcard, the preferred codec
+        let json = migration_serde::registry()
+            .get(migration_serde::JSON_ID)
+            .cloned()
+            .expect("json");
+        let err = KvmVm::restore_from_file(
+            &path,
+            RestoreMode::Lazy,
+            CodecRegistry::new().with(json),
+            handlers,
+        )
+        .expect_err("no postcard");
+        assert_eq!(
+            err.to_string(),
+            "the snapshot needs codecs [pcd1]; not registered here: [pcd1]"
+        );
+        assert!(matches!(
+            err,
+            KvmVmError::Migratable(MigratableError::MissingCodecs { .. })
+        ));
     }
 
     #[test]

@@ -119,3 +119,8 @@ pub use runner::{ExitAction, ExitEvent, ExitHandler, VcpuRunner};
 pub use state::{CpuidEntry, MsrEntry, Raw, SizeMismatch};
 pub use vcpu::{restore_vcpu_state, save_vcpu_state, HostCaps, KvmVcpu, VcpuState};
 pub use vm::{restore_vm_state, save_vm_state, ClockRestore, KvmVmDevices, VmState};
+
+/// This crate's README (the page a registry shows), its examples run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

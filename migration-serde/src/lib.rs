@@ -81,3 +81,8 @@ pub use crate::json::{JsonCodec, JSON_ID};
 #[cfg(feature = "postcard")]
 pub use crate::postcard::{PostcardCodec, POSTCARD_ID};
 pub use crate::registry::{register_all, registry};
+
+/// This crate's README (the page a registry shows), its examples run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -72,3 +72,8 @@ pub use fake_vm::{FakeVm, FakeVmBuilder, WorkloadState};
 pub use fault::{Fault, FaultPlan, FaultyReader, FaultyStream, FaultyWriter};
 pub use kvm::{kvm_available, skip_unless_kvm};
 pub use rng::Rng;
+
+/// This crate's README (the page a registry shows), its examples run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -8,7 +8,7 @@ use super::header::{u32_at, u64_at, Form, Header, HEADER_LEN, MAGIC};
 use super::limits::MAX_RECORD_LEN;
 use super::metadata::{self, Metadata, NodeInfo, SectionInfo};
 use crate::checksum::{crc64, CrcReader};
-use crate::codec::CodecRegistry;
+use crate::codec::{CodecId, CodecRegistry};
 use crate::error::MigratableError;
 use crate::memory::{MemoryError, MemorySink, PAGE_SIZE};
 use crate::snapshot::Snapshot;
@@ -466,6 +466,19 @@ impl<R: Read + Seek> ContainerReader<R> {
             extents: self.md.extents.clone(),
             runs: self.runs.clone(),
         }
+    }
+
+    /// The codecs the container's sections name (from the metadata: no payload is
+    /// read).
+    pub fn required_codecs(&self) -> std::collections::BTreeSet<CodecId> {
+        self.md.sections.iter().map(|s| s.codec).collect()
+    }
+
+    /// Checks that `codecs` has every codec the sections name, before payloads or
+    /// memory are read: [`MigratableError::MissingCodecs`] otherwise. A restore
+    /// calls it first; tools that only look (inspect, verify) need not.
+    pub fn check_codecs(&self, codecs: &CodecRegistry) -> Result<(), MigratableError> {
+        MigratableError::check_codecs(self.required_codecs(), codecs)
     }
 
     /// Reads the snapshot tree (codecs resolved through `codecs`) and, if `sink` is
