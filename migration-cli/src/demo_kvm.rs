@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use migration_core::{
     CodecRegistry, ConvergencePolicy, IncomingVm, MemoryRangeTable, MemorySink, MemorySource,
-    Migratable, MigratableError, MigrationOptions, Pausable, ReceiveOptions, Snapshot,
-    Snapshottable, Transportable,
+    Migratable, MigratableError, MigrationOptions, MigrationRole, Pausable, ReceiveOptions,
+    Snapshot, Snapshottable, Transportable,
 };
 use migration_kvm::restore::EagerOptions;
 use migration_kvm::{KvmVm, KvmVmConfig, RestoreMode};
@@ -119,8 +119,8 @@ impl Migratable for DemoKvm {
     fn dirty_log(&mut self) -> Result<MemoryRangeTable, MigratableError> {
         self.vm.dirty_log()
     }
-    fn start_migration(&mut self) -> Result<(), MigratableError> {
-        self.vm.start_migration()
+    fn start_migration(&mut self, role: MigrationRole) -> Result<(), MigratableError> {
+        self.vm.start_migration(role)
     }
     fn complete_migration(&mut self) -> Result<(), MigratableError> {
         self.vm.complete_migration()

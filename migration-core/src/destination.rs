@@ -15,7 +15,7 @@ use crate::codec::{self, Codec, CodecRegistry};
 use crate::endpoint::Endpoint;
 use crate::error::MigratableError;
 use crate::memory::{check_range, MemoryRange};
-use crate::migratable::Migratable;
+use crate::migratable::{Migratable, MigrationRole};
 use crate::protocol::{
     Channel, Hello, Message, MessageType, MigrationError, Received, MAX_STATE,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
@@ -198,7 +198,7 @@ where
             incoming.layout, layout
         )));
     }
-    vm.start_migration()?;
+    vm.start_migration(MigrationRole::Destination)?;
     ch.send(&Message::HelloAck {
         version,
         codec: codec.id(),

@@ -155,7 +155,7 @@ pub use destination::{
 };
 pub use error::MigratableError;
 pub use memory::{MemoryError, MemoryRange, MemoryRangeTable, MemorySink, MemorySource};
-pub use migratable::Migratable;
+pub use migratable::{Migratable, MigrationRole};
 pub use pausable::Pausable;
 pub use precopy::{
     send_migration, send_migration_over, ConvergencePolicy, MigrationOptions, MigrationReport,

@@ -16,7 +16,7 @@ use crate::codec::{self, Codec, CodecId};
 use crate::endpoint::Endpoint;
 use crate::error::MigratableError;
 use crate::memory::{page_runs, MemoryRange, MemoryRangeTable, PageRun, PAGE_SIZE};
-use crate::migratable::Migratable;
+use crate::migratable::{Migratable, MigrationRole};
 use crate::protocol::{
     Channel, Hello, Message, MessageType, MigrationError, MAX_MEMORY_CHUNK, MAX_PAYLOAD,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
@@ -264,7 +264,7 @@ impl<S: Read + Write> Source<S> {
         options: &mut MigrationOptions,
     ) -> Result<MigrationReport, MigrationError> {
         let (version, codec) = self.handshake(vm, options)?;
-        vm.start_migration()?;
+        vm.start_migration(MigrationRole::Source)?;
         vm.start_dirty_log()?;
         self.dirty_logging = true;
 

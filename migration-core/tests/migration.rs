@@ -13,7 +13,7 @@ use migration_core::arch::Arch;
 use migration_core::protocol::{MessageType, MigrationError};
 use migration_core::{
     receive_migration, receive_migration_over, send_migration, send_migration_over, CodecRegistry,
-    ConvergencePolicy, MigratableError, MigrationOptions, MigrationReport, Pausable,
+    ConvergencePolicy, MigratableError, MigrationOptions, MigrationReport, MigrationRole, Pausable,
     ReceiveOptions, ReceiveReport,
 };
 use migration_testkit::fault::{FaultPlan, FaultyStream};
@@ -127,6 +127,10 @@ fn a_running_vm_migrates_and_continues() {
         "source must stay paused after handing over"
     );
     assert!(dest.is_running(), "destination must run");
+    // Each side was told which it is (a KvmVm refuses to run again only as a source).
+    assert_eq!(source.migration_role(), Some(MigrationRole::Source));
+    assert_eq!(dest.migration_role(), Some(MigrationRole::Destination));
+    assert!(!source.is_migrating() && !dest.is_migrating());
     dest.pause().expect("pause destination");
     // The destination resumed at GO and its workload went on writing: it must pass
     // its self-check and have continued from exactly where the source stopped.
@@ -354,8 +358,11 @@ impl migration_core::Migratable for NeverConverges {
         dirty.push(migration_core::MemoryRange::new(12 << 20, 4096));
         Ok(dirty)
     }
-    fn start_migration(&mut self) -> Result<(), MigratableError> {
-        self.0.start_migration()
+    fn start_migration(
+        &mut self,
+        role: migration_core::MigrationRole,
+    ) -> Result<(), MigratableError> {
+        self.0.start_migration(role)
     }
     fn complete_migration(&mut self) -> Result<(), MigratableError> {
         self.0.complete_migration()

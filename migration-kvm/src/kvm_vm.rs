@@ -57,7 +57,7 @@ use migration_core::destination::{IncomingVm, ReceiveOptions};
 use migration_core::precopy::MigrationOptions;
 use migration_core::{
     file, MemoryRange, MemoryRangeTable, MemorySink, MemorySource, Migratable, MigratableError,
-    Pausable, Snapshot, Snapshottable, Transportable, Versioned,
+    MigrationRole, Pausable, Snapshot, Snapshottable, Transportable, Versioned,
 };
 use serde::{Deserialize, Serialize};
 
@@ -463,9 +463,8 @@ pub struct KvmVm {
     running: bool,
     /// Set once a migration out of this VM completed: it must never run again.
     migrated_out: bool,
-    /// This VM is the source of the current migration (it started dirty logging after
-    /// `start_migration`).
-    migration_source: bool,
+    /// The role the current migration gave this VM (`start_migration`).
+    migration_role: Option<MigrationRole>,
     /// What restores into this VM check the guest's CPU against.
     cpu_policy: CpuPolicy,
     /// The differences a forced restore let through.
@@ -563,7 +562,7 @@ impl KvmVm {
             kvm,
             running: false,
             migrated_out: false,
-            migration_source: false,
+            migration_role: None,
             cpu_policy: CpuPolicy::default(),
             cpu_forced: None,
         };
@@ -1020,8 +1019,6 @@ impl Transportable for KvmVm {
 
 impl Migratable for KvmVm {
     fn start_dirty_log(&mut self) -> Result<(), MigratableError> {
-        // Only a migration's source tracks dirty pages (the destination never does).
-        self.migration_source = true;
         let slots = self.slots.as_mut().ok_or_else(no_slots)?;
         Ok(dirty::start_dirty_log(
             self.devices.vm(),
@@ -1040,17 +1037,19 @@ impl Migratable for KvmVm {
         Ok(dirty::dirty_log(self.devices.vm(), slots, &self.memory)?)
     }
 
-    fn start_migration(&mut self) -> Result<(), MigratableError> {
-        self.migration_source = false;
+    fn start_migration(&mut self, role: MigrationRole) -> Result<(), MigratableError> {
+        tracing::debug!(?role, "migration started");
+        self.migration_role = Some(role);
         Ok(())
     }
 
-    /// On the source (it tracked dirty pages during this migration; the destination
-    /// runs the guest now) this VM is marked migrated out, and
-    /// [`start`](KvmVm::start) refuses from then on. On the destination nothing changes.
+    /// On the source (the destination runs the guest now) this VM is marked
+    /// migrated out, and [`start`](KvmVm::start) refuses from then on. On the
+    /// destination nothing changes.
     fn complete_migration(&mut self) -> Result<(), MigratableError> {
-        if self.migration_source {
+        if self.migration_role.take() == Some(MigrationRole::Source) {
             self.migrated_out = true;
+            tracing::info!("migrated out: this VM will not run again");
         }
         Ok(())
     }
@@ -1265,6 +1264,37 @@ mod tests {
             err,
             KvmVmError::Migratable(MigratableError::MissingCodecs { .. })
         ));
+    }
+
+    /// The role decides, not whether dirty logging ran: a source refuses to run
+    /// after its migration completed, a destination runs.
+    #[test]
+    fn only_a_completed_source_refuses_to_run() {
+        migration_testkit::require_kvm!();
+        let handlers = |_| -> ExitHandler { Box::new(|_| crate::runner::ExitAction::Continue) };
+        let new = || {
+            KvmVm::new(
+                KvmVmConfig::new(4 << 20, 1),
+                migration_serde::registry(),
+                handlers,
+            )
+            .expect("VM")
+        };
+        let mut destination = new();
+        destination
+            .start_migration(MigrationRole::Destination)
+            .unwrap();
+        // Even with dirty logging (which only a source needs) it stays runnable.
+        destination.start_dirty_log().unwrap();
+        destination.stop_dirty_log().unwrap();
+        destination.complete_migration().unwrap();
+        destination.start().expect("a destination runs");
+        destination.stop().unwrap();
+
+        let mut source = new();
+        source.start_migration(MigrationRole::Source).unwrap();
+        source.complete_migration().unwrap();
+        assert!(matches!(source.start(), Err(KvmVmError::MigratedOut)));
     }
 
     #[test]

@@ -54,7 +54,8 @@ use std::time::{Duration, Instant};
 use migration_core::memory::PAGE_SIZE;
 use migration_core::{
     CodecRegistry, MemoryError, MemoryRange, MemoryRangeTable, MemorySink, MemorySource,
-    Migratable, MigratableError, Pausable, Snapshot, Snapshottable, Transportable, Versioned,
+    Migratable, MigratableError, MigrationRole, Pausable, Snapshot, Snapshottable, Transportable,
+    Versioned,
 };
 use serde::{Deserialize, Serialize};
 
@@ -300,6 +301,7 @@ impl FakeVmBuilder {
             codecs: self.codecs,
             dirty_logging: false,
             migrating: false,
+            role: None,
         })
     }
 }
@@ -312,6 +314,8 @@ pub struct FakeVm {
     codecs: CodecRegistry,
     dirty_logging: bool,
     migrating: bool,
+    /// The role of the current or last migration.
+    role: Option<MigrationRole>,
 }
 
 impl fmt::Debug for FakeVm {
@@ -324,6 +328,7 @@ impl fmt::Debug for FakeVm {
             .field("running", &ctl.running)
             .field("dirty_logging", &self.dirty_logging)
             .field("migrating", &self.migrating)
+            .field("role", &self.role)
             .finish()
     }
 }
@@ -644,8 +649,9 @@ impl Migratable for FakeVm {
         Ok(self.shared.memory.take_dirty())
     }
 
-    fn start_migration(&mut self) -> Result<(), MigratableError> {
+    fn start_migration(&mut self, role: MigrationRole) -> Result<(), MigratableError> {
         self.migrating = true;
+        self.role = Some(role);
         Ok(())
     }
 
@@ -668,6 +674,11 @@ impl FakeVm {
     /// `complete_migration`).
     pub fn is_migrating(&self) -> bool {
         self.migrating
+    }
+
+    /// The role the current or last migration gave this VM (`None`: never migrated).
+    pub fn migration_role(&self) -> Option<MigrationRole> {
+        self.role
     }
 
     /// Whether dirty logging is on.
