@@ -28,6 +28,12 @@ pub enum MigratableError {
         #[source]
         source: BoxError,
     },
+    /// The destination of a migration could not build the VM the source announced
+    /// (the `build` function of [`crate::destination`] failed: a config it cannot
+    /// honour, a guest CPU this host lacks, no memory…). Sent to the source as the
+    /// reason of its refusal.
+    #[error("cannot build the VM: {0}")]
+    Build(#[source] BoxError),
     /// A component failed to resume.
     #[error("resume failed at `{path}`: {source}")]
     Resume {

@@ -418,15 +418,26 @@ pub enum KvmVmError {
     MigratedOut,
 }
 
+/// A `MigratableError` wraps a `KvmVmError` as it arose: [`MigratableError::Build`]
+/// for building a VM (a destination's `build` function returns
+/// `KvmVm::for_incoming(…)?`), the inner error for [`KvmVmError::Migratable`], and
+/// [`KvmStateError`]'s own conversion for [`KvmVmError::State`]. A VMM's own ioctl
+/// errors come through too: `.map_err(KvmVmError::from)?`.
 impl From<KvmVmError> for MigratableError {
     fn from(e: KvmVmError) -> Self {
         match e {
             KvmVmError::Migratable(m) => m,
-            other => MigratableError::Restore {
-                path: VM_ID.to_owned(),
-                source: Box::new(other),
-            },
+            KvmVmError::State(s) => s.into(),
+            other => MigratableError::Build(Box::new(other)),
         }
+    }
+}
+
+/// `e`, raised while restoring state into this VM, as [`MigratableError::Restore`].
+fn restore_error(e: KvmVmError) -> MigratableError {
+    MigratableError::Restore {
+        path: VM_ID.to_owned(),
+        source: Box::new(e),
     }
 }
 
@@ -979,15 +990,14 @@ impl Snapshottable for KvmVm {
     fn restore(&mut self, snapshot: &Snapshot) -> Result<(), MigratableError> {
         let theirs = config_of(snapshot)?;
         if theirs.layout != self.config.layout || theirs.vcpus != self.config.vcpus {
-            return Err(KvmVmError::Mismatch(format!(
+            return Err(restore_error(KvmVmError::Mismatch(format!(
                 "snapshot has {} vCPUs and layout {:x?}; this VM has {} vCPUs and {:x?}",
                 theirs.vcpus, theirs.layout, self.config.vcpus, self.config.layout
-            ))
-            .into());
+            ))));
         }
         let name = guest_name(&theirs);
         let forced = cpu_check::admit_snapshot(snapshot, &name, &self.cpu_policy)
-            .map_err(KvmVmError::from)?;
+            .map_err(|e| restore_error(e.into()))?;
         let state =
             MachineState::from_snapshot(snapshot, self.vcpus.len()).map_err(|e| e.within(VM_ID))?;
         let t = Instant::now();
