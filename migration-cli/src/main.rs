@@ -50,8 +50,29 @@ Exit codes:
 #[derive(Debug, Parser)]
 #[command(name = "vmsnap", version, about, after_help = AFTER_HELP)]
 struct Cli {
+    /// Show what the libraries do, on stderr: `-v` the steps (handshake, rounds,
+    /// pause, state, commit or abort, restore steps with their times), `-vv` the
+    /// detail.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Installs a subscriber printing the libraries' `tracing` events at the level
+/// `verbose` asks for (none without `-v`).
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::filter::LevelFilter;
+    let level = match verbose {
+        0 => return,
+        1 => LevelFilter::INFO,
+        _ => LevelFilter::DEBUG,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(verbose > 1)
+        .init();
 }
 
 /// The codecs `convert` can write.
@@ -141,6 +162,7 @@ fn main() -> ExitCode {
             };
         }
     };
+    init_logging(cli.verbose);
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Inspect { file, json } => inspect::run(&file, json),
