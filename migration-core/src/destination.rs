@@ -85,8 +85,11 @@ where
     match receive(&mut ch, options, build) {
         Ok(done) => Ok(done),
         Err(e) => {
-            if !matches!(e, MigrationError::PeerAborted(_)) {
-                ch.abort(&format!("destination: {e}"));
+            match &e {
+                MigrationError::PeerAborted(_) => {}
+                // The answer to the HELLO: the source says who refused.
+                MigrationError::Rejected(reason) => ch.abort(reason),
+                other => ch.abort(&format!("destination: {other}")),
             }
             Err(e)
         }
@@ -189,8 +192,14 @@ where
         config: hello.config,
         producer: hello.producer,
     };
-    let mut vm = build(&incoming)
-        .map_err(|e| MigrationError::Rejected(format!("cannot build the VM: {e}")))?;
+    let mut vm = build(&incoming).map_err(|e| {
+        // Said once: `Build` reads "cannot build the VM: …" already.
+        let e = match e {
+            MigratableError::Build(_) => e,
+            other => MigratableError::Build(Box::new(other)),
+        };
+        MigrationError::Rejected(e.to_string())
+    })?;
     let layout = vm.memory_sink().regions();
     if layout != incoming.layout {
         return Err(MigrationError::Rejected(format!(

@@ -225,6 +225,7 @@ where
         paused: false,
         dirty_logging: false,
         committed: false,
+        accepted: false,
         started: Instant::now(),
     };
     match source.run(vm, options) {
@@ -254,6 +255,8 @@ struct Source<S: Read + Write> {
     paused: bool,
     dirty_logging: bool,
     committed: bool,
+    /// The destination answered the HELLO with HELLO_ACK.
+    accepted: bool,
     started: Instant,
 }
 
@@ -427,9 +430,10 @@ impl<S: Read + Write> Source<S> {
                         "destination chose codec `{codec}`, which was not offered"
                     ))
                 })?;
+                self.accepted = true;
                 Ok((v, codec))
             }
-            Message::Abort(reason) => Err(MigrationError::Rejected(reason)),
+            Message::Abort(reason) => Err(MigrationError::Refused(reason)),
             other => Err(MigrationError::Unexpected {
                 got: other.message_type(),
                 state: "waiting for HELLO_ACK",
@@ -537,7 +541,7 @@ impl<S: Read + Write> Source<S> {
         }
         let mut error = error;
         match &error {
-            MigrationError::PeerAborted(_) | MigrationError::Rejected(_) => {}
+            MigrationError::PeerAborted(_) | MigrationError::Refused(_) => {}
             MigrationError::Io(e)
                 if matches!(
                     e.kind(),
@@ -546,7 +550,11 @@ impl<S: Read + Write> Source<S> {
             {
                 // The destination may have closed after an ABORT: fetch its reason.
                 if let Ok(Message::Abort(reason)) = self.ch.recv() {
-                    error = MigrationError::PeerAborted(reason);
+                    error = if self.accepted {
+                        MigrationError::PeerAborted(reason)
+                    } else {
+                        MigrationError::Refused(reason)
+                    };
                 }
             }
             other => self.ch.abort(&format!("source: {other}")),

@@ -183,9 +183,14 @@ pub enum MigrationError {
     /// The peer aborted, with its reason.
     #[error("peer aborted: {0}")]
     PeerAborted(String),
-    /// The destination rejected the handshake (this side's own reason).
+    /// This side rejected the handshake, for the reason given.
     #[error("handshake rejected: {0}")]
     Rejected(String),
+    /// The destination answered the HELLO with ABORT: it refused the migration
+    /// (a mismatch, a VM it could not build), for the reason it gave. Nothing was
+    /// sent but the HELLO.
+    #[error("destination refused: {0}")]
+    Refused(String),
     /// Memory in a message lies outside the destination's RAM.
     #[error("memory: {0}")]
     Memory(#[from] MemoryError),

@@ -242,7 +242,7 @@ fn handshake_rejections_carry_the_destinations_reason() {
     let (result, dest) = migrate(&mut source, &mut opts, |s| s, |s| s);
     let err = result.expect_err("arch mismatch");
     assert!(
-        matches!(&err, MigrationError::Rejected(r) if r.contains("architecture")),
+        matches!(&err, MigrationError::Refused(r) if r.contains("architecture")),
         "{err}"
     );
     assert!(dest.is_err());
@@ -265,7 +265,7 @@ fn handshake_rejections_carry_the_destinations_reason() {
     });
     let err = send_migration_over(&mut source, a, &mut options()).expect_err("no codec");
     assert!(
-        matches!(&err, MigrationError::Rejected(r) if r.contains("no common codec")),
+        matches!(&err, MigrationError::Refused(r) if r.contains("no common codec")),
         "{err}"
     );
     assert!(dest.join().expect("thread").is_err());
@@ -281,11 +281,41 @@ fn handshake_rejections_carry_the_destinations_reason() {
     });
     let err = send_migration_over(&mut source, a, &mut options()).expect_err("layout");
     assert!(
-        matches!(&err, MigrationError::Rejected(r) if r.contains("layout")),
+        matches!(&err, MigrationError::Refused(r) if r.contains("layout")),
         "{err}"
     );
     assert!(dest.join().expect("thread").is_err());
     assert!(source.is_running());
+
+    // The destination cannot build the VM: the source's error says who refused and
+    // why, each once, whether `build` returns `Build` or another error.
+    for (built, why) in [
+        (
+            MigratableError::Build("out of memory".into()),
+            "out of memory",
+        ),
+        (
+            MigratableError::Integrity("bad config".into()),
+            "integrity check failed: bad config",
+        ),
+    ] {
+        let mut source = idle_source();
+        let (a, b) = UnixStream::pair().expect("pair");
+        let dest = thread::spawn(move || {
+            receive_migration_over(b, &receive_options(), |_| Err::<FakeVm, _>(built))
+        });
+        let err = send_migration_over(&mut source, a, &mut options()).expect_err("no VM");
+        assert_eq!(
+            err.to_string(),
+            format!("destination refused: cannot build the VM: {why}")
+        );
+        let dest_err = dest.join().expect("thread").expect_err("no VM");
+        assert_eq!(
+            dest_err.to_string(),
+            format!("handshake rejected: cannot build the VM: {why}")
+        );
+        assert!(source.is_running());
+    }
 }
 
 #[test]
@@ -591,7 +621,7 @@ fn fault_matrix_source_survives_every_boundary() {
             assert!(dest.is_err(), "{ctx}: destination must fail");
             if what == "flip" {
                 let reason = match &err {
-                    MigrationError::PeerAborted(r) | MigrationError::Rejected(r) => r.as_str(),
+                    MigrationError::PeerAborted(r) | MigrationError::Refused(r) => r.as_str(),
                     other => panic!("{ctx}: expected the destination's reason, got {other}"),
                 };
                 assert!(reason.contains("checksum"), "{ctx}: {err}");

@@ -227,12 +227,20 @@ fn incoming_migration_to_a_smaller_host_is_refused_in_the_handshake() -> Result<
         ),
     ];
     for (fake, expected) in cases {
+        let refusal = CpuPolicy::with_host(fake.clone())
+            .admit(&guest)
+            .expect_err("the fake host lacks part of the guest's CPU");
         let err = migrate_to_fake_host(&mut src, fake)?;
         eprintln!("refused migration: {err}");
-        // Rejected: the destination's ABORT answered the HELLO (no memory moved).
+        // Refused: the destination's ABORT answered the HELLO (no memory moved).
         ensure!(
-            matches!(&err, MigrationError::Rejected(r) if r.contains(&expected)),
+            matches!(&err, MigrationError::Refused(r) if r.contains(&expected)),
             "expected a HELLO answered by ABORT naming {expected:?}, got: {err}"
+        );
+        // Each thing said once: who refused, why, and the CPU check's own words.
+        ensure!(
+            err.to_string() == format!("destination refused: cannot build the VM: {refusal}"),
+            "{err}"
         );
         // The source keeps running and passing its self-check.
         ensure!(src.vm.is_running(), "source paused after {expected}");

@@ -169,7 +169,7 @@ fn handshake_rejected_leaves_the_guest_running() -> Result<()> {
     let mut opts = src.vm.migration_options();
     let err = send_migration_over(&mut src.vm, a, &mut opts).expect_err("rejected");
     ensure!(
-        matches!(&err, MigrationError::Rejected(r) if r.contains("architecture")),
+        matches!(&err, MigrationError::Refused(r) if r.contains("architecture")),
         "{err}"
     );
     ensure!(dest.join().map_err(|_| anyhow!("panic"))?.is_err());
