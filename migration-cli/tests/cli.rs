@@ -379,6 +379,12 @@ fn demo_in_fake_mode_reports_and_leaves_a_snapshot_that_verifies() {
             .is_some_and(|l| l.starts_with("no usable /dev/kvm (")),
         "{text}"
     );
+    // Without -v the libraries' events stay quiet.
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("round sent"),
+        "{}",
+        all(&out)
+    );
     for want in [
         "snapshot:",
         "on disk",
@@ -413,10 +419,32 @@ fn demo_on_kvm() {
     if !migration_testkit::skip_unless_kvm() {
         return;
     }
-    let out = vmsnap(&["demo"]);
+    let out = vmsnap(&["-v", "demo"]);
     assert!(out.status.success(), "{}", all(&out));
     let text = stdout(&out);
     assert!(!text.contains("no usable /dev/kvm"), "{text}");
+    // `-v`: the libraries' events an operator reads, on stderr.
+    let log = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "snapshot written",
+        "restore_from_file",
+        "state tree read",
+        "memory restored",
+        "VM built",
+        "device and vCPU state restored",
+        "HELLO received",
+        "handshake accepted",
+        "round sent",
+        "dirty log read",
+        "estimated_downtime",
+        "source paused for the final round",
+        "device state captured",
+        "device state restored, READY",
+        "GO sent",
+        "migration completed",
+    ] {
+        assert!(log.contains(want), "missing event `{want}`:\n{log}");
+    }
     assert!(
         text.contains("guest after migration 1: continued correctly"),
         "{text}"

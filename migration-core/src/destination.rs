@@ -8,7 +8,7 @@
 use std::fmt;
 use std::io::{Read, Write};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::arch::Arch;
 use crate::codec::{self, Codec, CodecRegistry};
@@ -81,10 +81,13 @@ where
     S: Read + Write,
     F: FnOnce(&IncomingVm) -> Result<M, MigratableError>,
 {
+    let _span = tracing::info_span!("migrate_in").entered();
     let mut ch = Channel::new(stream);
     match receive(&mut ch, options, build) {
         Ok(done) => Ok(done),
         Err(e) => {
+            // `?`: the error may quote the peer's reason (untrusted text).
+            tracing::warn!(error = ?e.to_string(), "incoming migration aborted");
             match &e {
                 MigrationError::PeerAborted(_) => {}
                 // The answer to the HELLO: the source says who refused.
@@ -184,6 +187,14 @@ where
             })
         }
     };
+    tracing::info!(
+        version = hello.version,
+        arch = ?hello.arch,
+        regions = hello.layout.len(),
+        ram_bytes = hello.layout.iter().fold(0u64, |s, r| s.saturating_add(r.length)),
+        producer = ?hello.producer,
+        "HELLO received"
+    );
     let (version, codec) = negotiate(&hello, options)?;
     let incoming = IncomingVm {
         version,
@@ -208,6 +219,7 @@ where
         )));
     }
     vm.start_migration(MigrationRole::Destination)?;
+    tracing::info!(version, codec = %codec.id(), "VM built, HELLO accepted");
     ch.send(&Message::HelloAck {
         version,
         codec: codec.id(),
@@ -271,6 +283,12 @@ where
                 }
                 fresh = false;
                 report.rounds += 1;
+                tracing::debug!(
+                    round,
+                    memory_bytes = report.memory_bytes,
+                    zero_bytes = report.zero_bytes,
+                    "round received"
+                );
             }
             Message::State { last, data } => {
                 if state.len() + data.len() > MAX_STATE {
@@ -290,7 +308,16 @@ where
                             }
                         })?;
                     snapshot.resolve_codecs(&options.codecs);
+                    // Every section's codec, before any state is written.
+                    snapshot.check_codecs(&options.codecs)?;
+                    let t = Instant::now();
                     vm.restore(&snapshot)?;
+                    tracing::info!(
+                        state_bytes = report.state_bytes,
+                        rounds = report.rounds,
+                        restore = ?t.elapsed(),
+                        "device state restored, READY"
+                    );
                     ch.send(&Message::Ready)?;
                     ch.flush()?;
                     ready = true;
@@ -301,6 +328,7 @@ where
                 // true (this guest never ran), and the source may resume its own.
                 vm.complete_migration()?;
                 vm.resume()?;
+                tracing::info!("GO received: the VM runs here");
                 ch.send(&Message::Done)?;
                 // The VM runs here now, whether or not DONE reaches the source.
                 let _ = ch.flush();

@@ -220,6 +220,7 @@ where
     M: Migratable + ?Sized,
     S: Read + Write,
 {
+    let _span = tracing::info_span!("migrate_out").entered();
     let mut source = Source {
         ch: Channel::new(stream),
         paused: false,
@@ -230,7 +231,19 @@ where
     };
     match source.run(vm, options) {
         Ok(report) => Ok(report),
-        Err(e) => Err(source.recover(vm, e)),
+        Err(e) => {
+            let e = source.recover(vm, e);
+            match &e {
+                MigrationError::CommitUncertain => {
+                    tracing::error!(error = %e, "connection lost after GO: the source stays paused")
+                }
+                // `?`: the error may quote the peer's reason (untrusted text).
+                _ => {
+                    tracing::warn!(error = ?e.to_string(), "migration aborted: the source runs on")
+                }
+            }
+            Err(e)
+        }
     }
 }
 
@@ -267,6 +280,7 @@ impl<S: Read + Write> Source<S> {
         options: &mut MigrationOptions,
     ) -> Result<MigrationReport, MigrationError> {
         let (version, codec) = self.handshake(vm, options)?;
+        tracing::info!(version, codec = %codec.id(), "handshake accepted");
         vm.start_migration(MigrationRole::Source)?;
         vm.start_dirty_log()?;
         self.dirty_logging = true;
@@ -286,6 +300,14 @@ impl<S: Read + Write> Source<S> {
         let (pending, converged) = loop {
             let dirty = vm.dirty_log()?;
             let estimated = Duration::from_secs_f64(dirty.total_bytes() as f64 / bandwidth);
+            tracing::info!(
+                dirty_pages = dirty.total_bytes() / PAGE_SIZE,
+                dirty_bytes = dirty.total_bytes(),
+                bandwidth_mib_s = %format_args!("{:.1}", bandwidth / f64::from(1u32 << 20)),
+                estimated_downtime = ?estimated,
+                limit = ?options.downtime_limit,
+                "dirty log read"
+            );
             if estimated <= options.downtime_limit {
                 break (dirty, true);
             }
@@ -319,6 +341,7 @@ impl<S: Read + Write> Source<S> {
         let paused_at = Instant::now();
         vm.pause()?;
         self.paused = true;
+        tracing::info!(converged, pause_took = ?paused_at.elapsed(), "source paused for the final round");
         let mut last = pending;
         last.extend(&vm.dirty_log()?);
         let round = rounds.len() as u32;
@@ -336,6 +359,7 @@ impl<S: Read + Write> Source<S> {
                 source,
             })?;
         let state_capture = t.elapsed();
+        tracing::info!(state_bytes = state.len(), capture = ?state_capture, "device state captured");
 
         let t = Instant::now();
         let piece = MAX_PAYLOAD as usize - 1;
@@ -361,6 +385,7 @@ impl<S: Read + Write> Source<S> {
         self.ch.send(&Message::Go)?;
         self.ch.flush()?;
         self.committed = true;
+        tracing::info!("GO sent: committed, the destination resumes the guest");
         self.expect(MessageType::Done, "waiting for the destination to resume")?;
         let resume = t.elapsed();
         let total = paused_at.elapsed();
@@ -369,6 +394,7 @@ impl<S: Read + Write> Source<S> {
         vm.stop_dirty_log()?;
         vm.complete_migration()?;
 
+        tracing::info!(total = ?self.started.elapsed(), downtime = ?total, "migration completed");
         let memory_time: Duration = rounds.iter().map(|r| r.duration).sum();
         let memory_bytes: u64 = rounds.iter().map(|r| r.wire_bytes).sum();
         Ok(MigrationReport {
@@ -433,7 +459,10 @@ impl<S: Read + Write> Source<S> {
                 self.accepted = true;
                 Ok((v, codec))
             }
-            Message::Abort(reason) => Err(MigrationError::Refused(reason)),
+            Message::Abort(reason) => {
+                tracing::warn!(reason = ?reason, "the destination refused the migration");
+                Err(MigrationError::Refused(reason))
+            }
             other => Err(MigrationError::Unexpected {
                 got: other.message_type(),
                 state: "waiting for HELLO_ACK",
@@ -513,6 +542,17 @@ impl<S: Read + Write> Source<S> {
         self.ch.flush()?;
         report.wire_bytes = self.ch.bytes_sent() - wire_start;
         report.duration = start.elapsed();
+        tracing::info!(
+            round,
+            last,
+            guest_bytes = report.guest_bytes,
+            pages = report.pages,
+            zero_pages = report.zero_pages,
+            wire_bytes = report.wire_bytes,
+            elapsed = ?report.duration,
+            bandwidth_mib_s = %format_args!("{:.1}", report.bandwidth() / f64::from(1u32 << 20)),
+            "round sent"
+        );
         Ok(report)
     }
 
