@@ -3,9 +3,13 @@
 //! This crate decouples *what* KVM state a VM has (plain data: [`VcpuState`],
 //! [`VmState`]) from the *live* objects that hold it ([`KvmVcpu`], [`KvmVmDevices`],
 //! [`VcpuRunner`]), and both from the ioctls underneath ([`VcpuBackend`],
-//! [`VmBackend`], implemented for kvm-ioctls' `VcpuFd`/`VmFd` and by test doubles).
-//! The order in which state is saved and restored is written once, as data, in
-//! [`order`]; `docs/kvm-state.md` explains every constraint.
+//! [`VmBackend`], implemented for kvm-ioctls' `VcpuFd`/`VmFd`, for references to
+//! them, and by test doubles). A VMM that owns its KVM objects lends them: every
+//! piece works on `&VmFd`, `&VcpuFd` and the VMM's own vm-memory guest memory, for
+//! any irqchip layout ([`DeviceLayout`]). [`KvmVm`] assembles the pieces into a whole
+//! VM for those who have no VMM of their own. The order in which state is saved and
+//! restored is written once, as data, in [`order`]; `docs/kvm-state.md` explains
+//! every constraint.
 //!
 //! # Example
 //!
@@ -57,17 +61,28 @@
 //! ```
 //!
 //! # Map
-//! - [`VcpuState`] / [`KvmVcpu`] (`vcpu<N>`), [`HostCaps`]: vCPU state.
-//! - [`VmState`] / [`KvmVmDevices`] (`devices`), [`ClockRestore`]: PIT, kvmclock, PICs, IOAPIC.
+//! - [`VcpuState`] / [`KvmVcpu`] (`vcpu<N>`), [`HostCaps`]: vCPU state;
+//!   [`save_vcpu_state`] / [`restore_vcpu_state`] on a borrowed vCPU.
+//! - [`VmState`] / [`KvmVmDevices`] (`devices`), [`save_vm_state`] /
+//!   [`restore_vm_state`], [`ClockRestore`]: kvmclock and the PIT, PICs and IOAPIC
+//!   the VM's [`DeviceLayout`] ([`layout`]: full, split or no irqchip; PIT or not)
+//!   has.
 //! - [`order`]: the save and restore order as data, with reasons.
 //! - [`MachineState`] / [`save_machine`] / [`restore_machine`] ([`machine`]): a whole
 //!   machine, every vCPU paused before any state is read or written, devices before
 //!   vCPUs, the vCPUs in parallel on their threads ([`VcpuGroup`]).
 //! - [`msr`]: which MSRs are saved, chunked and count-checked reads and writes.
 //! - [`state`]: tagged, size-checked wrappers of kvm-bindings structs ([`Raw`]).
-//! - [`VcpuBackend`], [`VmBackend`]: the ioctl surface, for test doubles.
-//! - [`VcpuRunner`]: a vCPU on its own thread; the pause protocol (kick, complete I/O,
-//!   park); port I/O exits to an [`ExitHandler`].
+//! - [`VcpuBackend`], [`VmBackend`]: the ioctl surface, for borrowed fds and test
+//!   doubles.
+//! - The pause protocol, in pieces for a VMM's own run loop: [`kick`](mod@kick) (the kick
+//!   signal, [`KickableVcpu`]: this thread's `immediate_exit`,
+//!   [`complete_pending_io`]) and [`park`] ([`PauseControl`]: request, park, jobs on
+//!   the vCPU thread); [`VcpuRunner`], a run loop built from them, hands every exit
+//!   to an [`ExitHandler`] with its data ([`ExitEvent`]).
+//! - [`memory`] ([`memory::GuestRam`]: any vm-memory mmap memory, with its layout
+//!   and KVM slots), [`bitmap`] (what the VMM's own writes are tracked with),
+//!   [`dirty`], [`snapshot_memory`], [`restore`]: guest memory (`docs/memory.md`).
 //! - [`KvmStateError`]: typed errors naming the failed step or MSR.
 //! - CPU compatibility: [`cpu_model`] (a CPU as data, this host's probed),
 //!   [`cpu_features`] (feature names from raw-cpuid), [`cpu_check`] (guest vs host,
@@ -76,6 +91,10 @@
 //! - [`KvmVm`] / [`KvmVmConfig`]: a whole VM (irqchip, PIT, memory slots, vCPU threads)
 //!   that is `Migratable`; snapshot files with [`KvmVm::save_snapshot`] and
 //!   [`KvmVm::restore_from_file`].
+//!
+//! Operators see what it does through `tracing` events (restore steps with their
+//! times, snapshot sizes, pauses); without a `tracing` subscriber they are `log`
+//! records.
 
 #![warn(missing_docs)]
 #![warn(missing_debug_implementations)]

@@ -3,7 +3,7 @@
 //!
 //! The vCPU thread calls [`checkpoint`](PauseControl::checkpoint) before every guest
 //! entry; when it answers [`Request::Pause`] the thread makes its vCPU quiescent
-//! ([`crate::kick`]'s `complete_pending_io`) and calls [`park`](PauseControl::park),
+//! ([`complete_pending_io`](crate::complete_pending_io)) and calls [`park`](PauseControl::park),
 //! which runs the jobs sent with [`run_on_vcpu`](PauseControl::run_on_vcpu) (save,
 //! restore: the `VcpuFd` never leaves its thread) until it is resumed or told to quit.
 //! The controller calls [`pause`](PauseControl::pause) (request, kick, wait until

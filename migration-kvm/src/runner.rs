@@ -1,7 +1,7 @@
 //! [`VcpuRunner`]: a vCPU running on its own thread, pausable at any time, its
 //! exits handed to the VMM's [`ExitHandler`].
 //!
-//! The runner is the pause protocol's pieces put together ([`crate::kick`],
+//! The runner is the pause protocol's pieces put together ([`kick`](mod@crate::kick),
 //! [`crate::park`]); a VMM with its own run loop uses the pieces directly. To pause:
 //! 1. the controller sets the pause request (under a mutex) and sends the thread the
 //!    kick signal;
