@@ -20,7 +20,7 @@
 //! use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 //! use kvm_ioctls::{Kvm, VmFd};
 //! use migration_core::{Snapshot, Snapshottable};
-//! use migration_kvm::{ClockRestore, HostCaps, KvmVcpu, KvmVmDevices, VcpuBackend};
+//! use migration_kvm::{ClockRestore, DeviceLayout, HostCaps, KvmVcpu, KvmVmDevices, VcpuBackend};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let Ok(kvm) = Kvm::new() else {
@@ -28,15 +28,15 @@
 //!     return Ok(());
 //! };
 //! // A VM with an in-kernel irqchip and PIT, and one vCPU with KVM's CPUID.
+//! let layout = DeviceLayout::FULL_WITH_PIT;
 //! let new_vm = || -> Result<(KvmVmDevices<VmFd>, KvmVcpu<_>), Box<dyn std::error::Error>> {
 //!     let vm = kvm.create_vm()?;
-//!     vm.create_irq_chip()?;
-//!     vm.create_pit2(Default::default())?;
+//!     layout.create(&vm)?; // KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2
 //!     let fd = vm.create_vcpu(0)?;
 //!     fd.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?)?;
-//!     let caps = HostCaps::probe(&kvm, &vm, &DeviceLayout::FULL_WITH_PIT)?;
+//!     let caps = HostCaps::probe(&kvm, &vm, &layout)?;
 //!     // The caller chooses how kvmclock is restored.
-//!     Ok((KvmVmDevices::new(vm, DeviceLayout::FULL_WITH_PIT, ClockRestore::Exact), KvmVcpu::new(0, fd, caps)))
+//!     Ok((KvmVmDevices::new(vm, layout, ClockRestore::Exact), KvmVcpu::new(0, fd, caps)))
 //! };
 //!
 //! let (mut devices, mut vcpu) = new_vm()?;
