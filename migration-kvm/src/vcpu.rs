@@ -223,10 +223,23 @@ impl<B: VcpuBackend> KvmVcpu<B> {
     /// this vCPU's CPUID (without [`msr::NEEDS_LAPIC`] on a vCPU without a LAPIC),
     /// computed on first use and kept until the next restore.
     pub fn msr_list(&self) -> Result<&[u32], KvmStateError> {
+        self.msr_list_with(None)
+    }
+
+    /// [`msr_list`](Self::msr_list), computed from `cpuid` (just read from this
+    /// vCPU) if it is not cached yet, instead of reading the CPUID again.
+    fn msr_list_with(&self, cpuid: Option<&CpuidState>) -> Result<&[u32], KvmStateError> {
         if let Some(l) = self.msr_list.get() {
             return Ok(l);
         }
-        let cpuid = self.get_cpuid()?;
+        let read;
+        let cpuid = match cpuid {
+            Some(c) => c,
+            None => {
+                read = self.get_cpuid()?;
+                &read
+            }
+        };
         let mcg_cap = msr::get_msr(&self.backend, msr::MSR_IA32_MCG_CAP);
         let mtrr_cap = msr::get_msr(&self.backend, msr::MSR_MTRRCAP);
         let mut list = msr::save_list(&self.caps.msr_index_list, &cpuid.0, mcg_cap, mtrr_cap);
@@ -281,7 +294,11 @@ impl<B: VcpuBackend> KvmVcpu<B> {
                     None
                 }
             }
-            VcpuStep::Msrs => b.msrs = Some(MsrState(msr::get_msrs(be, self.msr_list()?)?)),
+            VcpuStep::Msrs => {
+                // The CPUID step comes first in the save order: reuse what it read.
+                let list = self.msr_list_with(b.cpuid.as_ref())?;
+                b.msrs = Some(MsrState(msr::get_msrs(be, list)?))
+            }
             VcpuStep::NestedState => b.nested = self.get_nested()?,
             VcpuStep::VcpuEvents => {
                 b.vcpu_events = Some(Raw::new(be.get_vcpu_events().map_err(get)?))
