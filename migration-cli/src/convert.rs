@@ -1,18 +1,22 @@
 //! `vmsnap convert FILE --codec C -o OUT`: re-encode the sections whose types are
 //! known (the migration-kvm state types) with another codec. If any section's type is
 //! unknown, nothing is written and the command names those sections.
+//!
+//! Memory is copied run by run from the input file to the output
+//! ([`StoredMemory`]): the cost and the RAM used follow the bytes the input stores,
+//! whatever guest memory it declares.
 
-use std::fs::File;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use migration_core::container::{ContainerReader, WriteOptions};
+use migration_core::container::{ReadOptions, StoredMemory, WriteOptions};
+use migration_core::text::printable;
 use migration_core::{file, Codec, Snapshot};
 
-use crate::diff::load;
 use crate::known;
+use crate::open::open_verified;
 use crate::{CodecName, EXIT_FAILED};
 
 fn codec(name: CodecName) -> Arc<dyn Codec> {
@@ -38,9 +42,14 @@ fn convert_node(
                 Ok(s) => {
                     out.add_section(id, s);
                 }
-                Err(e) => failed.push(format!("{path}:{id} ({}): {e}", kind.type_name())),
+                Err(e) => failed.push(format!(
+                    "{}:{} ({}): {e}",
+                    printable(path),
+                    printable(id),
+                    kind.type_name()
+                )),
             },
-            None => unknown.push(format!("{path}:{id}")),
+            None => unknown.push(format!("{}:{}", printable(path), printable(id))),
         }
     }
     for child in node.children() {
@@ -56,19 +65,22 @@ fn convert_node(
 }
 
 /// Runs `vmsnap convert`.
-pub fn run(input: &Path, name: CodecName, output: &Path) -> anyhow::Result<ExitCode> {
-    let loaded = load(input)?;
-    let header = ContainerReader::open(File::open(input)?)?.header().clone();
+pub fn run(
+    input: &Path,
+    name: CodecName,
+    output: &Path,
+    max_memory: u64,
+) -> anyhow::Result<ExitCode> {
+    let mut reader = open_verified(input, max_memory)?;
+    let header = reader.header().clone();
+    let tree = reader
+        .read_snapshot(&migration_serde::registry(), None, &ReadOptions::default())
+        .with_context(|| format!("cannot read the tree of {}", input.display()))?;
+    let memory = StoredMemory::new(reader);
     let codec = codec(name);
     let mut unknown = Vec::new();
     let mut failed = Vec::new();
-    let converted = convert_node(
-        &loaded.tree,
-        loaded.tree.id(),
-        &codec,
-        &mut unknown,
-        &mut failed,
-    );
+    let converted = convert_node(&tree, tree.id(), &codec, &mut unknown, &mut failed);
     if !unknown.is_empty() || !failed.is_empty() {
         println!(
             "refused: {} section(s) of types vmsnap does not know, {} that did not decode; \
@@ -90,7 +102,7 @@ pub fn run(input: &Path, name: CodecName, output: &Path) -> anyhow::Result<ExitC
         parent: header.parent,
         ..WriteOptions::default()
     };
-    let summary = file::write_snapshot_file(output, &converted, Some(&loaded.memory), &options)
+    let summary = file::write_snapshot_file(output, &converted, Some(&memory), &options)
         .with_context(|| format!("cannot write {}", output.display()))?;
     println!(
         "converted {} sections of {} to {} ({}): {} bytes",

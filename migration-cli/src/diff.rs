@@ -8,67 +8,102 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use migration_core::container::{ContainerReader, ReadOptions};
+use migration_core::container::{ReadOptions, StoredMemory};
 use migration_core::memory::PAGE_SIZE;
-use migration_core::{Codec, MemoryRange, MemoryRangeTable, Section, Snapshot};
+use migration_core::text::printable;
+use migration_core::{Codec, MemoryRange, MemoryRangeTable, MemorySource, Section, Snapshot};
 
 use crate::known;
+use crate::open::open_verified;
 use crate::report::bytes;
-use crate::sparse::SparseMemory;
 use crate::EXIT_FAILED;
 
-/// A snapshot read whole: tree and memory pages.
+/// A snapshot opened for comparing: its tree, and its memory read on demand.
 pub struct Loaded {
     /// The tree (codecs resolved).
     pub tree: Snapshot,
-    /// The memory.
-    pub memory: SparseMemory,
+    /// The memory, read from the file run by run.
+    pub memory: StoredMemory<File>,
     /// The extents, as memory ranges.
     pub layout: Vec<MemoryRange>,
 }
 
-/// Reads the snapshot at `path` whole (memory into a sparse page map).
-pub fn load(path: &Path) -> anyhow::Result<Loaded> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut reader = ContainerReader::open(file)
-        .with_context(|| format!("{} is not a readable snapshot", path.display()))?;
+/// Opens and verifies the snapshot at `path` and reads its tree; memory stays in the
+/// file.
+pub fn load(path: &Path, max_memory: u64) -> anyhow::Result<Loaded> {
+    let mut reader = open_verified(path, max_memory)?;
     let layout: Vec<MemoryRange> = reader
         .extents()
         .iter()
         .map(|e| MemoryRange::new(e.gpa, e.length))
         .collect();
-    check_declared_memory(&layout)
-        .with_context(|| format!("{} is not a snapshot vmsnap reads", path.display()))?;
-    let memory = SparseMemory::new(layout.clone());
     let tree = reader
-        .read_snapshot(
-            &migration_serde::registry(),
-            Some(&memory),
-            &ReadOptions::default(),
-        )
+        .read_snapshot(&migration_serde::registry(), None, &ReadOptions::default())
         .with_context(|| format!("cannot read {}", path.display()))?;
     Ok(Loaded {
         tree,
-        memory,
+        memory: StoredMemory::new(reader),
         layout,
     })
 }
 
-/// Refuses a snapshot declaring more guest memory than any VM may have
-/// ([`migration_kvm::kvm_vm::MAX_GUEST_RAM`]). A stream-form file's extents are not bounded by
-/// its length (zero pages are not sent), and `convert` reads every declared byte, so a
-/// small file could otherwise keep it busy for years.
-fn check_declared_memory(layout: &[MemoryRange]) -> anyhow::Result<()> {
-    let total = layout
+/// The pages in which `a` and `b` differ, comparing only where either stores bytes
+/// (everywhere else both are zero), a chunk of at most 1 MiB at a time. A page
+/// outside one side's layout reads as zero there.
+fn memory_differences(a: &Loaded, b: &Loaded) -> anyhow::Result<MemoryRangeTable> {
+    const CHUNK: u64 = 1 << 20;
+    let mut ranges: Vec<MemoryRange> = a
+        .memory
+        .stored()
         .iter()
-        .try_fold(0u64, |sum, r| sum.checked_add(r.length));
-    match total {
-        Some(t) if t <= migration_kvm::kvm_vm::MAX_GUEST_RAM => Ok(()),
-        _ => anyhow::bail!(
-            "it declares more than {} bytes of guest memory",
-            migration_kvm::kvm_vm::MAX_GUEST_RAM
-        ),
+        .chain(b.memory.stored())
+        .copied()
+        .collect();
+    ranges.sort_by_key(|r| r.gpa);
+    let mut differ = MemoryRangeTable::new();
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    let mut done = 0u64; // everything below this address is compared
+    for r in ranges {
+        let mut at = r.gpa.max(done);
+        let end = r.gpa + r.length;
+        while at < end {
+            let n = (end - at).min(CHUNK);
+            read_or_zero(&a.memory, &a.layout, at, n, &mut x)?;
+            read_or_zero(&b.memory, &b.layout, at, n, &mut y)?;
+            for (i, (p, q)) in x
+                .chunks(PAGE_SIZE as usize)
+                .zip(y.chunks(PAGE_SIZE as usize))
+                .enumerate()
+            {
+                if p != q {
+                    differ.push(MemoryRange::new(at + i as u64 * PAGE_SIZE, PAGE_SIZE));
+                }
+            }
+            at += n;
+        }
+        done = done.max(end);
     }
+    Ok(differ)
+}
+
+/// Reads `[gpa, gpa + len)` of `m` into `buf`, pages outside `layout` as zero.
+fn read_or_zero(
+    m: &StoredMemory<File>,
+    layout: &[MemoryRange],
+    gpa: u64,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    buf.clear();
+    buf.resize(len as usize, 0);
+    let end = gpa + len;
+    let first = layout.partition_point(|r| r.gpa + r.length <= gpa);
+    for r in layout[first..].iter().take_while(|r| r.gpa < end) {
+        let lo = r.gpa.max(gpa);
+        let hi = (r.gpa + r.length).min(end);
+        m.read_memory(lo, &mut buf[(lo - gpa) as usize..(hi - gpa) as usize])?;
+    }
+    Ok(())
 }
 
 /// A section and where it sits: node id, section id.
@@ -132,9 +167,9 @@ fn compare(node: &str, id: &str, x: &Section, y: &Section) -> Option<(String, bo
 }
 
 /// Runs `vmsnap diff`.
-pub fn run(a: &Path, b: &Path) -> anyhow::Result<ExitCode> {
-    let la = load(a)?;
-    let lb = load(b)?;
+pub fn run(a: &Path, b: &Path, max_memory: u64) -> anyhow::Result<ExitCode> {
+    let la = load(a, max_memory)?;
+    let lb = load(b, max_memory)?;
     let mut differences = 0usize;
 
     let sa = sections(&la.tree);
@@ -142,16 +177,17 @@ pub fn run(a: &Path, b: &Path) -> anyhow::Result<ExitCode> {
     let keys: BTreeSet<&String> = sa.keys().chain(sb.keys()).collect();
     println!("sections:");
     for k in keys {
+        let shown = printable(k);
         match (sa.get(k), sb.get(k)) {
-            (Some(_), None) => println!("  - {k}  only in A"),
-            (None, Some(_)) => println!("  + {k}  only in B"),
+            (Some(_), None) => println!("  - {shown}  only in A"),
+            (None, Some(_)) => println!("  + {shown}  only in B"),
             (Some((node, id, x)), Some((_, _, y))) => match compare(node, id, x, y) {
                 None => continue,
                 Some((why, true)) => {
-                    println!("  = {k}  {why}");
+                    println!("  = {shown}  {}", printable(&why));
                     continue;
                 }
-                Some((why, false)) => println!("  ~ {k}  {why}"),
+                Some((why, false)) => println!("  ~ {shown}  {}", printable(&why)),
             },
             (None, None) => continue,
         }
@@ -163,15 +199,7 @@ pub fn run(a: &Path, b: &Path) -> anyhow::Result<ExitCode> {
         differences += 1;
         println!("  layouts differ: A {:?}, B {:?}", la.layout, lb.layout);
     }
-    let pa = la.memory.pages();
-    let pb = lb.memory.pages();
-    let pages: BTreeSet<u64> = pa.keys().chain(pb.keys()).copied().collect();
-    let mut differ = MemoryRangeTable::new();
-    for p in pages {
-        if pa.get(&p) != pb.get(&p) {
-            differ.push(MemoryRange::new(p, PAGE_SIZE));
-        }
-    }
+    let differ = memory_differences(&la, &lb)?;
     if differ.is_empty() {
         println!("  same contents");
     } else {
@@ -199,22 +227,5 @@ pub fn run(a: &Path, b: &Path) -> anyhow::Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     } else {
         Ok(ExitCode::from(EXIT_FAILED))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn declared_memory_is_bounded() {
-        let gib = MemoryRange::new(0, 1 << 30);
-        assert!(check_declared_memory(&[gib]).is_ok());
-        let max = MemoryRange::new(0, migration_kvm::kvm_vm::MAX_GUEST_RAM);
-        assert!(check_declared_memory(&[max]).is_ok());
-        assert!(check_declared_memory(&[max, MemoryRange::new(1 << 50, 4096)]).is_err());
-        assert!(check_declared_memory(&[MemoryRange::new(0, 1 << 62)]).is_err());
-        let wraps = [MemoryRange::new(0, u64::MAX), MemoryRange::new(0, 2)];
-        assert!(check_declared_memory(&wraps).is_err());
     }
 }

@@ -1,24 +1,32 @@
 //! `vmsnap inspect FILE [--json]`: header, tree, sections (KVM state decoded into
 //! named fields) and memory extents of a snapshot file.
+//!
+//! The file is verified first (what `verify` refuses, `inspect` refuses). Paths are
+//! not stored per node: they are spelled out only while printing, one at a time, so a
+//! tree of deep, long ids costs memory in proportion to the file, and the text output
+//! (ids indented by depth) in proportion to the nodes and sections. Untrusted text
+//! (ids, producer) passes through `printable` before it reaches the terminal.
 
 use std::collections::BTreeMap;
-use std::fs::File;
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use migration_core::container::{ContainerReader, Form, ReadOptions};
+use migration_core::container::{ContainerInfo, Form, ReadOptions};
+use migration_core::text::printable;
 use migration_core::Snapshot;
 use migration_kvm::snapshot_memory::digest_hex;
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 use crate::known::{self, Fields};
+use crate::open::open_verified;
 use crate::report::bytes;
 
 /// Everything `inspect` reports; `--json` prints it as is.
 #[derive(Debug, Serialize)]
-pub struct Inspection {
+pub struct Inspection<'a> {
     /// The file inspected.
     pub file: String,
     /// Its length.
@@ -36,24 +44,39 @@ pub struct Inspection {
     /// Parent digest (incremental snapshots).
     pub parent: Option<String>,
     /// Nodes of the tree.
-    pub nodes: Vec<NodeOut>,
+    pub nodes: Vec<NodeOut<'a>>,
     /// Sections.
-    pub sections: Vec<SectionOut>,
+    pub sections: Vec<SectionOut<'a>>,
     /// Memory extents.
     pub extents: Vec<ExtentOut>,
     /// Total guest memory covered by extents.
     pub memory_bytes: u64,
     /// Bytes of memory stored as data (the rest reads as zero).
     pub allocated_bytes: u64,
-    /// Why the tree could not be read (a bad payload checksum, an unknown codec…).
-    pub tree_error: Option<String>,
+}
+
+/// The path of a node, spelled out only when printed.
+#[derive(Clone, Copy, Debug)]
+pub struct PathOf<'a> {
+    info: &'a ContainerInfo,
+    node: usize,
+}
+
+impl Serialize for PathOf<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.info.path(self.node))
+    }
 }
 
 /// A node of the tree.
 #[derive(Debug, Serialize)]
-pub struct NodeOut {
+pub struct NodeOut<'a> {
     /// Its path.
-    pub path: String,
+    pub path: PathOf<'a>,
+    /// Its id.
+    pub id: &'a str,
+    /// Its depth (the root is 1).
+    pub depth: usize,
     /// Its sections.
     pub sections: usize,
     /// Bytes of its own sections.
@@ -64,11 +87,14 @@ pub struct NodeOut {
 
 /// A section.
 #[derive(Debug, Serialize)]
-pub struct SectionOut {
+pub struct SectionOut<'a> {
     /// Path of its node.
-    pub path: String,
+    pub path: PathOf<'a>,
+    /// Index of its node in `nodes`.
+    #[serde(skip)]
+    pub node: usize,
     /// Section id.
-    pub id: String,
+    pub id: &'a str,
     /// State version.
     pub version: u32,
     /// Codec id.
@@ -104,18 +130,48 @@ pub struct ExtentOut {
     pub sparse: u64,
 }
 
-/// Inspects `path`.
-pub fn inspect(path: &Path) -> anyhow::Result<Inspection> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let meta = file.metadata()?;
-    let mut reader = ContainerReader::open(file)
-        .with_context(|| format!("{} is not a readable snapshot", path.display()))?;
+/// A verified snapshot file read for inspection: what [`Inspection`] borrows.
+pub struct Loaded {
+    file: String,
+    file_bytes: u64,
+    disk_bytes: u64,
+    info: ContainerInfo,
+    tree: Snapshot,
+}
+
+/// Opens, verifies and reads `path` (tree only; memory is summarized from the tables).
+pub fn load(path: &Path, max_memory: u64) -> anyhow::Result<Loaded> {
+    let mut reader = open_verified(path, max_memory)?;
+    let meta = std::fs::metadata(path)?;
     let info = reader.info();
-    let registry = migration_serde::registry();
-    let (tree, tree_error) = match reader.read_snapshot(&registry, None, &ReadOptions::default()) {
-        Ok(t) => (Some(t), None),
-        Err(e) => (None, Some(e.to_string())),
-    };
+    let tree = reader
+        .read_snapshot(&migration_serde::registry(), None, &ReadOptions::default())
+        .with_context(|| format!("cannot read the tree of {}", path.display()))?;
+    Ok(Loaded {
+        file: path.display().to_string(),
+        file_bytes: meta.len(),
+        disk_bytes: meta.blocks() * 512,
+        info,
+        tree,
+    })
+}
+
+/// The tree's nodes in storage order (depth first, children by id): the order of
+/// [`ContainerInfo::nodes`].
+fn nodes_in_order(tree: &Snapshot) -> Vec<&Snapshot> {
+    let mut out = Vec::new();
+    let mut stack = vec![tree];
+    while let Some(n) = stack.pop() {
+        out.push(n);
+        let children: Vec<&Snapshot> = n.children().collect();
+        stack.extend(children.into_iter().rev());
+    }
+    out
+}
+
+/// What `inspect` reports about `l`.
+pub fn inspect(l: &Loaded) -> Inspection<'_> {
+    let info = &l.info;
     let h = &info.header;
     let mut allocated_by_extent = vec![0u64; info.extents.len()];
     match &info.runs {
@@ -144,15 +200,16 @@ pub fn inspect(path: &Path) -> anyhow::Result<Inspection> {
             sparse: e.length.saturating_sub(a),
         })
         .collect();
+    let tree_nodes = nodes_in_order(&l.tree);
     let sections = info
         .sections
         .iter()
-        .map(|s| section_out(s, tree.as_ref()))
+        .map(|s| section_out(info, s, tree_nodes.get(s.node).copied()))
         .collect();
-    Ok(Inspection {
-        file: path.display().to_string(),
-        file_bytes: meta.len(),
-        disk_bytes: meta.blocks() * 512,
+    Inspection {
+        file: l.file.clone(),
+        file_bytes: l.file_bytes,
+        disk_bytes: l.disk_bytes,
         format_version: format!("{}.{}", h.major, h.minor),
         form: match h.form {
             Form::File => "file".into(),
@@ -166,8 +223,11 @@ pub fn inspect(path: &Path) -> anyhow::Result<Inspection> {
         nodes: info
             .nodes
             .iter()
-            .map(|n| NodeOut {
-                path: n.path.clone(),
+            .enumerate()
+            .map(|(i, n)| NodeOut {
+                path: PathOf { info, node: i },
+                id: &n.id,
+                depth: n.depth,
                 sections: n.sections,
                 payload_bytes: n.payload_bytes,
                 subtree_bytes: n.subtree_bytes,
@@ -177,16 +237,20 @@ pub fn inspect(path: &Path) -> anyhow::Result<Inspection> {
         memory_bytes: extents.iter().map(|e| e.length).sum(),
         allocated_bytes: extents.iter().map(|e| e.allocated).sum(),
         extents,
-        tree_error,
-    })
+    }
 }
 
-fn section_out(s: &migration_core::container::SectionInfo, tree: Option<&Snapshot>) -> SectionOut {
-    let node_id = s.path.rsplit('/').next().unwrap_or(&s.path);
+fn section_out<'a>(
+    info: &'a ContainerInfo,
+    s: &'a migration_core::container::SectionInfo,
+    node: Option<&Snapshot>,
+) -> SectionOut<'a> {
+    let node_id = info.nodes.get(s.node).map_or("", |n| n.id.as_str());
     let kind = known::kind_of(node_id, &s.id);
     let mut out = SectionOut {
-        path: s.path.clone(),
-        id: s.id.clone(),
+        path: PathOf { info, node: s.node },
+        node: s.node,
+        id: &s.id,
         version: s.version,
         codec: s.codec.to_string(),
         size: s.length,
@@ -197,10 +261,7 @@ fn section_out(s: &migration_core::container::SectionInfo, tree: Option<&Snapsho
         decode_error: None,
         json: None,
     };
-    let Some(section) = tree
-        .and_then(|t| t.find(&s.path))
-        .and_then(|n| n.section(&s.id).ok())
-    else {
+    let Some(section) = node.and_then(|n| n.section(&s.id).ok()) else {
         return out;
     };
     match kind {
@@ -222,63 +283,70 @@ fn section_out(s: &migration_core::container::SectionInfo, tree: Option<&Snapsho
 }
 
 /// Runs `vmsnap inspect`.
-pub fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let i = inspect(path)?;
+pub fn run(path: &Path, json: bool, max_memory: u64) -> anyhow::Result<ExitCode> {
+    let loaded = load(path, max_memory)?;
+    let i = inspect(&loaded);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
     if json {
-        println!("{}", serde_json::to_string_pretty(&i)?);
+        serde_json::to_writer_pretty(&mut out, &i)?;
+        writeln!(out)?;
     } else {
-        print_text(&i);
+        print_text(&mut out, &i)?;
     }
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_text(i: &Inspection) {
-    println!("file      {}", i.file);
-    println!(
+fn print_text(out: &mut impl Write, i: &Inspection<'_>) -> std::io::Result<()> {
+    writeln!(out, "file      {}", printable(&i.file))?;
+    writeln!(
+        out,
         "size      {} ({} on disk)",
         bytes(i.file_bytes),
         bytes(i.disk_bytes)
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "format    {} ({} form), arch {}",
         i.format_version, i.form, i.arch
-    );
-    println!("producer  {}", i.producer);
+    )?;
+    writeln!(out, "producer  {}", printable(&i.producer))?;
     if let Some(p) = &i.parent {
-        println!("parent    {p} (incremental)");
+        writeln!(out, "parent    {p} (incremental)")?;
     }
-    if let Some(e) = &i.tree_error {
-        println!("WARNING   the tree could not be read: {e}");
-    }
-    println!(
+    writeln!(
+        out,
         "\ntree ({} nodes, {} sections)",
         i.nodes.len(),
         i.sections.len()
-    );
-    for n in &i.nodes {
-        let depth = n.path.matches('/').count();
-        println!(
-            "  {}{}  ({} sections, {})",
-            "  ".repeat(depth),
-            n.path,
+    )?;
+    // Sections are stored node by node, in node order: one pass over both.
+    let mut sections = i.sections.iter().peekable();
+    for (index, n) in i.nodes.iter().enumerate() {
+        let indent = "  ".repeat(n.depth - 1);
+        writeln!(
+            out,
+            "  {indent}{}  ({} sections, {})",
+            printable(n.id),
             n.sections,
             bytes(n.subtree_bytes)
-        );
-        for s in i.sections.iter().filter(|s| s.path == n.path) {
+        )?;
+        while let Some(s) = sections.next_if(|s| s.node == index) {
             let ty = s
                 .type_name
                 .as_deref()
                 .map_or(String::new(), |t| format!("  {t}"));
-            println!(
-                "  {}  :{}  v{} {} {}{}",
-                "  ".repeat(depth),
-                s.id,
+            writeln!(
+                out,
+                "  {indent}  :{}  v{} {} {}{}",
+                printable(s.id),
                 s.version,
-                s.codec,
+                printable(&s.codec),
                 bytes(s.size),
                 ty
-            );
-            let pad = "  ".repeat(depth + 3);
+            )?;
+            let pad = "  ".repeat(n.depth + 2);
             let mut zero_msrs = 0;
             for (k, v) in &s.ordered {
                 // Unnamed MSRs that hold zero would drown the rest; --json lists all.
@@ -286,38 +354,44 @@ fn print_text(i: &Inspection) {
                     zero_msrs += 1;
                     continue;
                 }
-                println!("  {pad}{k} = {v}");
+                writeln!(out, "  {pad}{k} = {}", printable(&v.to_string()))?;
             }
             if zero_msrs > 0 {
-                println!("  {pad}({zero_msrs} other MSRs hold 0; --json lists every MSR)");
+                writeln!(
+                    out,
+                    "  {pad}({zero_msrs} other MSRs hold 0; --json lists every MSR)"
+                )?;
             }
             if let Some(e) = &s.decode_error {
-                println!("  {pad}cannot decode: {e}");
+                writeln!(out, "  {pad}cannot decode: {}", printable(e))?;
             }
             if let Some(j) = &s.json {
                 let mut text = j.to_string();
                 if text.chars().count() > 100 {
                     text = text.chars().take(97).collect::<String>() + "...";
                 }
-                println!("  {pad}{text}");
+                writeln!(out, "  {pad}{}", printable(&text))?;
             }
         }
     }
-    println!(
+    writeln!(
+        out,
         "\nmemory: {} in {} extents, {} stored, {} sparse",
         bytes(i.memory_bytes),
         i.extents.len(),
         bytes(i.allocated_bytes),
         bytes(i.memory_bytes - i.allocated_bytes.min(i.memory_bytes))
-    );
+    )?;
     for e in &i.extents {
-        println!(
+        writeln!(
+            out,
             "  [{:#012x}, {:#012x})  {:>10}  allocated {:>10}  sparse {:>10}",
             e.gpa,
             e.gpa + e.length,
             bytes(e.length),
             bytes(e.allocated),
             bytes(e.sparse)
-        );
+        )?;
     }
+    Ok(())
 }

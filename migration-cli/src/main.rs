@@ -28,9 +28,9 @@ mod diff;
 mod inspect;
 mod known;
 mod merge;
+mod open;
 mod progress;
 mod report;
-mod sparse;
 mod verify;
 
 /// Exit code: a negative answer (verification failed, snapshots differ, conversion
@@ -55,6 +55,11 @@ struct Cli {
     /// detail.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Refuse snapshots that declare more guest memory than this (e.g. 64G, 2T;
+    /// default: this host's physical RAM, what it could restore). `verify` ignores
+    /// it: its cost follows the bytes a file stores, not the memory it declares.
+    #[arg(long, global = true, value_parser = report::parse_size)]
+    max_guest_memory: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -165,27 +170,33 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
+    let max = cli
+        .max_guest_memory
+        .unwrap_or_else(open::default_max_guest_memory);
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
-        Command::Inspect { file, json } => inspect::run(&file, json),
+        Command::Inspect { file, json } => inspect::run(&file, json, max),
         Command::Verify { file } => verify::run(&file),
-        Command::Diff { a, b } => diff::run(&a, &b),
+        Command::Diff { a, b } => diff::run(&a, &b, max),
         Command::Convert {
             file,
             codec,
             output,
-        } => convert::run(&file, codec, &output),
+        } => convert::run(&file, codec, &output, max),
         Command::Cpu { command } => cpu::run(&command),
         Command::Merge {
             base,
             incrementals,
             output,
-        } => merge::run(&base, &incrementals, &output),
+        } => merge::run(&base, &incrementals, &output, max),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vmsnap: error: {e:#}");
+            eprintln!(
+                "vmsnap: error: {}",
+                migration_core::text::printable(&format!("{e:#}"))
+            );
             ExitCode::from(EXIT_ERROR)
         }
     }

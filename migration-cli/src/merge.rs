@@ -8,13 +8,22 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use migration_core::container::WriteOptions;
+use migration_core::text::printable;
 use migration_kvm::snapshot_memory::{merge_chain, SnapshotMemoryError};
 
+use crate::open::open_verified;
 use crate::report::bytes;
 use crate::EXIT_FAILED;
 
 /// Runs `vmsnap merge`.
-pub fn run(base: &Path, chain: &[std::path::PathBuf], output: &Path) -> anyhow::Result<ExitCode> {
+pub fn run(
+    base: &Path,
+    chain: &[std::path::PathBuf],
+    output: &Path,
+    max_memory: u64,
+) -> anyhow::Result<ExitCode> {
+    // The limit, and the base's architecture: the merged snapshot keeps it.
+    let arch = open_verified(base, max_memory)?.header().arch;
     let mut base_file =
         File::open(base).with_context(|| format!("cannot open {}", base.display()))?;
     let mut links = Vec::new();
@@ -31,7 +40,10 @@ pub fn run(base: &Path, chain: &[std::path::PathBuf], output: &Path) -> anyhow::
         &mut base_file,
         &mut links,
         temp.as_file_mut(),
-        &WriteOptions::default(),
+        &WriteOptions {
+            arch,
+            ..WriteOptions::default()
+        },
     ) {
         Ok(summary) => {
             temp.as_file().sync_all()?;
@@ -51,7 +63,7 @@ pub fn run(base: &Path, chain: &[std::path::PathBuf], output: &Path) -> anyhow::
             e @ (SnapshotMemoryError::ParentMismatch { .. }
             | SnapshotMemoryError::BaseIsIncremental { .. }),
         ) => {
-            println!("refused: {e}; nothing written");
+            println!("refused: {}; nothing written", printable(&e.to_string()));
             Ok(ExitCode::from(EXIT_FAILED))
         }
         Err(e) => Err(e).context("merge failed"),

@@ -37,7 +37,7 @@ pub fn rate(bytes_per_sec: f64) -> String {
     format!("{:.0} MiB/s", bytes_per_sec / (1024.0 * 1024.0))
 }
 
-/// Parses a size: a number with an optional `K`, `M` or `G` suffix (powers of 1024).
+/// Parses a size: a number with an optional `K`, `M`, `G` or `T` suffix (powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, mul) = match t.char_indices().last() {
@@ -46,7 +46,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 'K' => 1 << 10,
                 'M' => 1 << 20,
                 'G' => 1 << 30,
-                _ => return Err(format!("unknown size suffix in `{s}` (use K, M or G)")),
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix in `{s}` (use K, M, G or T)")),
             };
             (&t[..i], mul)
         }

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use migration_core::text::printable;
 use migration_core::{file, FormatError, MigratableError};
 
 use crate::report::bytes;
@@ -42,13 +43,14 @@ pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
             computed,
         })) => {
             println!(
-                "FAILED {}: checksum mismatch in {what} (stored {stored:#018x}, computed {computed:#018x})",
-                path.display()
+                "FAILED {}: checksum mismatch in {} (stored {stored:#018x}, computed {computed:#018x})",
+                path.display(),
+                printable(&what)
             );
             Ok(ExitCode::from(EXIT_FAILED))
         }
         Err(e) => {
-            println!("FAILED {}: {e}", path.display());
+            println!("FAILED {}: {}", path.display(), printable(&e.to_string()));
             Ok(ExitCode::from(EXIT_FAILED))
         }
     }

@@ -24,14 +24,13 @@
 //! ```
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::codec::CodecRegistry;
 use crate::container::{
-    self, ContainerInfo, ContainerReader, FormatError, ReadOptions, VerifyReport, WriteOptions,
-    WriteSummary,
+    self, ContainerInfo, ContainerReader, ReadOptions, VerifyReport, WriteOptions, WriteSummary,
 };
 use crate::error::MigratableError;
 use crate::memory::{MemorySink, MemorySource};
@@ -106,59 +105,8 @@ pub fn inspect_file(path: impl AsRef<Path>) -> Result<ContainerInfo, MigratableE
 
 /// Verifies every checksum of the snapshot file at `path`, and (file form) that every
 /// byte of an extent outside its data runs reads as zero, so an `mmap` restore sees
-/// what a copying restore sees. Holes are skipped with `SEEK_DATA`, not read.
+/// what a copying restore sees. Holes are skipped with `SEEK_DATA`, not read: see
+/// [`ContainerReader::verify`].
 pub fn verify_file(path: impl AsRef<Path>) -> Result<VerifyReport, MigratableError> {
-    let mut reader = ContainerReader::open(File::open(path)?)?;
-    let report = reader.verify()?;
-    let extents = reader.extents().to_vec();
-    let runs = reader.runs().map(<[_]>::to_vec);
-    let mut file = reader.into_inner();
-    if let Some(runs) = runs {
-        let mut ri = 0;
-        for (ei, e) in extents.iter().enumerate() {
-            let mut cursor = e.file_offset;
-            while let Some(run) = runs.get(ri).filter(|r| r.extent as usize == ei) {
-                check_zero(&mut file, cursor, run.file_offset)?;
-                cursor = run.file_offset + run.length;
-                ri += 1;
-            }
-            check_zero(&mut file, cursor, e.file_offset + e.length)?;
-        }
-    }
-    Ok(report)
-}
-
-/// Checks that file bytes `[from, to)` read as zero, skipping holes.
-fn check_zero(file: &mut File, mut from: u64, to: u64) -> Result<(), MigratableError> {
-    let mut buf = Vec::new();
-    while from < to {
-        let data = match rustix::fs::seek(&*file, rustix::fs::SeekFrom::Data(from)) {
-            Ok(d) => d,
-            Err(rustix::io::Errno::NXIO) => return Ok(()), // only holes from here on
-            Err(e) => return Err(MigratableError::Io(e.into())),
-        };
-        if data >= to {
-            return Ok(());
-        }
-        let hole = rustix::fs::seek(&*file, rustix::fs::SeekFrom::Hole(data))
-            .map_err(|e| MigratableError::Io(e.into()))?
-            .min(to);
-        file.seek(SeekFrom::Start(data))?;
-        let mut at = data;
-        while at < hole {
-            let n = (hole - at).min(1 << 20) as usize;
-            buf.resize(n, 0);
-            file.read_exact(&mut buf[..n])?;
-            if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
-                return Err(FormatError::malformed(format!(
-                    "non-zero byte at file offset {:#x}, inside an extent but outside every data run",
-                    at + i as u64
-                ))
-                .into());
-            }
-            at += n as u64;
-        }
-        from = hole;
-    }
-    Ok(())
+    container::verify(File::open(path)?)
 }

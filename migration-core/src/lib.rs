@@ -142,6 +142,7 @@ pub mod protocol;
 mod section;
 mod snapshot;
 mod snapshottable;
+pub mod text;
 pub mod transport;
 mod transportable;
 mod version;

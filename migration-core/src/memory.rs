@@ -371,6 +371,14 @@ pub trait MemorySource {
         })
     }
 
+    /// The ranges outside of which this memory is known to be all zero, sorted by
+    /// address and not overlapping (a snapshot file's data runs), or `None` (the
+    /// default): unknown. Writers read only these ranges, so memory that declares
+    /// terabytes but stores kilobytes costs kilobytes.
+    fn nonzero_ranges(&self) -> Option<Vec<MemoryRange>> {
+        None
+    }
+
     /// This source as one several threads may read at once, if it is one.
     ///
     /// Writers that find `Some` read guest memory on a helper thread, so the copy out

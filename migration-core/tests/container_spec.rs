@@ -166,15 +166,14 @@ fn hand_assembled_file_form_decodes() {
         (info.extents[0].gpa, info.extents[0].file_offset),
         (0x10000, 4096)
     );
-    let runs = info.runs.unwrap();
+    let runs = info.runs.clone().unwrap();
     assert_eq!(
         (runs[0].gpa, runs[0].file_offset, runs[0].length),
         (0x11000, 8192, 4096)
     );
     assert_eq!(
-        info.nodes
-            .iter()
-            .map(|n| n.path.as_str())
+        (0..info.nodes.len())
+            .map(|i| info.path(i))
             .collect::<Vec<_>>(),
         ["vm", "vm/c"]
     );

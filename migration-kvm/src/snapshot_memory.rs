@@ -26,7 +26,7 @@ use migration_core::{
 };
 
 use crate::bitmap::DirtyBitmap;
-use crate::memory::{GuestRam, MemoryOptions};
+use crate::memory::GuestRam;
 use crate::restore::{self, EagerOptions, FileExtent, RestoreError};
 
 /// Identifies a snapshot file by its content: 32 bytes, the little-endian
@@ -262,18 +262,23 @@ pub fn content_digest<R: Read + Seek>(r: R) -> Result<ContentDigest, SnapshotMem
 /// Applies the incrementals `chain` (oldest first) onto the full snapshot `base` and
 /// writes the result, a full snapshot with the last link's tree, to `out`.
 ///
-/// Every link is checked before anything is written to `out`: link `i` must record
-/// the digest of link `i - 1` (of `base` for the first) as its parent, else
-/// [`SnapshotMemoryError::ParentMismatch`]. Extents outside the base's memory are a
-/// typed error. Memory is replayed through a sparse scratch guest memory of the
-/// base's size (only non-zero pages take RAM).
+/// Every link is verified and checked before anything is written to `out`: link `i`
+/// must record the digest of link `i - 1` (of `base` for the first) as its parent,
+/// else [`SnapshotMemoryError::ParentMismatch`]. Extents outside the base's memory
+/// are a typed error. Memory is streamed: each page is read from the newest link
+/// whose extents cover it (the base otherwise), and only the ranges some link stores
+/// data for are read at all, so the cost and the RAM used follow the bytes the files
+/// store, not the guest memory they declare.
+///
+/// `options` decides the header; a caller keeping the base's architecture passes
+/// `WriteOptions { arch: base_arch, .. }` (`vmsnap merge` does).
 pub fn merge_chain<W: Write + Seek>(
     base: &mut File,
     chain: &mut [File],
     out: &mut W,
     options: &WriteOptions,
 ) -> Result<WriteSummary, SnapshotMemoryError> {
-    // 1. Check the chain of digests.
+    // 1. Verify every file and check the chain of digests.
     let base_reader = open_full(base)?;
     let layout: Vec<MemoryRange> = base_reader
         .extents()
@@ -281,6 +286,8 @@ pub fn merge_chain<W: Write + Seek>(
         .map(|e| MemoryRange::new(e.gpa, e.length))
         .collect();
     drop(base_reader);
+    base.seek(SeekFrom::Start(0))?;
+    container::verify(&mut *base)?;
     base.seek(SeekFrom::Start(0))?;
     let mut expected = content_digest(&mut *base)?;
     for (index, link) in chain.iter_mut().enumerate() {
@@ -301,32 +308,32 @@ pub fn merge_chain<W: Write + Seek>(
         crate::memory::check_extents(&layout, ranges).map_err(MigratableError::Memory)?;
         drop(reader);
         link.seek(SeekFrom::Start(0))?;
+        container::verify(&mut *link)?;
+        link.seek(SeekFrom::Start(0))?;
         expected = content_digest(&mut *link)?;
     }
 
-    // 2. Replay base then every link into scratch memory.
-    let scratch = GuestRam::anonymous_with(
-        &layout,
-        MemoryOptions {
-            huge_pages: false,
-            populate: false,
-        },
-    )
-    .map_err(MigratableError::from)?;
+    // 2. The last link's tree; memory layered newest first.
     let codecs = CodecRegistry::new();
-    base.seek(SeekFrom::Start(0))?;
-    let fresh = ReadOptions { zero_holes: false };
-    let mut tree =
-        ContainerReader::open(&mut *base)?.read_snapshot(&codecs, Some(&scratch), &fresh)?;
-    for link in chain.iter_mut() {
-        link.seek(SeekFrom::Start(0))?;
-        // Holes inside an incremental's extents are pages that became zero.
-        tree = ContainerReader::open(&mut *link)?.read_snapshot(
-            &codecs,
-            Some(&scratch),
-            &ReadOptions { zero_holes: true },
-        )?;
+    let mut layers = Vec::new();
+    let mut tree = None;
+    for file in chain.iter_mut().rev().chain(std::iter::once(base)) {
+        file.seek(SeekFrom::Start(0))?;
+        let mut reader = ContainerReader::open(&mut *file)?;
+        if tree.is_none() {
+            tree = Some(reader.read_snapshot(&codecs, None, &ReadOptions::default())?);
+        }
+        let extents = reader.extents().to_vec();
+        let stored = reader.stored_ranges();
+        drop(reader);
+        layers.push(Layer {
+            file: &*file,
+            extents,
+            stored,
+        });
     }
+    let memory = ChainMemory::new(layout, layers);
+    let tree = tree.unwrap_or_else(|| Snapshot::new(""));
 
     // 3. Write the merged full snapshot.
     let options = WriteOptions {
@@ -336,9 +343,98 @@ pub fn merge_chain<W: Write + Seek>(
     Ok(container::write_snapshot(
         out,
         &tree,
-        Some(&scratch),
+        Some(&memory),
         &options,
     )?)
+}
+
+/// One snapshot file of a merge chain: its extents and the ranges it stores.
+struct Layer<'f> {
+    file: &'f File,
+    extents: Vec<container::Extent>,
+    stored: Vec<MemoryRange>,
+}
+
+/// The memory of a merge chain: a page comes from the newest layer whose extents
+/// cover it; only the union of the stored ranges may be non-zero.
+struct ChainMemory<'f> {
+    layout: Vec<MemoryRange>,
+    /// Newest first; the base last.
+    layers: Vec<Layer<'f>>,
+    nonzero: Vec<MemoryRange>,
+}
+
+impl<'f> ChainMemory<'f> {
+    fn new(layout: Vec<MemoryRange>, layers: Vec<Layer<'f>>) -> Self {
+        let mut all: Vec<MemoryRange> = layers
+            .iter()
+            .flat_map(|l| l.stored.iter().copied())
+            .collect();
+        all.sort_by_key(|r| r.gpa);
+        let mut nonzero: Vec<MemoryRange> = Vec::with_capacity(all.len());
+        for r in all {
+            match nonzero.last_mut() {
+                Some(last) if r.gpa <= last.gpa + last.length => {
+                    let end = (r.gpa + r.length).max(last.gpa + last.length);
+                    last.length = end - last.gpa;
+                }
+                _ => nonzero.push(r),
+            }
+        }
+        Self {
+            layout,
+            layers,
+            nonzero,
+        }
+    }
+
+    fn fill(&self, layer: usize, gpa: u64, buf: &mut [u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let Some(l) = self.layers.get(layer) else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = gpa + done as u64;
+            let left = (buf.len() - done) as u64;
+            let i = l.extents.partition_point(|e| e.gpa + e.length <= at);
+            match l.extents.get(i) {
+                Some(e) if e.gpa <= at => {
+                    let n = left.min(e.gpa + e.length - at) as usize;
+                    l.file
+                        .read_exact_at(&mut buf[done..done + n], e.file_offset + (at - e.gpa))?;
+                    done += n;
+                }
+                next => {
+                    let stop = next.map_or(u64::MAX, |e| e.gpa);
+                    let n = left.min(stop - at) as usize;
+                    self.fill(layer + 1, at, &mut buf[done..done + n])?;
+                    done += n;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl MemorySource for ChainMemory<'_> {
+    fn regions(&self) -> Vec<MemoryRange> {
+        self.layout.clone()
+    }
+
+    fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        check_range(&self.layout, MemoryRange::new(gpa, buf.len() as u64))?;
+        Ok(self.fill(0, gpa, buf)?)
+    }
+
+    fn nonzero_ranges(&self) -> Option<Vec<MemoryRange>> {
+        Some(self.nonzero.clone())
+    }
+
+    fn as_sync(&self) -> Option<&(dyn MemorySource + Sync)> {
+        Some(self)
+    }
 }
 
 /// The extents of a file-form container as [`FileExtent`]s (whole extents, holes

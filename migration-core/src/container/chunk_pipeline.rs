@@ -37,8 +37,47 @@ pub(crate) struct Job {
     pub extent: Extent,
     /// Offset of the chunk inside the extent.
     pub offset: u64,
-    /// Whether this is the extent's last chunk.
+    /// End (inside the extent) of the span of memory this chunk belongs to: the
+    /// extent's length, or the end of a range the source says may hold data.
+    pub end: u64,
+    /// Whether this is its span's last chunk.
     pub last: bool,
+}
+
+impl Job {
+    /// Bytes in this chunk.
+    fn len(&self) -> usize {
+        (self.end - self.offset).min(CHUNK as u64) as usize
+    }
+}
+
+/// The spans of each extent to read, as (extent index, extent, start, end) inside the
+/// extent: whole extents, or only where `memory` says data may be
+/// ([`MemorySource::nonzero_ranges`]; elsewhere it is zero).
+fn spans<'a>(
+    extents: &'a [Extent],
+    hint: &'a Option<Vec<crate::memory::MemoryRange>>,
+) -> impl Iterator<Item = (usize, Extent, u64, u64)> + 'a {
+    extents.iter().enumerate().flat_map(move |(index, e)| {
+        let parts: Box<dyn Iterator<Item = (u64, u64)>> = match hint {
+            None => Box::new(std::iter::once((0, e.length))),
+            Some(h) => {
+                let end = e.gpa + e.length;
+                let first = h.partition_point(|r| r.gpa.saturating_add(r.length) <= e.gpa);
+                Box::new(
+                    h[first..]
+                        .iter()
+                        .take_while(move |r| r.gpa < end)
+                        .filter_map(move |r| {
+                            let lo = r.gpa.max(e.gpa);
+                            let hi = r.gpa.saturating_add(r.length).min(end);
+                            (lo < hi).then_some((lo - e.gpa, hi - e.gpa))
+                        }),
+                )
+            }
+        };
+        parts.map(move |(lo, hi)| (index, *e, lo, hi))
+    })
 }
 
 /// Reads every extent of `memory` in chunks of at most [`CHUNK`] bytes, in order (on
@@ -54,22 +93,24 @@ pub(crate) fn for_each_chunk<S: Send>(
     mut write: impl FnMut(&Job, &[u8], S) -> Result<(), MigratableError>,
 ) -> Result<(), MigratableError> {
     let chunk = CHUNK as u64;
-    let mut jobs = extents.iter().enumerate().flat_map(|(index, e)| {
-        (0..e.length.div_ceil(chunk)).map(move |i| Job {
+    let hint = memory.nonzero_ranges();
+    let total: u64 = spans(extents, &hint).map(|(_, _, lo, hi)| hi - lo).sum();
+    let mut jobs = spans(extents, &hint).flat_map(|(index, extent, lo, hi)| {
+        (0..(hi - lo).div_ceil(chunk)).map(move |i| Job {
             index,
-            extent: *e,
-            offset: i * chunk,
-            last: (i + 1) * chunk >= e.length,
+            extent,
+            offset: lo + i * chunk,
+            end: hi,
+            last: lo + (i + 1) * chunk >= hi,
         })
     });
     let read = |job: &Job, buf: &mut Vec<u8>| -> Result<(), MigratableError> {
-        let n = (job.extent.length - job.offset).min(chunk) as usize;
+        let n = job.len();
         buf.resize(n, 0);
         memory
             .read_memory(job.extent.gpa + job.offset, buf)
             .map_err(MigratableError::Memory)
     };
-    let total: u64 = extents.iter().map(|e| e.length).sum();
     if total <= INLINE_MAX {
         let mut buf = Vec::with_capacity(CHUNK);
         for job in jobs {
@@ -83,7 +124,7 @@ pub(crate) fn for_each_chunk<S: Send>(
     // With a shareable source the helper reads; `read` then runs there.
     let sync = memory.as_sync();
     let read_sync = |job: &Job, buf: &mut Vec<u8>| -> Result<(), MigratableError> {
-        let n = (job.extent.length - job.offset).min(chunk) as usize;
+        let n = job.len();
         buf.resize(n, 0);
         match sync {
             Some(m) => m

@@ -13,8 +13,9 @@ use crate::snapshot::Snapshot;
 /// One section as the metadata describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SectionInfo {
-    /// Path of the node that owns it (`vm/devices/serial0`).
-    pub path: String,
+    /// Index (in [`ContainerInfo::nodes`](super::ContainerInfo::nodes)) of the node
+    /// that owns it; [`ContainerInfo::path`](super::ContainerInfo::path) spells its path.
+    pub node: usize,
     /// Section id.
     pub id: String,
     /// State format version.
@@ -32,8 +33,11 @@ pub struct SectionInfo {
 /// One node of the tree as the metadata describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeInfo {
-    /// Path (`vm/devices`), the root's is its id.
-    pub path: String,
+    /// Its id (the last component of its path).
+    pub id: String,
+    /// Index of its parent node (`None` for the root). Paths are not stored: a tree of
+    /// deep, long ids would cost the square of its size.
+    pub parent: Option<usize>,
     /// Depth, the root is 1.
     pub depth: usize,
     /// Number of sections of this node.
@@ -50,10 +54,18 @@ pub(crate) struct Metadata {
     pub(crate) nodes: Vec<NodeInfo>,
     pub(crate) sections: Vec<SectionInfo>,
     pub(crate) extents: Vec<Extent>,
-    /// Shape of the tree: for each node in pre-order, (depth, id).
-    shape: Vec<(usize, String)>,
-    /// For each node in pre-order, the number of its sections.
-    section_counts: Vec<usize>,
+}
+
+/// The path of node `index` of `nodes` (ids joined by '/', root first).
+pub(crate) fn node_path(nodes: &[NodeInfo], index: usize) -> String {
+    let mut ids = Vec::new();
+    let mut at = Some(index);
+    while let Some(n) = at.and_then(|i| nodes.get(i)) {
+        ids.push(n.id.as_str());
+        at = n.parent;
+    }
+    ids.reverse();
+    ids.join("/")
 }
 
 fn check_id(id: &str, node: bool, what: &str) -> Result<(), String> {
@@ -300,14 +312,12 @@ pub(crate) fn decode(
         nodes: Vec::new(),
         sections: Vec::new(),
         extents: Vec::new(),
-        shape: Vec::new(),
-        section_counts: Vec::new(),
     };
     let mut next_offset = 0u64;
     decode_node(
         &mut c,
         1,
-        "",
+        None,
         &mut md,
         &mut next_offset,
         payload_offset,
@@ -369,7 +379,7 @@ const PAGE: u64 = crate::memory::PAGE_SIZE;
 fn decode_node(
     c: &mut Cursor<'_>,
     depth: usize,
-    parent_path: &str,
+    parent: Option<usize>,
     md: &mut Metadata,
     next_offset: &mut u64,
     payload_offset: u64,
@@ -386,30 +396,26 @@ fn decode_node(
         return Err(FormatError::malformed("more nodes than node_count"));
     }
     let id = c.id(true, "node")?;
-    let path = if parent_path.is_empty() {
-        id.clone()
-    } else {
-        format!("{parent_path}/{id}")
-    };
     let index = md.nodes.len();
     md.nodes.push(NodeInfo {
-        path: path.clone(),
+        id,
+        parent,
         depth,
         sections: 0,
         payload_bytes: 0,
         subtree_bytes: 0,
     });
-    md.shape.push((depth, id));
+    let path = |md: &Metadata| node_path(&md.nodes, index);
     let nsec = c.u32()?;
     if u64::from(nsec) + md.sections.len() as u64 > counts.1 {
         return Err(FormatError::malformed("more sections than section_count"));
     }
-    let mut prev: Option<String> = None;
-    for _ in 0..nsec {
+    for i in 0..nsec {
         let sid = c.id(false, "section")?;
-        if prev.as_deref().is_some_and(|p| p >= sid.as_str()) {
+        if i > 0 && md.sections.last().is_some_and(|p| p.id >= sid) {
             return Err(FormatError::malformed(format!(
-                "sections of `{path}` not in strictly ascending id order at `{sid}`"
+                "sections of `{}` not in strictly ascending id order at `{sid}`",
+                path(md)
             )));
         }
         let version = c.u32()?;
@@ -426,13 +432,14 @@ fn decode_node(
         }
         if offset != *next_offset {
             return Err(FormatError::malformed(format!(
-                "section `{path}:{sid}` at payload offset {offset}, expected {next_offset}"
+                "section `{}:{sid}` at payload offset {offset}, expected {next_offset}",
+                path(md)
             )));
         }
         *next_offset += length;
         md.sections.push(SectionInfo {
-            path: path.clone(),
-            id: sid.clone(),
+            node: index,
+            id: sid,
             version,
             codec,
             offset: payload_offset + offset,
@@ -441,23 +448,30 @@ fn decode_node(
         });
         md.nodes[index].sections += 1;
         md.nodes[index].payload_bytes += length;
-        prev = Some(sid);
     }
     md.nodes[index].subtree_bytes = md.nodes[index].payload_bytes;
-    md.section_counts.push(nsec as usize);
     let nchild = c.u32()?;
-    let mut prev: Option<String> = None;
+    let mut prev: Option<usize> = None;
     for _ in 0..nchild {
         let child_index = md.nodes.len();
-        decode_node(c, depth + 1, &path, md, next_offset, payload_offset, counts)?;
-        let cid = md.shape[child_index].1.clone();
+        decode_node(
+            c,
+            depth + 1,
+            Some(index),
+            md,
+            next_offset,
+            payload_offset,
+            counts,
+        )?;
         md.nodes[index].subtree_bytes += md.nodes[child_index].subtree_bytes;
-        if prev.as_deref().is_some_and(|p| p >= cid.as_str()) {
+        if prev.is_some_and(|p| md.nodes[p].id >= md.nodes[child_index].id) {
             return Err(FormatError::malformed(format!(
-                "children of `{path}` not in strictly ascending id order at `{cid}`"
+                "children of `{}` not in strictly ascending id order at `{}`",
+                path(md),
+                md.nodes[child_index].id
             )));
         }
-        prev = Some(cid);
+        prev = Some(child_index);
     }
     Ok(())
 }
@@ -468,13 +482,14 @@ impl Metadata {
         let mut payloads = payloads.into_iter();
         let mut sections = self.sections.iter();
         let mut stack: Vec<(usize, Snapshot)> = Vec::new();
-        for (i, (depth, id)) in self.shape.iter().enumerate() {
+        for info in &self.nodes {
+            let depth = &info.depth;
             // Close every open node at this depth or deeper.
             while stack.last().is_some_and(|(d, _)| d >= depth) {
                 close(&mut stack);
             }
-            let mut node = Snapshot::new(id.clone());
-            for _ in 0..self.section_counts[i] {
+            let mut node = Snapshot::new(info.id.clone());
+            for _ in 0..info.sections {
                 if let (Some(s), Some(p)) = (sections.next(), payloads.next()) {
                     node.add_section(s.id.clone(), Section::from_encoded(s.version, s.codec, p));
                 }

@@ -50,6 +50,8 @@ pub mod header;
 pub mod limits;
 mod metadata;
 mod reader;
+mod seek_data;
+mod stored_memory;
 mod writer;
 
 pub use error::FormatError;
@@ -60,4 +62,6 @@ pub use reader::{
     inspect, read_snapshot, read_snapshot_stream, verify, verify_stream, ContainerInfo,
     ContainerReader, ReadOptions, VerifyReport,
 };
+pub use seek_data::SeekData;
+pub use stored_memory::StoredMemory;
 pub use writer::{write_snapshot, write_snapshot_stream, WriteOptions, WriteSummary};

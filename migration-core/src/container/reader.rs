@@ -6,8 +6,10 @@ use super::error::FormatError;
 use super::extents::{check_run_table_len, decode_run_table, DataRun, Extent};
 use super::header::{u32_at, u64_at, Form, Header, HEADER_LEN, MAGIC};
 use super::limits::MAX_RECORD_LEN;
-use super::metadata::{self, Metadata, NodeInfo, SectionInfo};
-use crate::checksum::{crc64, CrcReader};
+use super::metadata::{self, node_path, Metadata, NodeInfo, SectionInfo};
+use super::seek_data::SeekData;
+use super::writer::record_head;
+use crate::checksum::{crc64, Crc64, CrcReader};
 use crate::codec::{CodecId, CodecRegistry};
 use crate::error::MigratableError;
 use crate::memory::{MemoryError, MemorySink, PAGE_SIZE};
@@ -41,6 +43,232 @@ pub struct ContainerInfo {
     pub extents: Vec<Extent>,
     /// File form: the non-zero runs of the extents. Stream form: `None`.
     pub runs: Option<Vec<DataRun>>,
+}
+
+impl ContainerInfo {
+    /// The path of node `index` of [`nodes`](Self::nodes) (`vm/devices/serial0`).
+    pub fn path(&self, index: usize) -> String {
+        node_path(&self.nodes, index)
+    }
+
+    /// Guest memory bytes the extents declare.
+    pub fn memory_bytes(&self) -> u64 {
+        declared(&self.extents)
+    }
+}
+
+fn declared(extents: &[Extent]) -> u64 {
+    extents
+        .iter()
+        .fold(0u64, |sum, e| sum.saturating_add(e.length))
+}
+
+/// One DATA record of a stream-form container read from a seekable input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Record {
+    gpa: u64,
+    length: u64,
+    crc: u64,
+    /// Offset of its data from the container's start.
+    data_offset: u64,
+}
+
+/// Checks stream records one after the other (`docs/format.md` §7): tags, alignment,
+/// order, each inside an extent, END's count.
+struct RecordCheck<'e> {
+    extents: &'e [Extent],
+    /// The extent the next record may start in (records are in address order).
+    ei: usize,
+    prev_end: u64,
+    count: u64,
+}
+
+/// A record header, checked.
+enum Step {
+    Data { gpa: u64, length: u64, crc: u64 },
+    End,
+}
+
+impl<'e> RecordCheck<'e> {
+    fn new(extents: &'e [Extent]) -> Self {
+        Self {
+            extents,
+            ei: 0,
+            prev_end: 0,
+            count: 0,
+        }
+    }
+
+    fn next(&mut self, head: &[u8; 32]) -> Result<Step, MigratableError> {
+        let count = self.count;
+        let tag = u32_at(head, 0);
+        let gpa = u64_at(head, 8);
+        let length = u64_at(head, 16);
+        let crc = u64_at(head, 24);
+        if u32_at(head, 4) != 0 {
+            return Err(
+                FormatError::malformed(format!("record {count}: reserved is not zero")).into(),
+            );
+        }
+        match tag {
+            2 => {
+                let computed = crc64(&head[..24]);
+                if computed != crc {
+                    return Err(FormatError::Checksum {
+                        what: "END record".into(),
+                        stored: crc,
+                        computed,
+                    }
+                    .into());
+                }
+                if gpa != 0 || length != count {
+                    return Err(FormatError::malformed(format!(
+                        "END record counts {length} records at {gpa:#x}, {count} were sent"
+                    ))
+                    .into());
+                }
+                return Ok(Step::End);
+            }
+            1 => {}
+            t => {
+                return Err(
+                    FormatError::malformed(format!("record {count}: unknown tag {t}")).into(),
+                )
+            }
+        }
+        let what = || format!("memory record {count} (gpa {gpa:#x}, {length:#x} bytes)");
+        if length > MAX_RECORD_LEN {
+            return Err(FormatError::limit("memory record length", length, MAX_RECORD_LEN).into());
+        }
+        if gpa % PAGE_SIZE != 0 || length % PAGE_SIZE != 0 || length == 0 {
+            return Err(FormatError::malformed(format!("{}: empty or unaligned", what())).into());
+        }
+        if gpa < self.prev_end {
+            return Err(FormatError::Overlap {
+                what: format!("{} overlaps or precedes the previous record", what()),
+            }
+            .into());
+        }
+        let end = gpa.checked_add(length).ok_or_else(|| {
+            MigratableError::from(FormatError::malformed(format!(
+                "{}: runs past the address space",
+                what()
+            )))
+        })?;
+        while self
+            .extents
+            .get(self.ei)
+            .is_some_and(|e| e.gpa + e.length <= gpa)
+        {
+            self.ei += 1;
+        }
+        match self.extents.get(self.ei) {
+            Some(e) if e.gpa <= gpa && end <= e.gpa + e.length => {}
+            _ => {
+                return Err(
+                    FormatError::malformed(format!("{}: outside every extent", what())).into(),
+                )
+            }
+        }
+        self.prev_end = end;
+        self.count += 1;
+        Ok(Step::Data { gpa, length, crc })
+    }
+}
+
+/// The stream form has no file offsets (`docs/format.md` §4): every extent's is 0.
+fn check_stream_extents(extents: &[Extent]) -> Result<(), MigratableError> {
+    match extents.iter().position(|e| e.file_offset != 0) {
+        Some(i) => Err(FormatError::malformed(format!(
+            "stream form: extent {i} has file_offset {:#x}, must be 0",
+            extents[i].file_offset
+        ))
+        .into()),
+        None => Ok(()),
+    }
+}
+
+/// Bytes `[from, from + len)` of `r` (absolute positions) into `crc`; holes are not
+/// read, their zeros are added computed.
+fn crc_range<R: Read + Seek + SeekData>(
+    r: &mut R,
+    from: u64,
+    len: u64,
+    crc: &mut Crc64,
+    buf: &mut Vec<u8>,
+    what: &dyn Fn() -> String,
+) -> Result<(), MigratableError> {
+    let end = from + len;
+    let mut at = from;
+    while at < end {
+        let (start, stop) = match r.data_segment(at)? {
+            Some((s, e)) if s < end => (s, e.min(end)),
+            _ => (end, end),
+        };
+        crc.update_zeros(start - at);
+        if start < stop {
+            r.seek(SeekFrom::Start(start))?;
+            read_chunks(r, stop - start, buf, what, |b| {
+                crc.update(b);
+                Ok(())
+            })?;
+        }
+        at = stop;
+    }
+    Ok(())
+}
+
+/// Checks that bytes `[from, from + len)` of `r` (absolute positions) read as zero;
+/// holes are skipped, not read.
+fn check_zero<R: Read + Seek + SeekData>(
+    r: &mut R,
+    base: u64,
+    from: u64,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(), MigratableError> {
+    let end = from + len;
+    let mut at = from;
+    while at < end {
+        let Some((start, stop)) = r.data_segment(at)?.filter(|&(s, _)| s < end) else {
+            return Ok(());
+        };
+        let stop = stop.min(end);
+        r.seek(SeekFrom::Start(start))?;
+        let mut pos = start;
+        read_chunks(r, stop - start, buf, &|| "memory".into(), |b| {
+            if let Some(i) = b.iter().position(|&x| x != 0) {
+                return Err(FormatError::malformed(format!(
+                    "non-zero byte at offset {:#x}, inside an extent but outside every data run",
+                    pos - base + i as u64
+                ))
+                .into());
+            }
+            pos += b.len() as u64;
+            Ok(())
+        })?;
+        at = stop;
+    }
+    Ok(())
+}
+
+/// Reads `len` bytes of `r` through `buf` (at most 1 MiB), handing each piece to `f`.
+fn read_chunks<R: Read>(
+    r: &mut R,
+    len: u64,
+    buf: &mut Vec<u8>,
+    what: &dyn Fn() -> String,
+    mut f: impl FnMut(&[u8]) -> Result<(), MigratableError>,
+) -> Result<(), MigratableError> {
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(1 << 20) as usize;
+        buf.resize(n, 0);
+        r.read_exact(&mut buf[..n]).map_err(|e| io(e, what))?;
+        f(&buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
 }
 
 /// The result of a successful [`verify`]: every checksum matched.
@@ -143,7 +371,7 @@ fn read_payloads<R: Read>(
 ) -> Result<Vec<Vec<u8>>, MigratableError> {
     let mut out = Vec::new();
     for s in &md.sections {
-        let what = || format!("section {}:{}", s.path, s.id);
+        let what = || format!("section {}:{}", node_path(&md.nodes, s.node), s.id);
         let payload = read_bounded(r, s.length, &what)?;
         let computed = crc64(&payload);
         if computed != s.crc {
@@ -214,84 +442,19 @@ fn read_records<R: Read>(
     sink: Option<&dyn MemorySink>,
     opts: &ReadOptions,
 ) -> Result<(u64, u64), MigratableError> {
-    let mut ei = 0usize;
-    let mut cursor = extents.first().map_or(0, |e| e.gpa); // next unwritten gpa of extent ei
-    let mut prev_end = 0u64;
-    let mut count = 0u64;
+    let mut check = RecordCheck::new(extents);
+    let mut zeros = ZeroFill::new(extents, sink, opts);
     let mut data = 0u64;
     loop {
+        let count = check.count;
         let mut head = [0u8; 32];
         r.read_exact(&mut head)
             .map_err(|e| io(e, &|| format!("memory record {count}")))?;
-        let tag = u32_at(&head, 0);
-        let gpa = u64_at(&head, 8);
-        let length = u64_at(&head, 16);
-        let crc = u64_at(&head, 24);
-        if u32_at(&head, 4) != 0 {
-            return Err(
-                FormatError::malformed(format!("record {count}: reserved is not zero")).into(),
-            );
-        }
-        match tag {
-            2 => {
-                let computed = crc64(&head[..24]);
-                if computed != crc {
-                    return Err(FormatError::Checksum {
-                        what: "END record".into(),
-                        stored: crc,
-                        computed,
-                    }
-                    .into());
-                }
-                if gpa != 0 || length != count {
-                    return Err(FormatError::malformed(format!(
-                        "END record counts {length} records at {gpa:#x}, {count} were sent"
-                    ))
-                    .into());
-                }
-                break;
-            }
-            1 => {}
-            t => {
-                return Err(
-                    FormatError::malformed(format!("record {count}: unknown tag {t}")).into(),
-                )
-            }
-        }
+        let Step::Data { gpa, length, crc } = check.next(&head)? else {
+            break;
+        };
         let what = || format!("memory record {count} (gpa {gpa:#x}, {length:#x} bytes)");
-        if length > MAX_RECORD_LEN {
-            return Err(FormatError::limit("memory record length", length, MAX_RECORD_LEN).into());
-        }
-        if gpa % PAGE_SIZE != 0 || length % PAGE_SIZE != 0 || length == 0 {
-            return Err(FormatError::malformed(format!("{}: empty or unaligned", what())).into());
-        }
-        if gpa < prev_end {
-            return Err(FormatError::Overlap {
-                what: format!("{} overlaps or precedes the previous record", what()),
-            }
-            .into());
-        }
-        while ei < extents.len() && extents[ei].gpa + extents[ei].length <= gpa {
-            let e = extents[ei];
-            zero(sink, opts, cursor, e.gpa + e.length - cursor)?;
-            ei += 1;
-            cursor = extents.get(ei).map_or(0, |e| e.gpa);
-        }
-        let end = gpa.checked_add(length).ok_or_else(|| {
-            MigratableError::from(FormatError::malformed(format!(
-                "{}: runs past the address space",
-                what()
-            )))
-        })?;
-        match extents.get(ei) {
-            Some(e) if e.gpa <= gpa && end <= e.gpa + e.length => {}
-            _ => {
-                return Err(
-                    FormatError::malformed(format!("{}: outside every extent", what())).into(),
-                )
-            }
-        }
-        zero(sink, opts, cursor, gpa - cursor)?;
+        zeros.up_to(gpa)?;
         let computed = copy_checked(r, &head[..24], gpa, length, sink, &what)?;
         if computed != crc {
             return Err(FormatError::Checksum {
@@ -301,22 +464,61 @@ fn read_records<R: Read>(
             }
             .into());
         }
-        cursor = end;
-        prev_end = end;
-        count += 1;
+        zeros.skip_to(gpa + length);
         data += length;
     }
-    while ei < extents.len() {
-        let e = extents[ei];
-        zero(sink, opts, cursor, e.gpa + e.length - cursor)?;
-        ei += 1;
-        cursor = extents.get(ei).map_or(0, |e| e.gpa);
-    }
-    Ok((count, data))
+    zeros.up_to(u64::MAX)?;
+    Ok((check.count, data))
 }
 
-/// A container opened for reading: header, metadata and (file form) run table are
-/// read and checked; payloads and memory are read on demand.
+/// Zero-fills the extents' bytes no record covers, in address order.
+struct ZeroFill<'a> {
+    extents: &'a [Extent],
+    sink: Option<&'a dyn MemorySink>,
+    opts: &'a ReadOptions,
+    /// Next extent, and the first guest address of it not yet written.
+    ei: usize,
+    cursor: u64,
+}
+
+impl<'a> ZeroFill<'a> {
+    fn new(extents: &'a [Extent], sink: Option<&'a dyn MemorySink>, opts: &'a ReadOptions) -> Self {
+        Self {
+            extents,
+            sink,
+            opts,
+            ei: 0,
+            cursor: extents.first().map_or(0, |e| e.gpa),
+        }
+    }
+
+    /// Zeros every unwritten byte below `gpa`.
+    fn up_to(&mut self, gpa: u64) -> Result<(), MigratableError> {
+        while let Some(e) = self.extents.get(self.ei) {
+            let end = e.gpa + e.length;
+            let stop = end.min(gpa);
+            if self.cursor < stop {
+                zero(self.sink, self.opts, self.cursor, stop - self.cursor)?;
+                self.cursor = stop;
+            }
+            if gpa < end {
+                return Ok(());
+            }
+            self.ei += 1;
+            self.cursor = self.extents.get(self.ei).map_or(0, |e| e.gpa);
+        }
+        Ok(())
+    }
+
+    /// Marks everything below `gpa` written.
+    fn skip_to(&mut self, gpa: u64) {
+        self.cursor = self.cursor.max(gpa);
+    }
+}
+
+/// A container opened for reading: header, metadata and (file form) run table or
+/// (stream form) the record headers are read and checked; payloads and memory are
+/// read on demand.
 #[derive(Debug)]
 pub struct ContainerReader<R> {
     r: R,
@@ -324,12 +526,18 @@ pub struct ContainerReader<R> {
     header: Header,
     md: Metadata,
     runs: Option<Vec<DataRun>>,
+    /// Stream form: the DATA records, found by walking their headers.
+    records: Vec<Record>,
 }
 
 impl<R: Read + Seek> ContainerReader<R> {
     /// Opens the container that starts at `r`'s current position and ends at its end.
     /// Checks the header, the lengths against the limits and the file size, the
-    /// metadata (checksum and structure) and, in the file form, the run table.
+    /// metadata (checksum and structure) and, in the file form, the padding and the
+    /// run table; in the stream form, every record header, and that the container
+    /// ends right after its END record (no bytes, no second container after it).
+    /// The cost is bounded by the bytes the input holds, not by the guest memory its
+    /// extents declare.
     pub fn open(mut r: R) -> Result<Self, MigratableError> {
         let base = r.stream_position()?;
         let file_len = r.seek(SeekFrom::End(0))?.saturating_sub(base);
@@ -377,8 +585,13 @@ impl<R: Read + Seek> ContainerReader<R> {
             }
         }
         let md = read_metadata(&mut r, &header)?;
+        let mut records = Vec::new();
         let runs = match header.form {
-            Form::Stream => None,
+            Form::Stream => {
+                check_stream_extents(&md.extents)?;
+                records = walk_records(&mut r, base, header.payload_end(), file_len, &md)?;
+                None
+            }
             Form::File => {
                 // The layout is fixed (format.md §6): first extent at the payload end
                 // rounded up to a page, extents back to back, run table at the data end
@@ -439,6 +652,7 @@ impl<R: Read + Seek> ContainerReader<R> {
             header,
             md,
             runs,
+            records,
         })
     }
 
@@ -452,9 +666,62 @@ impl<R: Read + Seek> ContainerReader<R> {
         &self.md.extents
     }
 
+    /// Guest memory bytes the extents declare (zero pages included).
+    pub fn memory_bytes(&self) -> u64 {
+        declared(&self.md.extents)
+    }
+
+    /// Refuses a container declaring more than `max` bytes of guest memory
+    /// ([`FormatError::LimitExceeded`]): a caller sets what it is willing to restore,
+    /// before anything is read or allocated for it.
+    pub fn check_memory_limit(&self, max: u64) -> Result<(), MigratableError> {
+        let declared = self.memory_bytes();
+        if declared > max {
+            return Err(FormatError::limit("declared guest memory", declared, max).into());
+        }
+        Ok(())
+    }
+
     /// File form: the data runs (for `mmap` restores); stream form: `None`.
     pub fn runs(&self) -> Option<&[DataRun]> {
         self.runs.as_deref()
+    }
+
+    /// The ranges of guest memory the container stores bytes for (file form: the data
+    /// runs; stream form: the DATA records), in address order. Every other byte of an
+    /// extent is zero.
+    pub fn stored_ranges(&self) -> Vec<crate::memory::MemoryRange> {
+        use crate::memory::MemoryRange;
+        match &self.runs {
+            Some(runs) => runs
+                .iter()
+                .map(|r| MemoryRange::new(r.gpa, r.length))
+                .collect(),
+            None => self
+                .records
+                .iter()
+                .map(|r| MemoryRange::new(r.gpa, r.length))
+                .collect(),
+        }
+    }
+
+    /// Where the stored bytes at guest address `gpa` are, relative to the container's
+    /// start, and how many follow contiguously: `None` if `gpa` is zero by
+    /// definition (outside every run or record, or outside every extent).
+    /// File form: inside an extent, every byte has a place (holes read as zero).
+    pub fn locate(&self, gpa: u64) -> Option<(u64, u64)> {
+        match &self.runs {
+            Some(_) => {
+                let i = self.md.extents.partition_point(|e| e.gpa + e.length <= gpa);
+                let e = self.md.extents.get(i).filter(|e| e.gpa <= gpa)?;
+                Some((e.file_offset + (gpa - e.gpa), e.gpa + e.length - gpa))
+            }
+            None => {
+                let i = self.records.partition_point(|r| r.gpa + r.length <= gpa);
+                let r = self.records.get(i).filter(|r| r.gpa <= gpa)?;
+                Some((r.data_offset + (gpa - r.gpa), r.gpa + r.length - gpa))
+            }
+        }
     }
 
     /// Everything the container declares.
@@ -490,7 +757,9 @@ impl<R: Read + Seek> ContainerReader<R> {
         options: &ReadOptions,
     ) -> Result<Snapshot, MigratableError> {
         let mut snapshot = self.read_tree(true)?;
-        self.memory(sink, options, true)?;
+        if sink.is_some() {
+            self.memory(sink, options)?;
+        }
         snapshot.resolve_codecs(codecs);
         Ok(snapshot)
     }
@@ -502,18 +771,15 @@ impl<R: Read + Seek> ContainerReader<R> {
         Ok(self.md.build(payloads))
     }
 
+    /// Restores memory into `sink`, right after [`read_tree`](Self::read_tree).
     fn memory(
         &mut self,
         sink: Option<&dyn MemorySink>,
         opts: &ReadOptions,
-        restoring: bool,
     ) -> Result<(u64, u64), MigratableError> {
         let Some(runs) = &self.runs else {
             return read_records(&mut self.r, &self.md.extents, sink, opts);
         };
-        if restoring && sink.is_none() {
-            return Ok((0, 0));
-        }
         let mut ri = 0;
         let mut data = 0;
         for (ei, e) in self.md.extents.iter().enumerate() {
@@ -540,26 +806,169 @@ impl<R: Read + Seek> ContainerReader<R> {
         Ok((runs.len() as u64, data))
     }
 
-    /// Checks every checksum (payloads, memory runs) by streaming through the container,
-    /// without restoring anything. The first mismatch is an error naming the section
-    /// path or the memory run.
-    pub fn verify(&mut self) -> Result<VerifyReport, MigratableError> {
-        self.read_tree(false)?;
-        let (runs, data_bytes) = self.memory(None, &ReadOptions::default(), false)?;
-        Ok(VerifyReport {
-            sections: self.md.sections.len() as u64,
-            payload_bytes: self.header.payload_length,
-            extents: self.md.extents.len() as u64,
-            memory_bytes: self.md.extents.iter().map(|e| e.length).sum(),
-            runs,
-            data_bytes,
-        })
-    }
-
     /// The underlying reader.
     pub fn into_inner(self) -> R {
         self.r
     }
+
+    /// Where the container starts in the underlying reader.
+    pub(crate) fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// The underlying reader, to read at offsets from [`locate`](Self::locate).
+    pub(crate) fn get_mut(&mut self) -> &mut R {
+        &mut self.r
+    }
+}
+
+impl<R: Read + Seek + SeekData> ContainerReader<R> {
+    /// Checks every checksum (payloads, memory runs or records) and, in the file form,
+    /// that every byte of an extent outside its data runs reads as zero (so an `mmap`
+    /// restore sees what a copying restore sees), without restoring anything. Holes
+    /// are skipped ([`SeekData`]): the cost follows the bytes stored, not the memory
+    /// declared. The first mismatch is an error naming the section path or the
+    /// memory run.
+    ///
+    /// `verify` is the validation every tool runs: what it refuses, `inspect`,
+    /// `convert`, `diff` and `merge` refuse too.
+    pub fn verify(&mut self) -> Result<VerifyReport, MigratableError> {
+        self.read_tree(false)?;
+        let mut buf = Vec::new();
+        let (runs, data_bytes) = match &self.runs {
+            Some(runs) => {
+                let mut data = 0;
+                let mut ri = 0;
+                for (ei, e) in self.md.extents.iter().enumerate() {
+                    let mut cursor = 0;
+                    while let Some(run) = runs.get(ri).filter(|r| r.extent as usize == ei) {
+                        let at = self.base + e.file_offset;
+                        check_zero(
+                            &mut self.r,
+                            self.base,
+                            at + cursor,
+                            run.offset - cursor,
+                            &mut buf,
+                        )?;
+                        let what =
+                            || format!("run {ri} (gpa {:#x}, {:#x} bytes)", run.gpa, run.length);
+                        let mut crc = Crc64::new();
+                        crc_range(
+                            &mut self.r,
+                            self.base + run.file_offset,
+                            run.length,
+                            &mut crc,
+                            &mut buf,
+                            &what,
+                        )?;
+                        if crc.finish() != run.crc {
+                            return Err(FormatError::Checksum {
+                                what: what(),
+                                stored: run.crc,
+                                computed: crc.finish(),
+                            }
+                            .into());
+                        }
+                        cursor = run.offset + run.length;
+                        data += run.length;
+                        ri += 1;
+                    }
+                    let at = self.base + e.file_offset + cursor;
+                    check_zero(&mut self.r, self.base, at, e.length - cursor, &mut buf)?;
+                }
+                (runs.len() as u64, data)
+            }
+            None => {
+                let mut data = 0;
+                for (i, rec) in self.records.iter().enumerate() {
+                    let what = || {
+                        format!(
+                            "memory record {i} (gpa {:#x}, {:#x} bytes)",
+                            rec.gpa, rec.length
+                        )
+                    };
+                    let mut crc = Crc64::new();
+                    crc.update(&record_head(1, rec.gpa, rec.length));
+                    crc_range(
+                        &mut self.r,
+                        self.base + rec.data_offset,
+                        rec.length,
+                        &mut crc,
+                        &mut buf,
+                        &what,
+                    )?;
+                    if crc.finish() != rec.crc {
+                        return Err(FormatError::Checksum {
+                            what: what(),
+                            stored: rec.crc,
+                            computed: crc.finish(),
+                        }
+                        .into());
+                    }
+                    data += rec.length;
+                }
+                (self.records.len() as u64, data)
+            }
+        };
+        Ok(VerifyReport {
+            sections: self.md.sections.len() as u64,
+            payload_bytes: self.header.payload_length,
+            extents: self.md.extents.len() as u64,
+            memory_bytes: self.memory_bytes(),
+            runs,
+            data_bytes,
+        })
+    }
+}
+
+/// Walks the DATA record headers of a stream-form container on a seekable input,
+/// from `at` (relative to `base`), seeking over their data: checks each header
+/// (`docs/format.md` §7) and that the container ends right after END.
+fn walk_records<R: Read + Seek>(
+    r: &mut R,
+    base: u64,
+    mut at: u64,
+    file_len: u64,
+    md: &Metadata,
+) -> Result<Vec<Record>, MigratableError> {
+    let mut check = RecordCheck::new(&md.extents);
+    let mut records = Vec::new();
+    loop {
+        let count = check.count;
+        if file_len.saturating_sub(at) < 32 {
+            return Err(truncated(format!("memory record {count}")));
+        }
+        r.seek(SeekFrom::Start(base + at))?;
+        let mut head = [0u8; 32];
+        r.read_exact(&mut head)
+            .map_err(|e| io(e, &|| format!("memory record {count}")))?;
+        at += 32;
+        match check.next(&head)? {
+            Step::End => break,
+            Step::Data { gpa, length, crc } => {
+                if file_len - at < length {
+                    return Err(truncated(format!(
+                        "memory record {count} (gpa {gpa:#x}, {length:#x} bytes)"
+                    )));
+                }
+                records.push(Record {
+                    gpa,
+                    length,
+                    crc,
+                    data_offset: at,
+                });
+                at += length;
+            }
+        }
+    }
+    if at != file_len {
+        return Err(FormatError::malformed(format!(
+            "{} bytes after the END record (a stream-form container ends there)",
+            file_len - at
+        ))
+        .into());
+    }
+    Ok(records)
 }
 
 /// Reads a container of either form from a seekable reader: the snapshot with codecs
@@ -573,13 +982,16 @@ pub fn read_snapshot<R: Read + Seek>(
 }
 
 /// Verifies every checksum of a container of either form. See [`ContainerReader::verify`].
-pub fn verify<R: Read + Seek>(r: R) -> Result<VerifyReport, MigratableError> {
+pub fn verify<R: Read + Seek + SeekData>(r: R) -> Result<VerifyReport, MigratableError> {
     ContainerReader::open(r)?.verify()
 }
 
-/// The header, tree (with sizes) and extent table of a container.
-pub fn inspect<R: Read + Seek>(r: R) -> Result<ContainerInfo, MigratableError> {
-    Ok(ContainerReader::open(r)?.info())
+/// The header, tree (with sizes) and extent table of a container, after the checks
+/// of [`verify`] (a container `verify` refuses is refused here too).
+pub fn inspect<R: Read + Seek + SeekData>(r: R) -> Result<ContainerInfo, MigratableError> {
+    let mut reader = ContainerReader::open(r)?;
+    reader.verify()?;
+    Ok(reader.info())
 }
 
 /// Reads a **stream-form** container from `r` (a socket or pipe), up to and including
@@ -615,13 +1027,14 @@ fn stream<R: Read>(
         );
     }
     let md = read_metadata(r, &header)?;
+    check_stream_extents(&md.extents)?;
     let payloads = read_payloads(r, &md, keep)?;
     let (runs, data_bytes) = read_records(r, &md.extents, sink, opts)?;
     let report = VerifyReport {
         sections: md.sections.len() as u64,
         payload_bytes: header.payload_length,
         extents: md.extents.len() as u64,
-        memory_bytes: md.extents.iter().map(|e| e.length).sum(),
+        memory_bytes: declared(&md.extents),
         runs,
         data_bytes,
     };

@@ -193,7 +193,7 @@ pub fn write_snapshot<W: Write + Seek>(
             }
             if job.last {
                 if let Some((s, crc)) = open.take() {
-                    runs_out.push(run(job.index, e, s, e.length - s, crc.finish()));
+                    runs_out.push(run(job.index, e, s, job.end - s, crc.finish()));
                 }
             }
             spans
