@@ -604,7 +604,62 @@ pub mod seeds {
         let mut bare = Cursor::new(Vec::new());
         container::write_snapshot(&mut bare, &tree, None, &WriteOptions::default())
             .expect("writes to a Vec");
-        vec![file.into_inner(), stream, bare.into_inner()]
+        // Hostile shapes (issue 20), valid or one step from invalid: a stream with bytes
+        // after END, two streams back to back, a stream declaring 1 TiB in a few
+        // bytes, a tree as deep as allowed with long ids.
+        let mut trailing = stream.clone();
+        trailing.extend_from_slice(b"after END");
+        let mut appended = stream.clone();
+        appended.extend_from_slice(&stream);
+        let mut huge = Vec::new();
+        container::write_snapshot_stream(
+            &mut huge,
+            &tree,
+            Some(&Declared(vec![MemoryRange::new(0, 1 << 40)])),
+            &WriteOptions::default(),
+        )
+        .expect("writes to a Vec");
+        let mut deep = Snapshot::new("vm");
+        {
+            let mut leaf = Snapshot::new("z".repeat(255));
+            leaf.add_state_as("s", 1, 7u8);
+            for _ in 0..30 {
+                let mut parent = Snapshot::new("y".repeat(255));
+                parent.add_child(leaf);
+                leaf = parent;
+            }
+            deep.add_child(leaf);
+            deep.encode(&(Arc::new(migration_serde::PostcardCodec) as Arc<dyn Codec>))
+                .expect("encodes");
+        }
+        let mut deep_file = Cursor::new(Vec::new());
+        container::write_snapshot(&mut deep_file, &deep, None, &WriteOptions::default())
+            .expect("writes to a Vec");
+        vec![
+            file.into_inner(),
+            stream,
+            bare.into_inner(),
+            trailing,
+            appended,
+            huge,
+            deep_file.into_inner(),
+        ]
+    }
+
+    /// Memory that declares `regions` and stores nothing (all zero, and says so).
+    struct Declared(Vec<MemoryRange>);
+
+    impl migration_core::MemorySource for Declared {
+        fn regions(&self) -> Vec<MemoryRange> {
+            self.0.clone()
+        }
+        fn read_memory(&self, _: u64, buf: &mut [u8]) -> Result<(), migration_core::MemoryError> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn nonzero_ranges(&self) -> Option<Vec<MemoryRange>> {
+            Some(Vec::new())
+        }
     }
 
     /// A snapshot tree with sections of two codecs and a child.
