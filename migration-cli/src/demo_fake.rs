@@ -149,9 +149,6 @@ impl DemoTarget for FakeTarget {
     }
 
     fn receive_options(&self) -> ReceiveOptions {
-        ReceiveOptions {
-            arch: migration_core::arch::Arch::host(),
-            codecs: Self::registry(),
-        }
+        ReceiveOptions::new(migration_core::arch::Arch::host(), Self::registry())
     }
 }

@@ -38,10 +38,7 @@ fn migrate(
     let dest = thread::Builder::new()
         .name("destination".into())
         .spawn(move || {
-            let options = ReceiveOptions {
-                arch: Arch::None,
-                codecs: migration_serde::registry(),
-            };
+            let options = ReceiveOptions::new(Arch::None, migration_serde::registry());
             receive_migration(
                 "tcp://127.0.0.1:0",
                 &options,

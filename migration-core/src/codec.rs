@@ -17,6 +17,12 @@ use serde::Serialize;
 
 use crate::box_error::BoxError;
 
+/// Largest encoded state a codec decodes and a destination buffers (64 MiB): one
+/// limit for the protocol's device state ([`MAX_STATE`](crate::protocol::MAX_STATE))
+/// and for every codec (migration-serde's `limits::MAX_PAYLOAD`), so what one side
+/// accepts the other does not refuse after buffering it.
+pub const MAX_ENCODED_LEN: usize = 64 << 20;
+
 /// A codec's stable four-byte identifier, recorded in every section it encodes.
 ///
 /// Pick a tag no other codec uses; printable ASCII reads best in tools

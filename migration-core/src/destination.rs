@@ -37,13 +37,57 @@ pub struct IncomingVm {
     pub producer: String,
 }
 
-/// Options of [`receive_migration_over`].
+/// Options of [`receive_migration_over`]: what this destination accepts, and how long
+/// it waits. [`ReceiveOptions::new`] gives the defaults below.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct ReceiveOptions {
     /// Architecture this destination runs (a HELLO for another one is rejected).
     pub arch: Arch,
     /// Codecs this destination can decode state with.
     pub codecs: CodecRegistry,
+    /// Most guest RAM a HELLO may declare: above it the HELLO is rejected before the
+    /// VM is built (no memory or kernel object is committed for it). Default: this
+    /// host's physical RAM.
+    pub max_guest_ram: u64,
+    /// The HELLO must arrive whole within this time of the connection (default 10 s).
+    pub handshake_timeout: Duration,
+    /// Every later frame must arrive whole within this time of being awaited
+    /// (default 60 s; a frame is at most 8 MiB). Unlike a socket's read timeout,
+    /// this ends a peer that sends one byte at a time.
+    pub frame_timeout: Duration,
+    /// The whole migration must end within this time (default: no limit).
+    pub max_time: Option<Duration>,
+}
+
+/// Default [`ReceiveOptions::handshake_timeout`].
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`ReceiveOptions::frame_timeout`].
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl ReceiveOptions {
+    /// Options for a destination running `arch` with `codecs`, and the default limits.
+    pub fn new(arch: Arch, codecs: CodecRegistry) -> Self {
+        Self {
+            arch,
+            codecs,
+            max_guest_ram: host_ram(),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            frame_timeout: FRAME_TIMEOUT,
+            max_time: None,
+        }
+    }
+}
+
+/// This host's physical RAM (4 TiB if the kernel does not say).
+pub fn host_ram() -> u64 {
+    let info = rustix::system::sysinfo();
+    let ram = info.totalram.saturating_mul(u64::from(info.mem_unit).max(1));
+    if ram == 0 {
+        4 << 40
+    } else {
+        ram
+    }
 }
 
 impl fmt::Debug for ReceiveOptions {
@@ -51,6 +95,10 @@ impl fmt::Debug for ReceiveOptions {
         f.debug_struct("ReceiveOptions")
             .field("arch", &self.arch)
             .field("codecs", &self.codecs)
+            .field("max_guest_ram", &self.max_guest_ram)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("frame_timeout", &self.frame_timeout)
+            .field("max_time", &self.max_time)
             .finish()
     }
 }
@@ -117,9 +165,27 @@ where
         .map_err(MigrationError::endpoint)?
         .bind()?;
     on_listen(&listener.url()?);
-    let stream = listener.accept()?;
-    stream.set_read_timeout(Some(io_timeout))?;
-    receive_migration_over(stream, options, build)
+    let mut build = Some(build);
+    loop {
+        let stream = listener.accept()?;
+        stream.set_read_timeout(Some(io_timeout))?;
+        let mut once = |incoming: &IncomingVm| match build.take() {
+            Some(b) => b(incoming),
+            None => Err(MigratableError::Build(
+                "the VM was built once already".into(),
+            )),
+        };
+        match receive_migration_over(stream, options, &mut once) {
+            // A connection that sent no complete HELLO in time (slow, silent, gone)
+            // is dropped and the next one served: waiting sources queue in the
+            // listen backlog meanwhile, and none is held longer than the handshake
+            // timeout.
+            Err(MigrationError::Io(e)) if build.is_some() => {
+                tracing::warn!(error = ?e.to_string(), "connection without a HELLO dropped; accepting the next one");
+            }
+            other => return other,
+        }
+    }
 }
 
 fn negotiate(
@@ -153,6 +219,16 @@ fn negotiate(
                 ours.join(", ")
             ))
         })?;
+    let ram = hello
+        .layout
+        .iter()
+        .fold(0u64, |sum, r| sum.saturating_add(r.length));
+    if ram > options.max_guest_ram {
+        return Err(MigrationError::Rejected(format!(
+            "the VM declares {ram} bytes of guest RAM, over this destination's limit of {} bytes",
+            options.max_guest_ram
+        )));
+    }
     let mut end = 0u64;
     for r in &hello.layout {
         if r.gpa < end || r.length == 0 {
@@ -177,6 +253,8 @@ where
     S: Read + Write,
     F: FnOnce(&IncomingVm) -> Result<M, MigratableError>,
 {
+    ch.set_deadline(options.max_time.and_then(|t| Instant::now().checked_add(t)));
+    ch.set_frame_timeout(Some(options.handshake_timeout));
     let hello = match ch.recv()? {
         Message::Hello(h) => h,
         Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
@@ -187,6 +265,7 @@ where
             })
         }
     };
+    ch.set_frame_timeout(Some(options.frame_timeout));
     tracing::info!(
         version = hello.version,
         arch = ?hello.arch,

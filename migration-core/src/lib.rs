@@ -130,6 +130,7 @@ pub mod box_error;
 pub mod checksum;
 pub mod codec;
 pub mod container;
+pub mod deadline;
 pub mod destination;
 pub mod endpoint;
 pub mod error;

@@ -16,10 +16,11 @@
 //! bytes and bounds every count before allocating.
 
 use std::io::{self, BufReader, Read, Write};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::arch::Arch;
 use crate::codec::CodecId;
+use crate::deadline::Deadline;
 use crate::error::MigratableError;
 use crate::memory::{check_range, MemoryError, MemoryRange, MemorySink};
 
@@ -34,8 +35,10 @@ pub const MAGIC: [u8; 8] = *b"VMMIGRT\0";
 pub const MAX_PAYLOAD: u32 = 8 << 20;
 /// Largest memory chunk in one MEMORY frame.
 pub const MAX_MEMORY_CHUNK: usize = 4 << 20;
-/// Largest serialized device-state tree (sent in several STATE frames).
-pub const MAX_STATE: usize = 256 << 20;
+/// Largest serialized device-state tree (sent in several STATE frames): the one
+/// limit codecs decode up to as well ([`MAX_ENCODED_LEN`](crate::codec::MAX_ENCODED_LEN)),
+/// so a destination never buffers state its codec would refuse.
+pub const MAX_STATE: usize = crate::codec::MAX_ENCODED_LEN;
 /// Most memory regions a layout may have.
 pub const MAX_REGIONS: usize = 1024;
 /// Most codecs a HELLO may offer.
@@ -181,7 +184,7 @@ pub enum MigrationError {
         state: &'static str,
     },
     /// The peer aborted, with its reason.
-    #[error("peer aborted: {0}")]
+    #[error("peer aborted: {}", crate::text::printable(.0))]
     PeerAborted(String),
     /// This side rejected the handshake, for the reason given.
     #[error("handshake rejected: {0}")]
@@ -189,7 +192,7 @@ pub enum MigrationError {
     /// The destination answered the HELLO with ABORT: it refused the migration
     /// (a mismatch, a VM it could not build), for the reason it gave. Nothing was
     /// sent but the HELLO.
-    #[error("destination refused: {0}")]
+    #[error("destination refused: {}", crate::text::printable(.0))]
     Refused(String),
     /// Memory in a message lies outside the destination's RAM.
     #[error("memory: {0}")]
@@ -514,10 +517,14 @@ impl<R: Read> Read for CrcReader<'_, R> {
 /// reply is awaited.
 #[derive(Debug)]
 pub struct Channel<S: Read + Write> {
-    io: BufReader<S>,
+    io: BufReader<Deadline<S>>,
     out: Vec<u8>,
     frame: Vec<u8>,
     bytes_sent: u64,
+    /// Time allowed for each incoming frame, from its first byte read attempt.
+    frame_timeout: Option<Duration>,
+    /// No frame may end after this.
+    overall: Option<Instant>,
 }
 
 const OUT_FLUSH: usize = 256 << 10;
@@ -526,16 +533,43 @@ impl<S: Read + Write> Channel<S> {
     /// A channel over a connected stream.
     pub fn new(stream: S) -> Self {
         Self {
-            io: BufReader::with_capacity(256 << 10, stream),
+            io: BufReader::with_capacity(256 << 10, Deadline::new(stream)),
             out: Vec::with_capacity(OUT_FLUSH + 4096),
             frame: Vec::new(),
             bytes_sent: 0,
+            frame_timeout: None,
+            overall: None,
         }
     }
 
     /// The underlying stream.
     pub fn get_ref(&self) -> &S {
-        self.io.get_ref()
+        self.io.get_ref().get_ref()
+    }
+
+    /// Each incoming frame must arrive whole within `timeout` of the moment it is
+    /// awaited (`None`: no limit). Unlike a socket's read timeout, this catches a peer
+    /// that sends one byte at a time.
+    pub fn set_frame_timeout(&mut self, timeout: Option<Duration>) {
+        self.frame_timeout = timeout;
+    }
+
+    /// No incoming frame may end after `at` (`None`: no limit): a whole exchange's
+    /// deadline.
+    pub fn set_deadline(&mut self, at: Option<Instant>) {
+        self.overall = at;
+    }
+
+    /// Arms the deadline of the next frame.
+    fn start_frame(&mut self) {
+        let frame = self
+            .frame_timeout
+            .and_then(|t| Instant::now().checked_add(t));
+        let at = match (frame, self.overall) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.io.get_mut().set(at);
     }
 
     /// Bytes framed so far (headers, payloads, checksums).
@@ -602,6 +636,7 @@ impl<S: Read + Write> Channel<S> {
     /// Reads and checks a frame header: type known, flags zero, length bounded.
     fn read_header(&mut self) -> Result<([u8; HEADER], MessageType, u32), MigrationError> {
         self.flush()?;
+        self.start_frame();
         let mut header = [0u8; HEADER];
         self.io.read_exact(&mut header)?;
         let ty_raw = u16::from_le_bytes([header[0], header[1]]);
@@ -678,9 +713,19 @@ impl<S: Read + Write> Channel<S> {
         ty: MessageType,
         len: u32,
     ) -> Result<Message<'_>, MigrationError> {
-        // Bounded by MAX_PAYLOAD in read_header; the buffer is reused across frames.
-        self.frame.resize(len as usize + TRAILER, 0);
-        self.io.read_exact(&mut self.frame)?;
+        // Bounded by MAX_PAYLOAD in read_header, and grown only as bytes arrive (a
+        // header alone reserves nothing); the buffer is reused across frames.
+        let want = len as usize + TRAILER;
+        self.frame.clear();
+        (&mut self.io)
+            .take(want as u64)
+            .read_to_end(&mut self.frame)?;
+        if self.frame.len() < want {
+            return Err(MigrationError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("connection closed inside a {ty:?} frame"),
+            )));
+        }
         let (payload, trailer) = self.frame.split_at(len as usize);
         let mut crc = [0u8; 8];
         crc.copy_from_slice(trailer);
@@ -706,7 +751,7 @@ mod tests {
         let mut ch = Channel::new(io::Cursor::new(Vec::new()));
         ch.send(&msg).unwrap();
         ch.flush().unwrap();
-        let bytes = ch.io.into_inner().into_inner();
+        let bytes = ch.io.into_inner().into_inner().into_inner();
         let mut rx = Channel::new(io::Cursor::new(bytes));
         assert_eq!(rx.recv().unwrap(), msg);
     }
@@ -729,7 +774,7 @@ mod tests {
         ch.send(&Message::Memory { gpa, data }).unwrap();
         ch.send(&Message::Ready).unwrap();
         ch.flush().unwrap();
-        ch.io.into_inner().into_inner()
+        ch.io.into_inner().into_inner().into_inner()
     }
 
     #[test]
@@ -870,7 +915,7 @@ mod tests {
         })
         .unwrap();
         ch.flush().unwrap();
-        let good = ch.io.into_inner().into_inner();
+        let good = ch.io.into_inner().into_inner().into_inner();
         for bit in 0..good.len() * 8 {
             let mut bad = good.clone();
             bad[bit / 8] ^= 1 << (bit % 8);

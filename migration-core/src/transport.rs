@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use crate::box_error::BoxError;
 use crate::codec::{CodecError, CodecRegistry};
 use crate::container::{self, ReadOptions, WriteOptions, WriteSummary};
+use crate::deadline::Deadline;
 use crate::endpoint::Endpoint;
 use crate::error::MigratableError;
 use crate::file;
@@ -50,6 +51,12 @@ use crate::snapshot::Snapshot;
 pub const CONNECT_RETRY: Duration = Duration::from_secs(10);
 /// Longest reason a receiver sends in a reject reply.
 pub const MAX_REPLY_MESSAGE: usize = 4096;
+/// How long a receiver ([`recv_snapshot`], [`recv_snapshot_with_memory`]) gives a
+/// connected sender to deliver the whole container; see
+/// [`recv_snapshot_within`] to choose another.
+pub const RECV_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a receiver waits for the next bytes from a connected sender.
+pub const RECV_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a rejecting receiver keeps draining what the sender still writes.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -173,11 +180,25 @@ pub fn send_snapshot_with_memory(
 }
 
 /// Receives a snapshot from `url` (listening, for sockets), with codecs resolved and
-/// memory restored into `sink` if given (zero pages zeroed).
+/// memory restored into `sink` if given (zero pages zeroed). A connected sender has
+/// [`RECV_TIMEOUT`] to deliver it all.
 pub fn recv_snapshot_with_memory(
     url: &str,
     codecs: &CodecRegistry,
     sink: Option<&dyn MemorySink>,
+) -> Result<Snapshot, MigratableError> {
+    recv_snapshot_within(url, codecs, sink, RECV_TIMEOUT)
+}
+
+/// [`recv_snapshot_with_memory`] with the time a connected sender has to deliver the
+/// whole container: a sender that is slower (one byte a second keeps every read
+/// alive) fails with a timed-out error, and so does one silent for
+/// [`RECV_IDLE_TIMEOUT`]. Waiting for the sender to connect is not limited.
+pub fn recv_snapshot_within(
+    url: &str,
+    codecs: &CodecRegistry,
+    sink: Option<&dyn MemorySink>,
+    timeout: Duration,
 ) -> Result<Snapshot, MigratableError> {
     let endpoint = parse(url)?;
     let options = ReadOptions::default();
@@ -187,7 +208,8 @@ pub fn recv_snapshot_with_memory(
             .and_then(|l| l.accept())
             .map_err(MigratableError::Io)
             .and_then(|(mut s, _)| {
-                let r = recv_from_stream(&mut s, codecs, sink, &options);
+                s.set_read_timeout(Some(RECV_IDLE_TIMEOUT))?;
+                let r = recv_from_stream_within(&mut s, codecs, sink, &options, Some(timeout));
                 if r.is_err() {
                     let _ = s.shutdown(Shutdown::Write);
                     let _ = s.set_read_timeout(Some(DRAIN_TIMEOUT));
@@ -199,7 +221,8 @@ pub fn recv_snapshot_with_memory(
             let accepted = l.accept();
             let _ = std::fs::remove_file(&path);
             let (mut s, _) = accepted?;
-            let r = recv_from_stream(&mut s, codecs, sink, &options);
+            s.set_read_timeout(Some(RECV_IDLE_TIMEOUT))?;
+            let r = recv_from_stream_within(&mut s, codecs, sink, &options, Some(timeout));
             if r.is_err() {
                 let _ = s.shutdown(Shutdown::Write);
                 let _ = s.set_read_timeout(Some(DRAIN_TIMEOUT));
@@ -327,8 +350,24 @@ pub fn recv_from_stream<S: Read + Write>(
     sink: Option<&dyn MemorySink>,
     options: &ReadOptions,
 ) -> Result<Snapshot, MigratableError> {
+    recv_from_stream_within(stream, codecs, sink, options, None)
+}
+
+/// [`recv_from_stream`] that fails once `timeout` has passed (`None`: never) before
+/// the container's END record arrived.
+pub fn recv_from_stream_within<S: Read + Write>(
+    stream: &mut S,
+    codecs: &CodecRegistry,
+    sink: Option<&dyn MemorySink>,
+    options: &ReadOptions,
+    timeout: Option<Duration>,
+) -> Result<Snapshot, MigratableError> {
     let result = {
-        let mut r = BufReader::with_capacity(1 << 16, &mut *stream);
+        let mut timed = Deadline::new(&mut *stream);
+        if let Some(t) = timeout {
+            timed.set_in(t);
+        }
+        let mut r = BufReader::with_capacity(1 << 16, timed);
         container::read_snapshot_stream(&mut r, codecs, sink, options)
     };
     let reason = result.as_ref().err().map(ToString::to_string);

@@ -38,10 +38,7 @@ fn options() -> MigrationOptions {
 }
 
 fn receive_options() -> ReceiveOptions {
-    ReceiveOptions {
-        arch: Arch::None,
-        codecs: codecs(),
-    }
+    ReceiveOptions::new(Arch::None, codecs())
 }
 
 /// A source VM with a deterministic memory image and an idle workload, so every run
@@ -257,10 +254,10 @@ fn handshake_rejections_carry_the_destinations_reason() {
         .expect("vm");
     let (a, b) = UnixStream::pair().expect("pair");
     let dest = thread::spawn(move || {
-        let opts = ReceiveOptions {
-            arch: Arch::None,
-            codecs: CodecRegistry::new().with(Arc::new(migration_serde::PostcardCodec)),
-        };
+        let opts = ReceiveOptions::new(
+            Arch::None,
+            CodecRegistry::new().with(Arc::new(migration_serde::PostcardCodec)),
+        );
         receive_migration_over(b, &opts, |i| build_destination(&i.layout))
     });
     let err = send_migration_over(&mut source, a, &mut options()).expect_err("no codec");

@@ -74,10 +74,7 @@ fn helper_destination() {
     if std::env::var(ROLE).as_deref() != Ok("destination") {
         return;
     }
-    let options = ReceiveOptions {
-        arch: Arch::None,
-        codecs: migration_serde::registry(),
-    };
+    let options = ReceiveOptions::new(Arch::None, migration_serde::registry());
     let listen = format!("tcp://{}:0", NetnsPair::ADDR_B);
     let (mut vm, report) = receive_migration(
         &listen,

@@ -144,10 +144,7 @@ fn main() -> Result<(), Error> {
     let (a, b) = UnixStream::pair()?;
     a.set_read_timeout(Some(Duration::from_secs(30)))?;
     b.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let opts = ReceiveOptions {
-        arch: Arch::host(),
-        codecs: migration_serde::registry(),
-    };
+    let opts = ReceiveOptions::new(Arch::host(), migration_serde::registry());
     let build = |_: &IncomingVm| OwnVm::new().map_err(MigratableError::Build);
     let dest = std::thread::spawn(move || receive_migration_over(b, &opts, build));
     let report = send_migration_over(&mut source, a, &mut MigrationOptions::default())?;

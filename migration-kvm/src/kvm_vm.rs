@@ -658,10 +658,7 @@ impl KvmVm {
     /// Options for [`receive_migration`](migration_core::destination::receive_migration)
     /// on this host with `codecs`.
     pub fn receive_options(codecs: CodecRegistry) -> ReceiveOptions {
-        ReceiveOptions {
-            arch: Arch::X86_64,
-            codecs,
-        }
+        ReceiveOptions::new(Arch::X86_64, codecs)
     }
 
     /// The config the VM was built with; its `cpu` is the guest's CPU model.

@@ -160,10 +160,7 @@ fn handshake_rejected_leaves_the_guest_running() -> Result<()> {
     let (a, b) = UnixStream::pair()?;
     let dest = thread::spawn(move || {
         // A destination of another architecture.
-        let opts = ReceiveOptions {
-            arch: Arch::Aarch64,
-            codecs: codecs(),
-        };
+        let opts = ReceiveOptions::new(Arch::Aarch64, codecs());
         receive_migration_over(b, &opts, |i| build(i, &Log::default())).map(|_| ())
     });
     let mut opts = src.vm.migration_options();

@@ -41,7 +41,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, Visitor};
 /// JSON writes a byte buffer as an array of decimal numbers (up to 4 bytes per byte),
 /// so JSON byte sections stay under about 16 MiB; the binary codecs carry up to the
 /// full budget.
-pub const MAX_PAYLOAD: usize = 64 << 20;
+pub const MAX_PAYLOAD: usize = migration_core::codec::MAX_ENCODED_LEN;
 
 /// The deepest nesting any codec in this crate decodes: 128 nested values (each
 /// struct, sequence, map, enum variant, option or newtype level counts one).

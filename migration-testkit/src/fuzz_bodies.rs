@@ -188,10 +188,7 @@ pub fn protocol(data: &[u8]) {
 
 /// Receives the framed stream `stream` into a fake destination.
 pub fn receive(stream: &[u8]) {
-    let options = ReceiveOptions {
-        arch: Arch::X86_64,
-        codecs: migration_serde::registry(),
-    };
+    let options = ReceiveOptions::new(Arch::X86_64, migration_serde::registry());
     let result = receive_migration_over(InputStream::new(stream), &options, |incoming| {
         let total: u64 = incoming.layout.iter().map(|r| r.length).sum();
         if total > MAX_FUZZ_GUEST {

@@ -77,10 +77,10 @@ fn seeds_are_valid_inputs() {
     }
     // The full migration script is received to the end (GO): the destination runs.
     let full = fuzz_bodies::frame_script(&seeds::protocol()[0]);
-    let options = migration_core::ReceiveOptions {
-        arch: migration_core::arch::Arch::X86_64,
-        codecs: migration_serde::registry(),
-    };
+    let options = migration_core::ReceiveOptions::new(
+        migration_core::arch::Arch::X86_64,
+        migration_serde::registry(),
+    );
     let (vm, report) = migration_core::receive_migration_over(
         fuzz_bodies::InputStream::new(&full),
         &options,
