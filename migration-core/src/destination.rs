@@ -82,7 +82,9 @@ impl ReceiveOptions {
 /// This host's physical RAM (4 TiB if the kernel does not say).
 pub fn host_ram() -> u64 {
     let info = rustix::system::sysinfo();
-    let ram = info.totalram.saturating_mul(u64::from(info.mem_unit).max(1));
+    let ram = info
+        .totalram
+        .saturating_mul(u64::from(info.mem_unit).max(1));
     if ram == 0 {
         4 << 40
     } else {

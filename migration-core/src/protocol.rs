@@ -906,6 +906,20 @@ mod tests {
         ));
     }
 
+    /// A header declaring MAX_PAYLOAD, then a few bytes and the end: the frame buffer
+    /// grew only by what arrived (8 MiB were not reserved up front).
+    #[test]
+    fn a_frame_header_alone_reserves_nothing() {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&(MessageType::State as u16).to_le_bytes());
+        bytes.extend_from_slice(&0u16.to_le_bytes());
+        bytes.extend_from_slice(&MAX_PAYLOAD.to_le_bytes());
+        bytes.extend_from_slice(&[1u8; 100]);
+        let mut ch = Channel::new(io::Cursor::new(bytes));
+        assert!(matches!(ch.recv(), Err(MigrationError::Io(_))));
+        assert!(ch.frame.capacity() < 1 << 20, "{}", ch.frame.capacity());
+    }
+
     #[test]
     fn corrupt_frames_are_typed_errors() {
         let mut ch = Channel::new(io::Cursor::new(Vec::new()));
