@@ -756,7 +756,7 @@ impl<R: Read + Seek> ContainerReader<R> {
         sink: Option<&dyn MemorySink>,
         options: &ReadOptions,
     ) -> Result<Snapshot, MigratableError> {
-        let mut snapshot = self.read_tree(true)?;
+        let mut snapshot = self.read_tree()?;
         if sink.is_some() {
             self.memory(sink, options)?;
         }
@@ -764,10 +764,10 @@ impl<R: Read + Seek> ContainerReader<R> {
         Ok(snapshot)
     }
 
-    fn read_tree(&mut self, keep: bool) -> Result<Snapshot, MigratableError> {
+    fn read_tree(&mut self) -> Result<Snapshot, MigratableError> {
         self.r
             .seek(SeekFrom::Start(self.base + self.header.payload_offset()))?;
-        let payloads = read_payloads(&mut self.r, &self.md, keep)?;
+        let payloads = read_payloads(&mut self.r, &self.md, true)?;
         Ok(self.md.build(payloads))
     }
 
@@ -833,7 +833,10 @@ impl<R: Read + Seek + SeekData> ContainerReader<R> {
     /// `verify` is the validation every tool runs: what it refuses, `inspect`,
     /// `convert`, `diff` and `merge` refuse too.
     pub fn verify(&mut self) -> Result<VerifyReport, MigratableError> {
-        self.read_tree(false)?;
+        // The payloads' checksums, without building the tree.
+        self.r
+            .seek(SeekFrom::Start(self.base + self.header.payload_offset()))?;
+        read_payloads(&mut self.r, &self.md, false)?;
         let mut buf = Vec::new();
         let (runs, data_bytes) = match &self.runs {
             Some(runs) => {
