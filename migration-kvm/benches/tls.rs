@@ -132,6 +132,43 @@ fn migrate(mut vm: KvmVm, server: &Security, client: &Security, tls: bool) -> Re
     ))
 }
 
+/// Copies `size` bytes over a loopback `tls://` connection (no VM): this machine's TLS
+/// limit, beside the raw TCP copy.
+fn tls_copy(size: u64, server: &Security, client: &Security) -> Result<Duration> {
+    use std::io::{Read, Write};
+    let listener = Endpoint::parse("tls://127.0.0.1:0")?.bind_with(server)?;
+    let url = listener.url()?;
+    let server = server.clone();
+    let sink = thread::spawn(move || -> Result<u64> {
+        let mut s = listener.accept_with(&server, Some(IO_TIMEOUT), |_, _| {})?;
+        let mut buf = vec![0u8; BUF];
+        let mut n = 0u64;
+        while n < size {
+            match s.read(&mut buf)? {
+                0 => break,
+                k => n += k as u64,
+            }
+        }
+        Ok(n)
+    });
+    let mut s = Endpoint::parse(&url)?.connect_with(client, Some(IO_TIMEOUT))?;
+    let buf = vec![0x5au8; BUF];
+    let t = Instant::now();
+    let mut left = size;
+    while left > 0 {
+        let k = left.min(BUF as u64) as usize;
+        s.write_all(&buf[..k])?;
+        left -= k as u64;
+    }
+    s.flush()?;
+    let got = sink
+        .join()
+        .map_err(|_| anyhow::anyhow!("sink panicked"))??;
+    let took = t.elapsed();
+    ensure!(got == size, "TLS copy: {got} of {size} bytes");
+    Ok(took)
+}
+
 fn median_spread(xs: &mut [f64]) -> (f64, f64, f64) {
     xs.sort_by(|a, b| a.total_cmp(b));
     (xs[xs.len() / 2], xs[0], xs[xs.len() - 1])
@@ -156,6 +193,13 @@ fn main() -> Result<()> {
     let pki = TestPki::new()?;
     let tls_server = Security::tls(pki.server_config()?);
     let tls_client = Security::tls(pki.client_config()?);
+    let tls_raw = tls_copy(size, &tls_server, &tls_client)?;
+    let tls_raw_bw = size as f64 / tls_raw.as_secs_f64();
+    println!(
+        "raw loopback TLS copy of {gib:.2} GiB (no VM): {:.1} ms, {:.2} GB/s",
+        ms(tls_raw),
+        tls_raw_bw / 1e9
+    );
     let plain = Security::plaintext();
     let mut vm = source(size)?;
     let mut all = Vec::new();
@@ -199,6 +243,11 @@ fn main() -> Result<()> {
     println!("\n| mode | median GB/s | min–max | vs raw TCP |");
     println!("|---|---|---|---|");
     println!("| raw loopback TCP copy | {:.2} | | 1.00× |", raw_bw / 1e9);
+    println!(
+        "| raw loopback TLS copy (no VM) | {:.2} | | {:.2}× |",
+        tls_raw_bw / 1e9,
+        tls_raw_bw / raw_bw
+    );
     println!(
         "| plaintext tcp:// | {tcp_med:.2} | {tcp_lo:.2}–{tcp_hi:.2} | {:.2}× |",
         tcp_med * 1e9 / raw_bw
