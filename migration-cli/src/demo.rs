@@ -1,5 +1,6 @@
 //! `vmsnap demo`: boot a self-checking guest, snapshot it to a file, restore it into a
-//! fresh VM, live-migrate it over a loopback socket (`--rounds N` times, ping-pong),
+//! fresh VM, live-migrate it over a loopback socket (`--rounds N` times, ping-pong;
+//! `--tls`: over mutual TLS on `tls://127.0.0.1`),
 //! and report sizes, times, rounds, bytes, downtime and the guest's own verdict after
 //! each step.
 //!
@@ -15,7 +16,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
+use migration_core::endpoint::{Endpoint, Stream};
+use migration_core::security::Security;
+use migration_core::tls::{PeerIdentity, TlsConfig};
 use migration_core::{receive_migration_over, send_migration_over};
+use migration_testkit::test_pki::TestPki;
 
 use crate::demo_fake::FakeTarget;
 use crate::demo_kvm::KvmTarget;
@@ -136,10 +141,15 @@ pub fn flow<T: DemoTarget>(target: &mut T, args: &DemoArgs) -> anyhow::Result<Ex
     }
 
     if !args.snapshot_only {
+        let tls = if args.uses_tls() {
+            Some(tls_pair(args)?)
+        } else {
+            None
+        };
         for i in 1..=args.rounds {
-            let (next, lines) = migrate(target, vm, i)?;
+            let (next, lines, how) = migrate(target, vm, i, tls.as_ref())?;
             vm = next;
-            println!("migration {i}/{}: over a loopback unix socket", args.rounds);
+            println!("migration {i}/{}: {how}", args.rounds);
             for l in lines {
                 println!("  {l}");
             }
@@ -157,17 +167,103 @@ pub fn flow<T: DemoTarget>(target: &mut T, args: &DemoArgs) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
+/// The destination's and the source's TLS settings: from `--tls-dir`, or a throwaway
+/// CA and certificates for 127.0.0.1; with `--allow-peer`'s allowlist on both.
+struct TlsPair {
+    server: Security,
+    client: Security,
+    origin: String,
+}
+
+fn tls_pair(args: &DemoArgs) -> anyhow::Result<TlsPair> {
+    let allow = args
+        .allow_peer
+        .iter()
+        .map(|p| PeerIdentity::parse(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (server, client, origin) = match &args.tls_dir {
+        Some(dir) => {
+            let c = TlsConfig::from_dir(dir)
+                .with_context(|| format!("TLS certificates in {}", dir.display()))?;
+            let c = std::sync::Arc::new(c.with_allowlist(allow));
+            (c.clone(), c, format!("certificates from {}", dir.display()))
+        }
+        None => {
+            let pki = TestPki::new().context("making throwaway certificates")?;
+            (
+                std::sync::Arc::new(pki.server_config()?.with_allowlist(allow.clone())),
+                std::sync::Arc::new(pki.client_config()?.with_allowlist(allow)),
+                "a throwaway CA and certificates made at run time".to_owned(),
+            )
+        }
+    };
+    Ok(TlsPair {
+        server: Security::tls(server),
+        client: Security::tls(client),
+        origin,
+    })
+}
+
+/// A connected pair: a unix socket pair, or a TLS connection over loopback TCP (the
+/// destination's end, the source's end, and a line saying how).
+fn connect(tls: Option<&TlsPair>) -> anyhow::Result<(Stream, Stream, String)> {
+    let timeout = Some(Duration::from_secs(30));
+    let Some(tls) = tls else {
+        let (a, b) = UnixStream::pair()?;
+        for s in [&a, &b] {
+            s.set_read_timeout(timeout)?;
+        }
+        return Ok((
+            Stream::Unix(b),
+            Stream::Unix(a),
+            "over a loopback unix socket".into(),
+        ));
+    };
+    let listener = Endpoint::parse("tls://127.0.0.1:0")?.bind_with(&tls.server)?;
+    let url = listener.url()?;
+    let server = tls.server.clone();
+    let accept = thread::spawn(move || listener.accept_with(&server, timeout, |_, _| {}));
+    let source = Endpoint::parse(&url)?.connect_with(&tls.client, timeout);
+    let dest = accept
+        .join()
+        .map_err(|_| anyhow!("the TLS accept thread panicked"))?;
+    let (dest, source) = match (dest, source) {
+        (Ok(d), Ok(s)) => (d, s),
+        (d, s) => {
+            let side = |r: Result<Stream, migration_core::security::SecurityError>| {
+                r.err().map_or("ok".to_owned(), |e| e.to_string())
+            };
+            anyhow::bail!(
+                "TLS refused: source side: {}; destination side: {}",
+                side(s),
+                side(d)
+            )
+        }
+    };
+    let how = match source.tls() {
+        Some(s) => format!(
+            "over {url}, mutual TLS 1.3 ({}), {}, handshake {}, destination presents {}",
+            s.cipher_suite(),
+            tls.origin,
+            duration(s.handshake_time()),
+            s.peer_identities()
+                .first()
+                .map_or_else(|| "no identity".to_owned(), ToString::to_string)
+        ),
+        None => format!("over {url}"),
+    };
+    Ok((dest, source, how))
+}
+
 /// Migrates `vm` to a fresh destination in another thread; returns the destination
-/// (running) and the report lines.
+/// (running), the report lines and how it travelled.
 fn migrate<T: DemoTarget>(
     target: &mut T,
     mut vm: T::Vm,
     round: u32,
-) -> anyhow::Result<(T::Vm, Vec<String>)> {
-    let (a, b) = UnixStream::pair()?;
-    for s in [&a, &b] {
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    }
+    tls: Option<&TlsPair>,
+) -> anyhow::Result<(T::Vm, Vec<String>, String)> {
+    let (b, a, how) = connect(tls)?;
     let build = target.destination();
     let recv_options = target.receive_options();
     let dest = thread::Builder::new()
@@ -193,5 +289,5 @@ fn migrate<T: DemoTarget>(
     ));
     // The source stays paused after the handover; dropping it frees it.
     drop(vm);
-    Ok((dest_vm, lines))
+    Ok((dest_vm, lines, how))
 }

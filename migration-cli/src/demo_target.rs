@@ -39,6 +39,27 @@ pub struct DemoArgs {
     /// Write the snapshot file into DIR and keep it (default: a temporary directory).
     #[arg(long, value_name = "DIR")]
     pub keep: Option<PathBuf>,
+    /// Live-migrate over mutual TLS on `tls://127.0.0.1` (instead of a unix socket
+    /// pair), with a throwaway CA and certificates made at run time (docs/security.md).
+    #[arg(long)]
+    pub tls: bool,
+    /// Live-migrate over mutual TLS with the certificates in DIR (Cloud Hypervisor's
+    /// layout: ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem,
+    /// client-key.pem; the server certificate must be valid for 127.0.0.1 or
+    /// localhost). Implies --tls.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Accept only this peer (repeatable): `name:<CN or DNS name>` or
+    /// `spki-sha256:<hex>`. Checked on both sides. Implies --tls.
+    #[arg(long, value_name = "ID")]
+    pub allow_peer: Vec<String>,
+}
+
+impl DemoArgs {
+    /// Whether the demo migrates over TLS.
+    pub fn uses_tls(&self) -> bool {
+        self.tls || self.tls_dir.is_some() || !self.allow_peer.is_empty()
+    }
 }
 
 /// The guest's verdict after a step.

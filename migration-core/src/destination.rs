@@ -20,6 +20,7 @@ use crate::protocol::{
     Channel, Hello, Message, MessageType, MigrationError, Received, MAX_STATE,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
+use crate::security::Security;
 use crate::snapshot::Snapshot;
 
 /// What the destination learns from the source's HELLO: enough to build the VM.
@@ -149,8 +150,9 @@ where
     }
 }
 
-/// Listens at `url` (`tcp://host:port` or `unix:///path`), accepts one source and
-/// receives its VM. See [`receive_migration_over`]. `on_listen` is called with the
+/// Listens at `url` (`tcp://host:port` on a loopback address, or `unix:///path`),
+/// accepts one source and receives its VM; for `tls://` or a non-loopback address use
+/// [`receive_migration_with`]. See [`receive_migration_over`]. `on_listen` is called with the
 /// URL to connect to once the socket listens (with the real port for `tcp://…:0`).
 pub fn receive_migration<M, F>(
     url: &str,
@@ -163,14 +165,47 @@ where
     M: Migratable,
     F: FnOnce(&IncomingVm) -> Result<M, MigratableError>,
 {
+    receive_migration_with(
+        url,
+        &Security::plaintext(),
+        options,
+        io_timeout,
+        on_listen,
+        build,
+    )
+}
+
+/// [`receive_migration`] under `security`: `tls://host:port` with TLS credentials, or
+/// plaintext `tcp://` on a non-loopback address with [`Security::insecure`]. The TLS
+/// handshake and the source's authorization complete before the HELLO is read: a
+/// refused source costs no VM (`build` is not called) and gets the reason (a TLS
+/// alert, or an ABORT if it spoke plaintext).
+pub fn receive_migration_with<M, F>(
+    url: &str,
+    security: &Security,
+    options: &ReceiveOptions,
+    io_timeout: Duration,
+    on_listen: impl FnOnce(&str),
+    build: F,
+) -> Result<(M, ReceiveReport), MigrationError>
+where
+    M: Migratable,
+    F: FnOnce(&IncomingVm) -> Result<M, MigratableError>,
+{
     let listener = Endpoint::parse(url)
         .map_err(MigrationError::endpoint)?
-        .bind()?;
+        .bind_with(security)?;
     on_listen(&listener.url()?);
     let mut build = Some(build);
     loop {
-        let stream = listener.accept()?;
-        stream.set_read_timeout(Some(io_timeout))?;
+        // A peer that TLS refuses (or a plaintext one on a TLS listener) ends the
+        // receive with the reason; see docs/security.md.
+        let stream = listener
+            .accept_with(security, Some(io_timeout), |plain, e| {
+                // A plaintext source reads an ABORT in its own protocol.
+                Channel::new(plain).abort(&format!("destination: {e}"))
+            })
+            .inspect_err(|e| tracing::warn!(error = %e, "incoming migration refused"))?;
         let mut once = |incoming: &IncomingVm| match build.take() {
             Some(b) => b(incoming),
             None => Err(MigratableError::Build(

@@ -11,6 +11,7 @@ use crate::box_error::BoxError;
 use crate::codec::{CodecError, CodecId, CodecRegistry};
 use crate::container::FormatError;
 use crate::memory::MemoryError;
+use crate::security::SecurityError;
 
 /// Errors of pausing, snapshotting, restoring, sending and receiving components.
 ///
@@ -171,6 +172,20 @@ pub enum MigratableError {
     /// An I/O error outside any transport.
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
+    /// The endpoint's security policy refused: plaintext where it is not allowed, a
+    /// failed TLS handshake or authorization (the reason named).
+    #[error("security: {0}")]
+    Security(SecurityError),
+}
+
+impl From<SecurityError> for MigratableError {
+    /// A socket failure stays [`MigratableError::Io`]; the rest is [`MigratableError::Security`].
+    fn from(e: SecurityError) -> Self {
+        match e {
+            SecurityError::Io(e) => Self::Io(e),
+            other => Self::Security(other),
+        }
+    }
 }
 
 /// `Some(path)` of the variants that carry a component path, `None` for the rest:

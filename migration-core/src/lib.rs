@@ -110,8 +110,10 @@
 //! - [`memory`]: [`MemoryRange`], [`MemoryRangeTable`], [`MemorySource`], [`MemorySink`].
 //! - [`container`]: the snapshot container format (`docs/format.md`); [`file`](mod@file): atomic
 //!   snapshot files; [`checksum`]: CRC-64/NVME.
-//! - [`transport`]: `file://`, `tcp://`, `unix://`; [`endpoint`]: the socket URLs
-//!   snapshots and migrations share.
+//! - [`transport`]: `file://`, `tcp://`, `tls://`, `unix://`; [`endpoint`]: the socket
+//!   URLs snapshots and migrations share; [`security`]: who may connect (plaintext on
+//!   loopback only unless allowed); `tls` (feature `tls`, default): mutual TLS,
+//!   certificate allowlists (`docs/security.md`).
 //! - [`protocol`], [`precopy`], [`destination`]: live migration's wire protocol, its
 //!   source and its destination.
 //! - [`Arch`]: the architecture a container header records and a HELLO announces.
@@ -141,9 +143,12 @@ mod pausable;
 pub mod precopy;
 pub mod protocol;
 mod section;
+pub mod security;
 mod snapshot;
 mod snapshottable;
 pub mod text;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod transport;
 mod transportable;
 mod version;

@@ -21,6 +21,7 @@ use crate::protocol::{
     Channel, Hello, Message, MessageType, MigrationError, MAX_MEMORY_CHUNK, MAX_PAYLOAD,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
+use crate::security::Security;
 
 /// What to do when precopy does not converge within the round or time cap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,17 +250,31 @@ where
 
 /// Migrates `vm` to the destination listening at `url` (`tcp://host:port` or
 /// `unix:///path`). See [`send_migration_over`]. A destination silent for longer than
-/// `io_timeout` is an error (and the source resumes).
+/// `io_timeout` is an error (and the source resumes). For `tls://host:port` use
+/// [`send_migration_with`].
 pub fn send_migration<M: Migratable + ?Sized>(
     vm: &mut M,
     url: &str,
     options: &mut MigrationOptions,
     io_timeout: Duration,
 ) -> Result<MigrationReport, MigrationError> {
+    send_migration_with(vm, url, &Security::plaintext(), options, io_timeout)
+}
+
+/// [`send_migration`] under `security`: with TLS credentials and a `tls://host:port`
+/// URL, the TLS handshake, the verification of the destination's certificate and name
+/// and the destination's authorization of ours all complete before the HELLO; a
+/// refusal is [`MigrationError::Security`] naming the reason, and the VM never paused.
+pub fn send_migration_with<M: Migratable + ?Sized>(
+    vm: &mut M,
+    url: &str,
+    security: &Security,
+    options: &mut MigrationOptions,
+    io_timeout: Duration,
+) -> Result<MigrationReport, MigrationError> {
     let stream = Endpoint::parse(url)
         .map_err(MigrationError::endpoint)?
-        .connect()?;
-    stream.set_read_timeout(Some(io_timeout))?;
+        .connect_with(security, Some(io_timeout))?;
     send_migration_over(vm, stream, options)
 }
 

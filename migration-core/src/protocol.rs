@@ -23,6 +23,7 @@ use crate::codec::CodecId;
 use crate::deadline::Deadline;
 use crate::error::MigratableError;
 use crate::memory::{check_range, MemoryError, MemoryRange, MemorySink};
+use crate::security::SecurityError;
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -221,6 +222,20 @@ pub enum MigrationError {
     /// have resumed. The source stays paused; the caller decides.
     #[error("connection lost at the commit point: the destination may be running; the source stays paused")]
     CommitUncertain,
+    /// The endpoint's security policy refused: plaintext where it is not allowed, a
+    /// failed TLS handshake or authorization (the reason named). Nothing was sent.
+    #[error("security: {0}")]
+    Security(SecurityError),
+}
+
+impl From<SecurityError> for MigrationError {
+    /// A socket failure stays [`MigrationError::Io`]; the rest is [`MigrationError::Security`].
+    fn from(e: SecurityError) -> Self {
+        match e {
+            SecurityError::Io(e) => Self::Io(e),
+            other => Self::Security(other),
+        }
+    }
 }
 
 impl MigrationError {

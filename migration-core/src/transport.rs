@@ -1,4 +1,4 @@
-//! URL transports for snapshots: `file://`, `tcp://`, `unix://`.
+//! URL transports for snapshots: `file://`, `tcp://`, `tls://`, `unix://`.
 //!
 //! [`send_snapshot`] and [`recv_snapshot`] pick the transport from the URL's scheme
 //! (parsed with the `url` crate). A scheme no transport handles is
@@ -6,13 +6,17 @@
 //!
 //! - `file:///path`: the container's file form, written atomically
 //!   ([`crate::file::write_snapshot_file`]).
-//! - `tcp://host:port`, `unix:///path`: the **receiver listens** (binds, accepts one
+//! - `tcp://host:port`, `tls://host:port`, `unix:///path`: the **receiver listens** (binds, accepts one
 //!   connection), the **sender connects**, retrying a refused connection for up to
 //!   [`CONNECT_RETRY`], so either side may start first. The sender writes the
 //!   container's stream form (self-delimiting: it ends with an END record); the
 //!   receiver answers with an accept or reject reply carrying its reason
 //!   (`docs/format.md` §9), so a rejected sender gets
 //!   [`TransportError::Rejected`] with the receiver's message, not a bare close.
+//!
+//! `tls://` needs TLS credentials and plaintext `tcp://` listens on loopback only unless
+//! allowed: [`send_snapshot_secure`] and [`recv_snapshot_secure`] take a [`Security`]
+//! (`docs/security.md`).
 //!
 //! [`send_to_stream`] and [`recv_from_stream`] run the same exchange over any
 //! connected stream (a socketpair, an accepted connection).
@@ -32,8 +36,6 @@
 
 use std::borrow::Cow;
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -45,6 +47,7 @@ use crate::endpoint::Endpoint;
 use crate::error::MigratableError;
 use crate::file;
 use crate::memory::{MemorySink, MemorySource};
+use crate::security::{Security, SecurityError};
 use crate::snapshot::Snapshot;
 
 /// How long a sender keeps retrying a refused connection.
@@ -151,12 +154,25 @@ fn recv_err(url: &str, e: MigratableError) -> MigratableError {
 }
 
 /// Sends `snapshot` and, if given, all of `memory` to `url` (zero pages are holes in a
-/// file and are not sent over a socket).
+/// file and are not sent over a socket). For `tls://` see [`send_snapshot_secure`].
 pub fn send_snapshot_with_memory(
     snapshot: &Snapshot,
     memory: Option<&dyn MemorySource>,
     url: &str,
     codecs: &CodecRegistry,
+) -> Result<(), MigratableError> {
+    send_snapshot_secure(snapshot, memory, url, codecs, &Security::plaintext())
+}
+
+/// [`send_snapshot_with_memory`] under `security`: `tls://host:port` with TLS
+/// credentials (the handshake and the receiver's authorization of this sender complete
+/// before a byte of the snapshot is sent).
+pub fn send_snapshot_secure(
+    snapshot: &Snapshot,
+    memory: Option<&dyn MemorySource>,
+    url: &str,
+    codecs: &CodecRegistry,
+    security: &Security,
 ) -> Result<(), MigratableError> {
     let endpoint = parse(url)?;
     let snapshot = encoded(snapshot, codecs)?;
@@ -165,9 +181,7 @@ pub fn send_snapshot_with_memory(
         Target::File(path) => {
             file::write_snapshot_file(path, &snapshot, memory, &options).map(drop)
         }
-        Target::Socket(Endpoint::Tcp(addr)) => connect(|| TcpStream::connect(&addr))
-            .and_then(|mut s| send_to_stream(&mut s, &snapshot, memory, &options).map(drop)),
-        Target::Socket(Endpoint::Unix(path)) => connect(|| UnixStream::connect(&path))
+        Target::Socket(endpoint) => connect(|| endpoint.connect_with(security, None))
             .and_then(|mut s| send_to_stream(&mut s, &snapshot, memory, &options).map(drop)),
     };
     result.map_err(|e| match e {
@@ -180,7 +194,8 @@ pub fn send_snapshot_with_memory(
 }
 
 /// Receives a snapshot from `url` (listening, for sockets), with codecs resolved and
-/// memory restored into `sink` if given (zero pages zeroed). A connected sender has
+/// memory restored into `sink` if given (zero pages zeroed). Plaintext `tcp://` listens
+/// on loopback addresses only; see [`recv_snapshot_secure`]. A connected sender has
 /// [`RECV_TIMEOUT`] to deliver it all.
 pub fn recv_snapshot_with_memory(
     url: &str,
@@ -200,50 +215,63 @@ pub fn recv_snapshot_within(
     sink: Option<&dyn MemorySink>,
     timeout: Duration,
 ) -> Result<Snapshot, MigratableError> {
+    recv_snapshot_guarded(url, codecs, sink, &Security::plaintext(), timeout)
+}
+
+/// [`recv_snapshot_with_memory`] under `security`: `tls://host:port` with TLS
+/// credentials, or plaintext on a non-loopback address with [`Security::insecure`].
+/// The sender is authenticated and authorized before a byte of the snapshot is read;
+/// a plaintext sender on a TLS listener gets a reject reply saying TLS is required.
+/// A connected sender has [`RECV_TIMEOUT`] to deliver the snapshot.
+pub fn recv_snapshot_secure(
+    url: &str,
+    codecs: &CodecRegistry,
+    sink: Option<&dyn MemorySink>,
+    security: &Security,
+) -> Result<Snapshot, MigratableError> {
+    recv_snapshot_guarded(url, codecs, sink, security, RECV_TIMEOUT)
+}
+
+fn recv_snapshot_guarded(
+    url: &str,
+    codecs: &CodecRegistry,
+    sink: Option<&dyn MemorySink>,
+    security: &Security,
+    timeout: Duration,
+) -> Result<Snapshot, MigratableError> {
     let endpoint = parse(url)?;
     let options = ReadOptions::default();
     let result = match endpoint {
         Target::File(path) => file::read_snapshot_file(path, codecs, sink),
-        Target::Socket(Endpoint::Tcp(addr)) => TcpListener::bind(&addr)
-            .and_then(|l| l.accept())
-            .map_err(MigratableError::Io)
-            .and_then(|(mut s, _)| {
-                s.set_read_timeout(Some(RECV_IDLE_TIMEOUT))?;
+        Target::Socket(endpoint) => endpoint
+            .bind_with(security)
+            .map_err(MigratableError::from)
+            .and_then(|l| {
+                let accepted = l.accept_with(security, Some(RECV_IDLE_TIMEOUT), |plain, e| {
+                    let _ = write_reply(plain, Some(&e.to_string()));
+                });
+                if let Endpoint::Unix(path) = &endpoint {
+                    let _ = std::fs::remove_file(path);
+                }
+                let mut s = accepted?;
                 let r = recv_from_stream_within(&mut s, codecs, sink, &options, Some(timeout));
                 if r.is_err() {
-                    let _ = s.shutdown(Shutdown::Write);
+                    let _ = s.shutdown_write();
                     let _ = s.set_read_timeout(Some(DRAIN_TIMEOUT));
                     drain(&mut s);
                 }
                 r
             }),
-        Target::Socket(Endpoint::Unix(path)) => listen_unix(&path).and_then(|l| {
-            let accepted = l.accept();
-            let _ = std::fs::remove_file(&path);
-            let (mut s, _) = accepted?;
-            s.set_read_timeout(Some(RECV_IDLE_TIMEOUT))?;
-            let r = recv_from_stream_within(&mut s, codecs, sink, &options, Some(timeout));
-            if r.is_err() {
-                let _ = s.shutdown(Shutdown::Write);
-                let _ = s.set_read_timeout(Some(DRAIN_TIMEOUT));
-                drain(&mut s);
-            }
-            r
-        }),
     };
     result.map_err(|e| recv_err(url, e))
 }
 
-fn listen_unix(path: &std::path::Path) -> Result<UnixListener, MigratableError> {
-    Ok(crate::endpoint::listen_unix(path)?)
-}
-
-fn connect<S>(f: impl Fn() -> io::Result<S>) -> Result<S, MigratableError> {
+fn connect<S>(f: impl Fn() -> Result<S, SecurityError>) -> Result<S, MigratableError> {
     let start = Instant::now();
     loop {
         match f() {
             Ok(s) => return Ok(s),
-            Err(e)
+            Err(SecurityError::Io(e))
                 if matches!(
                     e.kind(),
                     io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound

@@ -10,6 +10,11 @@
 //! and the machine's speed, so the migration is forced to complete and the source
 //! prints whether it converged, for the log.
 //!
+//! It runs twice: over plaintext `tcp://` (the destination opts in with
+//! `Security::insecure`, since it listens on a non-loopback address) and over mutual
+//! TLS (`tls://`, certificates made at test time and read by both helpers from a
+//! directory in Cloud Hypervisor's layout).
+//!
 //! Needs root and iproute2; skips visibly otherwise (fails under
 //! `MIGRATION_REQUIRE_KVM=1` when it could have run).
 
@@ -17,19 +22,23 @@ use std::thread;
 use std::time::Duration;
 
 use migration_core::arch::Arch;
-use migration_core::{
-    receive_migration, send_migration, ConvergencePolicy, MigrationOptions, Pausable,
-    ReceiveOptions,
-};
+use migration_core::destination::receive_migration_with;
+use migration_core::precopy::send_migration_with;
+use migration_core::security::Security;
+use migration_core::tls::TlsConfig;
+use migration_core::{ConvergencePolicy, MigrationOptions, Pausable, ReceiveOptions};
 use migration_testkit::netns::{
     print_source_report, skip_unless_netns, HelperTests, NetnsPair, Shape,
 };
+use migration_testkit::test_pki::TestPki;
 use migration_testkit::FakeVm;
 
 /// Selects the role of a helper process: `source` or `destination`.
 const ROLE: &str = "MIGRATION_TWO_HOSTS_ROLE";
 /// The destination's URL, for the source.
 const URL: &str = "MIGRATION_TWO_HOSTS_URL";
+/// A certificate directory: set, the helpers migrate over `tls://`.
+const TLS_DIR: &str = "MIGRATION_TWO_HOSTS_TLS_DIR";
 
 const MEMORY: u64 = 128 << 20;
 const DIRTY_RATE: u64 = 24 << 20;
@@ -38,6 +47,15 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[test]
 fn fake_vm_migrates_between_namespaces_over_a_shaped_link() {
+    run_two_hosts(false);
+}
+
+#[test]
+fn fake_vm_migrates_between_namespaces_over_mutual_tls() {
+    run_two_hosts(true);
+}
+
+fn run_two_hosts(tls: bool) {
     if !skip_unless_netns() {
         return;
     }
@@ -50,8 +68,18 @@ fn fake_vm_migrates_between_namespaces_over_a_shaped_link() {
         .expect("shape the link");
     eprintln!("link: {shape}");
 
+    let dir = tempfile::tempdir().expect("certificate directory");
+    let mut env = Vec::new();
+    if tls {
+        let b = NetnsPair::ADDR_B.to_string();
+        TestPki::for_server(&[&b])
+            .expect("certificates")
+            .write_dir(dir.path())
+            .expect("write certificates");
+        env.push((TLS_DIR, dir.path().as_os_str()));
+    }
     let run = pair
-        .run_helpers(
+        .run_helpers_with_env(
             &HelperTests {
                 role_var: ROLE,
                 url_var: URL,
@@ -59,11 +87,24 @@ fn fake_vm_migrates_between_namespaces_over_a_shaped_link() {
                 source: "helper_source",
             },
             Duration::from_secs(60),
+            &env,
         )
         .expect("helpers ran");
     run.print();
     run.check("RESULT handed-over=true", "RESULT verified=true")
         .unwrap();
+}
+
+/// `tls://` and the certificates of [`TLS_DIR`] if it is set, else plaintext `tcp://`
+/// (allowed on this non-loopback address by opting in).
+fn security() -> (&'static str, Security) {
+    match std::env::var_os(TLS_DIR) {
+        Some(dir) => (
+            "tls",
+            Security::tls(TlsConfig::from_dir(dir).expect("certificate directory")),
+        ),
+        None => ("tcp", Security::insecure()),
+    }
 }
 
 /// Destination role: listen on namespace B's address, receive, resume, let the
@@ -75,9 +116,11 @@ fn helper_destination() {
         return;
     }
     let options = ReceiveOptions::new(Arch::None, migration_serde::registry());
-    let listen = format!("tcp://{}:0", NetnsPair::ADDR_B);
-    let (mut vm, report) = receive_migration(
+    let (scheme, security) = security();
+    let listen = format!("{scheme}://{}:0", NetnsPair::ADDR_B);
+    let (mut vm, report) = receive_migration_with(
         &listen,
+        &security,
         &options,
         IO_TIMEOUT,
         |url| println!("LISTENING {url}"),
@@ -124,7 +167,8 @@ fn helper_source() {
         policy: ConvergencePolicy::Force,
         ..MigrationOptions::default()
     };
-    let report = send_migration(&mut vm, &url, &mut options, IO_TIMEOUT).expect("migration");
+    let report = send_migration_with(&mut vm, &url, &security().1, &mut options, IO_TIMEOUT)
+        .expect("migration");
     print_source_report(&report, DOWNTIME_LIMIT);
     assert!(
         !vm.is_running(),

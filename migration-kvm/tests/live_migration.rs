@@ -2,7 +2,8 @@
 //! timer guests migrate over tcp and unix while running and go on passing their
 //! self-checks from where the source stopped; one guest goes back and forth 20
 //! times; and the source survives faults (connect refused, handshake rejected,
-//! disconnect mid-round, destination error while applying state) and keeps running.
+//! disconnect mid-round, destination error while applying state, a TLS peer refused
+//! or a TLS record altered in transit) and keeps running.
 //!
 //! Migrations here are forced to complete (`RunningGuest::migrate_to` does so):
 //! these tests check what the guest and the source do, and whether precopy converges
@@ -24,7 +25,9 @@ use migration_core::protocol::MigrationError;
 use migration_core::{MigratableError, Pausable};
 use migration_kvm::{KvmVm, KvmVmConfig, KvmVmError, RestoreMode};
 use migration_testkit::guest::{Guest, GuestLog as Log, RunningGuest as Running};
+use migration_testkit::relay::{Direction, Relay, RelayAction, RelayFault};
 use migration_testkit::require_kvm;
+use migration_testkit::test_pki::TestPki;
 
 mod common;
 
@@ -287,6 +290,97 @@ fn snapshot_file_restores_eagerly_and_lazily() -> Result<()> {
         };
         let m = r.advance(AFTER).with_context(|| format!("{mode:?}"))?;
         ensure!(m.first_progress().unwrap_or(0) > base, "{mode:?}: {m:?}");
+    }
+    Ok(())
+}
+
+/// Over mutual TLS: a destination whose allowlist does not name the source refuses it
+/// before any VM is built; a byte flipped in transit mid-round fails its record's MAC.
+/// Both times the guest runs on and passes its self-check.
+#[test]
+fn tls_refusal_and_a_flipped_byte_leave_the_guest_running() -> Result<()> {
+    use migration_core::destination::receive_migration_with;
+    use migration_core::precopy::send_migration_with;
+    use migration_core::security::Security;
+    use migration_core::tls::PeerIdentity;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc};
+
+    require_kvm!(Ok(()));
+    let pki = TestPki::new()?;
+    let mut src = boot(Guest::MemoryPattern)?;
+    src.advance(BEFORE)?;
+    let client = Security::tls(pki.client_config()?);
+    for (case, allow, fault) in [
+        ("not on the allowlist", Some("name:someone-else.test"), None),
+        (
+            "a byte flipped mid-round",
+            None,
+            Some(RelayFault {
+                direction: Direction::ToServer,
+                offset: 4 << 20,
+                action: RelayAction::Flip(0x01),
+            }),
+        ),
+    ] {
+        let mut server = pki.server_config()?;
+        if let Some(a) = allow {
+            server = server.with_allowlist(vec![PeerIdentity::parse(a)?]);
+        }
+        let server = Security::tls(server);
+        let built = Arc::new(AtomicBool::new(false));
+        let b = built.clone();
+        let (tx, rx) = mpsc::channel();
+        let dest = thread::spawn(move || {
+            let log = Log::default();
+            receive_migration_with(
+                "tls://127.0.0.1:0",
+                &server,
+                &KvmVm::receive_options(codecs()),
+                IO_TIMEOUT,
+                |u| {
+                    let _ = tx.send(u.to_owned());
+                },
+                |i| {
+                    b.store(true, Ordering::SeqCst);
+                    build(i, &log)
+                },
+            )
+            .map(|_| ())
+        });
+        let url = rx.recv()?;
+        let relay = match fault {
+            Some(f) => Some(Relay::start(
+                url.trim_start_matches("tls://").parse()?,
+                Some(f),
+            )?),
+            None => None,
+        };
+        let target = relay
+            .as_ref()
+            .map_or(url.clone(), |r| format!("tls://{}", r.addr()));
+        let mut opts = src.vm.migration_options();
+        let err = send_migration_with(&mut src.vm, &target, &client, &mut opts, IO_TIMEOUT)
+            .expect_err(case);
+        let dest_err = dest.join().map_err(|_| anyhow!("panic"))?.expect_err(case);
+        eprintln!("{case}: source: {err}; destination: {dest_err}");
+        match fault {
+            None => {
+                ensure!(!built.load(Ordering::SeqCst), "{case}: a VM was built");
+                ensure!(dest_err.to_string().contains("allowlist"), "{dest_err}");
+                ensure!(err.to_string().contains("AccessDenied"), "{err}");
+            }
+            Some(_) => {
+                ensure!(
+                    dest_err.to_string().contains("bad record MAC"),
+                    "{dest_err}"
+                );
+            }
+        }
+        if let Some(r) = relay {
+            ensure!(r.join()?.fault_applied, "{case}: fault not reached");
+        }
+        assert_source_survives(&src, case)?;
     }
     Ok(())
 }

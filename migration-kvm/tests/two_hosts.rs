@@ -10,6 +10,10 @@
 //! bandwidth and the machine's speed (a debug build, a loaded host), so the migration
 //! is forced to complete and the source prints whether it converged, for the log.
 //!
+//! The migration runs over mutual TLS (`tls://`): certificates made at test time,
+//! read by both helpers from a directory in Cloud Hypervisor's layout (the plaintext
+//! variant is migration-core's two-namespace test).
+//!
 //! Needs KVM, root and iproute2; skips visibly otherwise (fails under
 //! `MIGRATION_REQUIRE_KVM=1` when it could have run).
 
@@ -18,7 +22,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use migration_core::{receive_migration, send_migration, ConvergencePolicy};
+use migration_core::destination::receive_migration_with;
+use migration_core::precopy::send_migration_with;
+use migration_core::security::Security;
+use migration_core::tls::TlsConfig;
+use migration_core::ConvergencePolicy;
 use migration_kvm::{KvmVm, KvmVmConfig};
 use migration_testkit::guest::{
     configure_vcpu, monitor_handler, write_boot_memory, Guest, PortMonitor, Verdict,
@@ -26,11 +34,14 @@ use migration_testkit::guest::{
 use migration_testkit::netns::{
     print_source_report, skip_unless_netns, HelperTests, NetnsPair, Shape,
 };
+use migration_testkit::test_pki::TestPki;
 
 /// Selects the role of a helper process: `source` or `destination`.
 const ROLE: &str = "MIGRATION_KVM_TWO_HOSTS_ROLE";
 /// The destination's URL, for the source.
 const URL: &str = "MIGRATION_KVM_TWO_HOSTS_URL";
+/// The certificate directory both helpers read.
+const TLS_DIR: &str = "MIGRATION_KVM_TWO_HOSTS_TLS_DIR";
 
 const RAM: u64 = 64 << 20;
 /// The guest rewrites `[1 MiB, WORKING_SET_END)`: at most 8 MiB dirty at any time,
@@ -56,7 +67,9 @@ fn kvm_guest_migrates_between_namespaces_over_a_shaped_link() -> Result<()> {
     })?;
     eprintln!("link: {shape}");
 
-    let run = pair.run_helpers(
+    let dir = tempfile::tempdir()?;
+    TestPki::for_server(&[&NetnsPair::ADDR_B.to_string()])?.write_dir(dir.path())?;
+    let run = pair.run_helpers_with_env(
         &HelperTests {
             role_var: ROLE,
             url_var: URL,
@@ -64,6 +77,7 @@ fn kvm_guest_migrates_between_namespaces_over_a_shaped_link() -> Result<()> {
             source: "helper_kvm_source",
         },
         TIMEOUT,
+        &[(TLS_DIR, dir.path().as_os_str())],
     )?;
     run.print();
     run.check("RESULT handed-over=true", "RESULT self-check=pass")
@@ -97,6 +111,12 @@ fn wait_for(monitor: &Mutex<PortMonitor>, n: u64) -> Result<PortMonitor> {
     }
 }
 
+/// Mutual TLS with the certificates of [`TLS_DIR`].
+fn security() -> Result<Security> {
+    let dir = std::env::var_os(TLS_DIR).context("no certificate directory")?;
+    Ok(Security::tls(TlsConfig::from_dir(dir)?))
+}
+
 /// Destination role: listen on namespace B's address, build the VM from the
 /// handshake, receive it, and watch the resumed guest pass more passes.
 #[test]
@@ -107,9 +127,10 @@ fn helper_kvm_destination() -> Result<()> {
     }
     let monitor = Arc::new(Mutex::new(PortMonitor::new(PASSES)));
     let m = monitor.clone();
-    let listen = format!("tcp://{}:0", NetnsPair::ADDR_B);
-    let (mut vm, report) = receive_migration(
+    let listen = format!("tls://{}:0", NetnsPair::ADDR_B);
+    let (mut vm, report) = receive_migration_with(
         &listen,
+        &security()?,
         &KvmVm::receive_options(migration_serde::registry()),
         TIMEOUT,
         |url| println!("LISTENING {url}"),
@@ -162,7 +183,7 @@ fn helper_kvm_source() -> Result<()> {
     options.downtime_limit = DOWNTIME_LIMIT;
     options.max_rounds = 30;
     options.policy = ConvergencePolicy::Force;
-    let report = send_migration(&mut vm, &url, &mut options, TIMEOUT)?;
+    let report = send_migration_with(&mut vm, &url, &security()?, &mut options, TIMEOUT)?;
     print_source_report(&report, DOWNTIME_LIMIT);
     let seen = monitor.lock().unwrap_or_else(|e| e.into_inner()).clone();
     ensure!(

@@ -39,6 +39,10 @@
 //! - [`kvm`]: [`require_kvm!`] and [`skip_unless_kvm`] for KVM-gated tests.
 //! - [`netns`]: two network namespaces joined by a shaped veth pair, for
 //!   migrations between processes on different "hosts".
+//! - [`relay`]: a TCP man in the middle that flips a byte or cuts a connection at an
+//!   offset (tampering with a TLS stream).
+//! - [`test_pki`]: throwaway CA and certificates (valid, expired, not yet valid,
+//!   another CA's) for TLS tests and `vmsnap demo --tls`.
 //! - [`Rng`]: the deterministic generator behind every seed.
 //! - [`fuzz_bodies`]: the fuzz targets' bodies (container, protocol, KVM state codecs,
 //!   memory ranges) and their seeds, run by `fuzz/` and as proptests.
@@ -60,9 +64,11 @@ pub mod kvm;
 pub mod netns;
 pub mod recording_machine;
 pub mod recording_vcpu;
+pub mod relay;
 pub mod rng;
 #[cfg(feature = "proptest")]
 pub mod strategies;
+pub mod test_pki;
 
 pub use conformance::{Conformance, ConformanceError, Property};
 pub use fake_device::{FailOn, FakeDevice, FakeDeviceState, FakeDeviceStateV1, FakeQueue};

@@ -417,12 +417,24 @@ impl NetnsPair {
         tests: &HelperTests<'_>,
         listen_timeout: Duration,
     ) -> Result<HelperRun, NetnsError> {
+        self.run_helpers_with_env(tests, listen_timeout, &[])
+    }
+
+    /// [`run_helpers`](Self::run_helpers) with `env` set in both helpers (a TLS
+    /// certificate directory, for example).
+    pub fn run_helpers_with_env(
+        &self,
+        tests: &HelperTests<'_>,
+        listen_timeout: Duration,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<HelperRun, NetnsError> {
         let spawn_error = |what: &str| {
             let command = format!("helper test {what}");
             move |source| NetnsError::Spawn { command, source }
         };
         let mut dest = self
             .exec_test(Side::B, tests.destination)?
+            .envs(env.iter().copied())
             .env(tests.role_var, "destination")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -454,6 +466,7 @@ impl NetnsPair {
             })?;
         let mut source = Reap(Some(
             self.exec_test(Side::A, tests.source)?
+                .envs(env.iter().copied())
                 .env(tests.role_var, "source")
                 .env(tests.url_var, &url)
                 .stdout(Stdio::piped())
