@@ -246,6 +246,10 @@ impl Listener {
                         let mut s = Stream::Tcp(tcp);
                         let _ = s.set_read_timeout(Some(config.handshake_timeout()));
                         on_plaintext(&mut s, &e);
+                        // Let the answer arrive before the close: closing with the
+                        // peer's bytes unread would reset the connection.
+                        let _ = s.shutdown_write();
+                        drain_briefly(&mut s);
                         return Err(e);
                     }
                     let tls = config.accept(tcp, io_timeout)?;
@@ -313,6 +317,22 @@ fn first_byte_is_tls(tcp: &TcpStream, timeout: Duration) -> io::Result<bool> {
 
 /// First byte of a TLS record carrying a handshake message (a ClientHello).
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Reads and discards what a refused peer still sends, for at most a second and
+/// 1 MiB, so that closing does not reset the connection under our last answer.
+#[cfg(feature = "tls")]
+fn drain_briefly(s: &mut Stream) {
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16 << 10];
+    let mut total = 0usize;
+    while started.elapsed() < Duration::from_secs(1) && total < (1 << 20) {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => total += n,
+        }
+    }
+}
 
 /// A connected socket.
 #[derive(Debug)]
