@@ -113,7 +113,8 @@
 //! - [`transport`]: `file://`, `tcp://`, `unix://`; [`endpoint`]: the socket URLs
 //!   snapshots and migrations share.
 //! - [`protocol`], [`precopy`], [`destination`]: live migration's wire protocol, its
-//!   source and its destination.
+//!   source and its destination; [`convergence`]: dirty rate, auto-converge and why
+//!   precopy gave up.
 //! - [`Arch`]: the architecture a container header records and a HELLO announces.
 //! - [`MigratableError`]: the error everything returns; [`BoxError`]: a component's
 //!   own error inside it.
@@ -130,6 +131,7 @@ pub mod box_error;
 pub mod checksum;
 pub mod codec;
 pub mod container;
+pub mod convergence;
 pub mod destination;
 pub mod endpoint;
 pub mod error;
@@ -150,6 +152,7 @@ pub use arch::Arch;
 pub use box_error::BoxError;
 pub use codec::{Codec, CodecError, CodecId, CodecRegistry};
 pub use container::FormatError;
+pub use convergence::{AutoConverge, ConvergenceFailure};
 pub use destination::{
     receive_migration, receive_migration_over, IncomingVm, ReceiveOptions, ReceiveReport,
 };

@@ -61,6 +61,7 @@ pub mod netns;
 pub mod recording_machine;
 pub mod recording_vcpu;
 pub mod rng;
+pub mod shaped;
 #[cfg(feature = "proptest")]
 pub mod strategies;
 

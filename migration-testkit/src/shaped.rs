@@ -1,0 +1,90 @@
+//! [`Shaped`]: a stream whose writes go out no faster than a set rate, the in-process
+//! stand-in for a shaped link (`tc tbf`, see [`crate::netns`]) in tests that need a
+//! link slower than the guest dirties memory, without root.
+//!
+//! The rate is an upper bound: a write of `n` bytes returns no earlier than the time
+//! the bytes before it plus `n` take at the rate since the first write, so the
+//! bandwidth a migration measures over it is at most the rate (less on a busy
+//! machine, never more). Reads pass through.
+//!
+//! ```
+//! use std::io::Write;
+//! use std::time::Instant;
+//! use migration_testkit::shaped::Shaped;
+//!
+//! let mut link = Shaped::new(Vec::new(), 1_000_000); // 1 MB/s
+//! let t = Instant::now();
+//! link.write_all(&[0u8; 100_000])?;
+//! assert!(t.elapsed().as_secs_f64() >= 0.1);
+//! assert_eq!(link.into_inner().len(), 100_000);
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+/// Most bytes one write hands to the inner stream (keeps the pacing smooth).
+const PIECE: usize = 64 << 10;
+
+/// A stream whose writes are paced to at most `bytes_per_sec`; see the [module
+/// docs](self).
+#[derive(Debug)]
+pub struct Shaped<S> {
+    inner: S,
+    bytes_per_sec: u64,
+    start: Option<Instant>,
+    sent: u64,
+}
+
+impl<S> Shaped<S> {
+    /// Wraps `inner`; writes go out at most at `bytes_per_sec` (at least 1).
+    pub fn new(inner: S, bytes_per_sec: u64) -> Self {
+        Self {
+            inner,
+            bytes_per_sec: bytes_per_sec.max(1),
+            start: None,
+            sent: 0,
+        }
+    }
+
+    /// The rate, bytes per second.
+    pub fn rate(&self) -> u64 {
+        self.bytes_per_sec
+    }
+
+    /// The inner stream, borrowed (e.g. to shut a socket down).
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner stream.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Read> Read for Shaped<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl<S: Write> Write for Shaped<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(PIECE);
+        let start = *self.start.get_or_insert_with(Instant::now);
+        let due =
+            Duration::from_secs_f64((self.sent + n as u64) as f64 / self.bytes_per_sec as f64);
+        let elapsed = start.elapsed();
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
+        let n = self.inner.write(&buf[..n])?;
+        self.sent += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
