@@ -2,10 +2,11 @@
 //! stand-in for a shaped link (`tc tbf`, see [`crate::netns`]) in tests that need a
 //! link slower than the guest dirties memory, without root.
 //!
-//! The rate is an upper bound: a write of `n` bytes returns no earlier than the time
-//! the bytes before it plus `n` take at the rate since the first write, so the
-//! bandwidth a migration measures over it is at most the rate (less on a busy
-//! machine, never more). Reads pass through.
+//! The rate is an upper bound, as a token bucket of 64 KiB: a write of `n` bytes
+//! returns no earlier than `n / rate` after the previous one's due time, and time the
+//! link sat idle earns at most one 64 KiB burst. The bandwidth a migration measures
+//! over it is therefore at most the rate plus one burst per round (less on a busy
+//! machine). Reads pass through.
 //!
 //! ```
 //! use std::io::Write;
@@ -14,9 +15,9 @@
 //!
 //! let mut link = Shaped::new(Vec::new(), 1_000_000); // 1 MB/s
 //! let t = Instant::now();
-//! link.write_all(&[0u8; 100_000])?;
+//! link.write_all(&[0u8; 200_000])?; // one 64 KiB burst, then paced
 //! assert!(t.elapsed().as_secs_f64() >= 0.1);
-//! assert_eq!(link.into_inner().len(), 100_000);
+//! assert_eq!(link.into_inner().len(), 200_000);
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
@@ -32,8 +33,8 @@ const PIECE: usize = 64 << 10;
 pub struct Shaped<S> {
     inner: S,
     bytes_per_sec: u64,
-    start: Option<Instant>,
-    sent: u64,
+    /// When the bytes written so far are due (the bucket's level, as a time).
+    due: Option<Instant>,
 }
 
 impl<S> Shaped<S> {
@@ -42,8 +43,7 @@ impl<S> Shaped<S> {
         Self {
             inner,
             bytes_per_sec: bytes_per_sec.max(1),
-            start: None,
-            sent: 0,
+            due: None,
         }
     }
 
@@ -72,16 +72,22 @@ impl<S: Read> Read for Shaped<S> {
 impl<S: Write> Write for Shaped<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = buf.len().min(PIECE);
-        let start = *self.start.get_or_insert_with(Instant::now);
-        let due =
-            Duration::from_secs_f64((self.sent + n as u64) as f64 / self.bytes_per_sec as f64);
-        let elapsed = start.elapsed();
-        if due > elapsed {
-            std::thread::sleep(due - elapsed);
+        let secs = |bytes: usize| Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec as f64);
+        let now = Instant::now();
+        // An idle link earns at most one burst.
+        let burst = secs(PIECE);
+        let level = match self.due {
+            Some(due) if due + burst > now => due,
+            _ => now.checked_sub(burst).unwrap_or(now),
+        };
+        let due = level + secs(n);
+        if due > now {
+            std::thread::sleep(due - now);
         }
-        let n = self.inner.write(&buf[..n])?;
-        self.sent += n as u64;
-        Ok(n)
+        let written = self.inner.write(&buf[..n])?;
+        // Bytes the inner stream did not take are not charged.
+        self.due = Some(level + secs(written));
+        Ok(written)
     }
 
     fn flush(&mut self) -> io::Result<()> {
