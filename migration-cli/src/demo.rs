@@ -15,13 +15,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use migration_core::{receive_migration_over, send_migration_over};
+use migration_core::{receive_migration_over, send_migration_over, AutoConverge};
+use migration_testkit::shaped::Shaped;
 
 use crate::demo_fake::FakeTarget;
 use crate::demo_kvm::KvmTarget;
 use crate::demo_target::{Check, DemoArgs, DemoTarget};
 use crate::progress;
 use crate::report::{bytes, duration, migration_lines};
+use crate::report_svg;
 use crate::EXIT_FAILED;
 
 /// Environment variable that forces the fake-VM demo even where KVM works.
@@ -137,9 +139,16 @@ pub fn flow<T: DemoTarget>(target: &mut T, args: &DemoArgs) -> anyhow::Result<Ex
 
     if !args.snapshot_only {
         for i in 1..=args.rounds {
-            let (next, lines) = migrate(target, vm, i)?;
+            let (next, lines) = migrate(target, vm, i, args)?;
             vm = next;
-            println!("migration {i}/{}: over a loopback unix socket", args.rounds);
+            let link = match args.link {
+                Some(rate) => format!(" limited to {}/s", bytes(rate)),
+                None => String::new(),
+            };
+            println!(
+                "migration {i}/{}: over a loopback unix socket{link}",
+                args.rounds
+            );
             for l in lines {
                 println!("  {l}");
             }
@@ -163,6 +172,7 @@ fn migrate<T: DemoTarget>(
     target: &mut T,
     mut vm: T::Vm,
     round: u32,
+    args: &DemoArgs,
 ) -> anyhow::Result<(T::Vm, Vec<String>)> {
     let (a, b) = UnixStream::pair()?;
     for s in [&a, &b] {
@@ -176,7 +186,13 @@ fn migrate<T: DemoTarget>(
     let mut options = target.migration_options(&vm);
     let (callback, bar) = progress::migration(&format!("migration {round}"));
     options.progress = Some(callback);
-    let sent = send_migration_over(&mut vm, a, &mut options);
+    if args.auto_converge {
+        options.auto_converge = Some(AutoConverge::default());
+    }
+    let sent = match args.link {
+        Some(rate) => send_migration_over(&mut vm, Shaped::new(a, rate), &mut options),
+        None => send_migration_over(&mut vm, a, &mut options),
+    };
     bar.finish_and_clear();
     let received = dest
         .join()
@@ -184,6 +200,11 @@ fn migrate<T: DemoTarget>(
     let report = sent.context("migration (source side)")?;
     let (dest_vm, recv) = received.context("migration (destination side)")?;
     let mut lines = migration_lines(&report);
+    if let Some(path) = &args.report {
+        let svg = report_svg::render(&report)?;
+        std::fs::write(path, svg).with_context(|| format!("cannot write {}", path.display()))?;
+        lines.push(format!("report picture: {}", path.display()));
+    }
     lines.push(format!(
         "destination received {} rounds, {} of memory data, {} as zero ranges, {} of state",
         recv.rounds,

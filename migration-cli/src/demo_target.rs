@@ -39,6 +39,18 @@ pub struct DemoArgs {
     /// Write the snapshot file into DIR and keep it (default: a temporary directory).
     #[arg(long, value_name = "DIR")]
     pub keep: Option<PathBuf>,
+    /// Write an SVG picture of the (last) migration's rounds to FILE: bytes sent,
+    /// dirty rate, bandwidth, throttle, downtime.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// Throttle the guest while precopy does not converge (20 %, +10 % a round, at
+    /// most 99 %).
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// Limit the loopback link to RATE bytes per second (e.g. 50M), so a busy guest
+    /// outruns it.
+    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    pub link: Option<u64>,
 }
 
 /// The guest's verdict after a step.

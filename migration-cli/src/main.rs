@@ -30,6 +30,7 @@ mod known;
 mod merge;
 mod progress;
 mod report;
+mod report_svg;
 mod sparse;
 mod verify;
 
