@@ -158,7 +158,8 @@ pub struct RoundReport {
     /// the final round: the guest was paused).
     pub dirty_rate: f64,
     /// The link bandwidth estimate after the round, bytes per second (what the
-    /// downtime estimate divides by).
+    /// downtime estimate divides by; for the final round, the estimate the switch-over
+    /// was decided on).
     pub bandwidth: f64,
     /// The auto-converge throttle in force while the round was sent, percent.
     pub throttle: u8,
@@ -457,7 +458,9 @@ impl<S: Read + Write> Source<S> {
         let round = rounds.len() as u32;
         let mut report = self.send_round(&**vm, &last, round, true, version, &mut buf, options)?;
         report.throttle = throttle;
-        report.bandwidth = report.bandwidth();
+        // The estimate the switch-over was decided on (a short final round measures
+        // little but latency).
+        report.bandwidth = bandwidth;
         rounds.push(report);
         let final_round = paused_at.elapsed();
 
