@@ -19,7 +19,8 @@ use anyhow::{anyhow, Context};
 use migration_core::endpoint::{Endpoint, Stream};
 use migration_core::security::Security;
 use migration_core::tls::{PeerIdentity, TlsConfig};
-use migration_core::{receive_migration_over, send_migration_over};
+use migration_core::{receive_migration_over, send_migration_over, AutoConverge};
+use migration_testkit::shaped::Shaped;
 use migration_testkit::test_pki::TestPki;
 
 use crate::demo_fake::FakeTarget;
@@ -27,6 +28,7 @@ use crate::demo_kvm::KvmTarget;
 use crate::demo_target::{Check, DemoArgs, DemoTarget};
 use crate::progress;
 use crate::report::{bytes, duration, migration_lines};
+use crate::report_svg;
 use crate::EXIT_FAILED;
 
 /// Environment variable that forces the fake-VM demo even where KVM works.
@@ -147,9 +149,13 @@ pub fn flow<T: DemoTarget>(target: &mut T, args: &DemoArgs) -> anyhow::Result<Ex
             None
         };
         for i in 1..=args.rounds {
-            let (next, lines, how) = migrate(target, vm, i, tls.as_ref())?;
+            let (next, lines, how) = migrate(target, vm, i, tls.as_ref(), args)?;
             vm = next;
-            println!("migration {i}/{}: {how}", args.rounds);
+            let link = match args.link {
+                Some(rate) => format!(", limited to {}/s", bytes(rate)),
+                None => String::new(),
+            };
+            println!("migration {i}/{}: {how}{link}", args.rounds);
             for l in lines {
                 println!("  {l}");
             }
@@ -262,6 +268,7 @@ fn migrate<T: DemoTarget>(
     mut vm: T::Vm,
     round: u32,
     tls: Option<&TlsPair>,
+    args: &DemoArgs,
 ) -> anyhow::Result<(T::Vm, Vec<String>, String)> {
     let (b, a, how) = connect(tls)?;
     let build = target.destination();
@@ -272,7 +279,13 @@ fn migrate<T: DemoTarget>(
     let mut options = target.migration_options(&vm);
     let (callback, bar) = progress::migration(&format!("migration {round}"));
     options.progress = Some(callback);
-    let sent = send_migration_over(&mut vm, a, &mut options);
+    if args.auto_converge {
+        options.auto_converge = Some(AutoConverge::default());
+    }
+    let sent = match args.link {
+        Some(rate) => send_migration_over(&mut vm, Shaped::new(a, rate), &mut options),
+        None => send_migration_over(&mut vm, a, &mut options),
+    };
     bar.finish_and_clear();
     let received = dest
         .join()
@@ -280,6 +293,11 @@ fn migrate<T: DemoTarget>(
     let report = sent.context("migration (source side)")?;
     let (dest_vm, recv) = received.context("migration (destination side)")?;
     let mut lines = migration_lines(&report);
+    if let Some(path) = &args.report {
+        let svg = report_svg::render(&report)?;
+        std::fs::write(path, svg).with_context(|| format!("cannot write {}", path.display()))?;
+        lines.push(format!("report picture: {}", path.display()));
+    }
     lines.push(format!(
         "destination received {} rounds, {} of memory data, {} as zero ranges, {} of state",
         recv.rounds,

@@ -131,6 +131,14 @@ impl Migratable for DemoKvm {
     fn memory_sink(&self) -> &dyn MemorySink {
         self.vm.memory_sink()
     }
+
+    fn can_throttle(&self) -> bool {
+        self.vm.can_throttle()
+    }
+
+    fn set_throttle(&mut self, percent: u8) -> Result<(), MigratableError> {
+        Migratable::set_throttle(&mut self.vm, percent)
+    }
 }
 
 /// The KVM target.

@@ -53,6 +53,18 @@ pub struct DemoArgs {
     /// `spki-sha256:<hex>`. Checked on both sides. Implies --tls.
     #[arg(long, value_name = "ID")]
     pub allow_peer: Vec<String>,
+    /// Write an SVG picture of the (last) migration's rounds to FILE: bytes sent,
+    /// dirty rate, bandwidth, throttle, downtime.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// Throttle the guest while precopy does not converge (20 %, +10 % a round, at
+    /// most 99 %).
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// Limit the loopback link to RATE bytes per second (e.g. 50M), so a busy guest
+    /// outruns it.
+    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    pub link: Option<u64>,
 }
 
 impl DemoArgs {

@@ -31,6 +31,7 @@ mod merge;
 mod open;
 mod progress;
 mod report;
+mod report_svg;
 mod verify;
 
 /// Exit code: a negative answer (verification failed, snapshots differ, conversion

@@ -87,6 +87,19 @@ pub fn migration_lines(r: &MigrationReport) -> Vec<String> {
             if r.converged { "yes" } else { "no (forced)" }
         ),
         format!(
+            "per round, dirty rate / link bandwidth / throttle: {}",
+            r.rounds
+                .iter()
+                .map(|x| format!(
+                    "{:.0}/{:.0} MB/s {}%",
+                    x.dirty_rate / 1e6,
+                    x.bandwidth / 1e6,
+                    x.throttle
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        format!(
             "downtime {} = final round {} + state capture {} + state send/restore {} + resume {}",
             duration(d.total),
             duration(d.final_round),

@@ -415,6 +415,35 @@ fn demo_in_fake_mode_reports_and_leaves_a_snapshot_that_verifies() {
 }
 
 #[test]
+fn demo_writes_the_migration_report_as_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("report.svg");
+    let out = vmsnap_env(
+        &[
+            "demo",
+            "--migrate-only",
+            "--auto-converge",
+            "--link",
+            "64M",
+            "--report",
+            p(&svg),
+        ],
+        &[("VMSNAP_FORCE_FAKE", "1")],
+    );
+    assert!(out.status.success(), "{}", all(&out));
+    let text = stdout(&out);
+    for want in [
+        "limited to 64.00 MiB/s",
+        "per round, dirty rate / link bandwidth / throttle:",
+        "report picture:",
+    ] {
+        assert!(text.contains(want), "missing `{want}`:\n{text}");
+    }
+    let svg = std::fs::read_to_string(&svg).expect("the SVG was written");
+    assert!(svg.starts_with("<svg") && svg.contains("dirty rate and link bandwidth"));
+}
+
+#[test]
 fn demo_on_kvm() {
     if !migration_testkit::skip_unless_kvm() {
         return;

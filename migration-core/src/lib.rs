@@ -115,7 +115,8 @@
 //!   loopback only unless allowed); `tls` (feature `tls`, default): mutual TLS,
 //!   certificate allowlists (`docs/security.md`).
 //! - [`protocol`], [`precopy`], [`destination`]: live migration's wire protocol, its
-//!   source and its destination.
+//!   source and its destination; [`convergence`]: dirty rate, auto-converge and why
+//!   precopy gave up.
 //! - [`Arch`]: the architecture a container header records and a HELLO announces.
 //! - [`MigratableError`]: the error everything returns; [`BoxError`]: a component's
 //!   own error inside it.
@@ -132,6 +133,7 @@ pub mod box_error;
 pub mod checksum;
 pub mod codec;
 pub mod container;
+pub mod convergence;
 pub mod deadline;
 pub mod destination;
 pub mod endpoint;
@@ -157,6 +159,7 @@ pub use arch::Arch;
 pub use box_error::BoxError;
 pub use codec::{Codec, CodecError, CodecId, CodecRegistry};
 pub use container::FormatError;
+pub use convergence::{AutoConverge, ConvergenceFailure};
 pub use destination::{
     receive_migration, receive_migration_over, IncomingVm, ReceiveOptions, ReceiveReport,
 };

@@ -21,8 +21,10 @@ pub enum MigrationRole {
 /// The driver's calls, in order, on the source: [`start_migration`] with
 /// [`MigrationRole::Source`], [`start_dirty_log`], rounds of [`dirty_log`] with reads
 /// through [`memory_source`], then `pause`, a last [`dirty_log`], `snapshot`,
-/// [`stop_dirty_log`] and [`complete_migration`]. On any failure the source gets
-/// [`stop_dirty_log`] and `resume`, and keeps running.
+/// [`stop_dirty_log`] and [`complete_migration`]. With auto-converge, [`set_throttle`]
+/// between rounds, and `set_throttle(0)` once paused. On any failure the source gets
+/// `set_throttle(0)` (if it was throttled), [`stop_dirty_log`] and `resume`, and keeps
+/// running.
 ///
 /// On the destination: [`start_migration`] with [`MigrationRole::Destination`],
 /// writes through [`memory_sink`], `restore`, then [`complete_migration`] and
@@ -35,6 +37,7 @@ pub enum MigrationRole {
 /// [`stop_dirty_log`]: Migratable::stop_dirty_log
 /// [`complete_migration`]: Migratable::complete_migration
 /// [`memory_sink`]: Migratable::memory_sink
+/// [`set_throttle`]: Migratable::set_throttle
 pub trait Migratable: Send + Transportable {
     /// Starts tracking which guest pages change.
     fn start_dirty_log(&mut self) -> Result<(), MigratableError>;
@@ -61,4 +64,20 @@ pub trait Migratable: Send + Transportable {
 
     /// Guest memory to write into while migrating in.
     fn memory_sink(&self) -> &dyn MemorySink;
+
+    /// Whether [`set_throttle`](Self::set_throttle) slows the guest down (the
+    /// precopy driver's auto-converge uses it only then). Default: `false`.
+    fn can_throttle(&self) -> bool {
+        false
+    }
+
+    /// Slows the guest down so that its vCPUs sleep for `percent` (0 to 99) of every
+    /// time slice; 0 lifts the throttle. The precopy driver raises it while precopy
+    /// does not converge ([`AutoConverge`](crate::convergence::AutoConverge)) and
+    /// always sets it back to 0 before the migration ends, fails or is cancelled.
+    /// Default: does nothing.
+    fn set_throttle(&mut self, percent: u8) -> Result<(), MigratableError> {
+        let _ = percent;
+        Ok(())
+    }
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::arch::Arch;
 use crate::codec::{self, Codec, CodecId};
+use crate::convergence::{AutoConverge, ConvergenceFailure, GiveUp, Throttled};
 use crate::endpoint::Endpoint;
 use crate::error::MigratableError;
 use crate::memory::{page_runs, MemoryRange, MemoryRangeTable, PageRun, PAGE_SIZE};
@@ -23,7 +24,10 @@ use crate::protocol::{
 };
 use crate::security::Security;
 
-/// What to do when precopy does not converge within the round or time cap.
+/// What to do when precopy gives up: the round or time cap is hit, or the guest
+/// dirties memory faster than the link carries it for
+/// [`MigrationOptions::stall_rounds`] rounds while the throttle cannot rise. The error
+/// or the log says why, with both rates ([`ConvergenceFailure`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvergencePolicy {
     /// Give up: abort the migration; the source keeps running.
@@ -58,6 +62,12 @@ pub struct Progress {
     pub round_done: u64,
     /// Bytes put on the wire so far.
     pub bytes_sent: u64,
+    /// The last measured dirty rate, bytes per second (0 before the first read).
+    pub dirty_rate: f64,
+    /// The link bandwidth estimate, bytes per second (0 before round 0 ended).
+    pub bandwidth: f64,
+    /// The auto-converge throttle in force, percent.
+    pub throttle: u8,
 }
 
 /// A progress callback.
@@ -71,8 +81,15 @@ pub struct MigrationOptions {
     pub max_rounds: u32,
     /// Longest time to spend in precopy.
     pub max_time: Duration,
-    /// What to do when the caps are hit before convergence.
+    /// What to do when precopy gives up.
     pub policy: ConvergencePolicy,
+    /// Throttle the guest while precopy does not converge (`None`: precopy alone).
+    /// Used only if the VM [can be throttled](Migratable::can_throttle).
+    pub auto_converge: Option<AutoConverge>,
+    /// Give up after this many consecutive rounds of dirty pages in which the guest
+    /// dirtied memory faster than the link carried it and the throttle could not rise
+    /// (0: never; only the caps end precopy).
+    pub stall_rounds: u32,
     /// Highest protocol version to speak (tests use older ones).
     pub protocol_version: u32,
     /// Architecture announced to the destination.
@@ -92,6 +109,8 @@ impl Default for MigrationOptions {
             max_rounds: 30,
             max_time: Duration::from_secs(120),
             policy: ConvergencePolicy::Cancel,
+            auto_converge: None,
+            stall_rounds: 3,
             protocol_version: PROTOCOL_VERSION,
             arch: Arch::host(),
             config: Vec::new(),
@@ -108,6 +127,8 @@ impl fmt::Debug for MigrationOptions {
             .field("max_rounds", &self.max_rounds)
             .field("max_time", &self.max_time)
             .field("policy", &self.policy)
+            .field("auto_converge", &self.auto_converge)
+            .field("stall_rounds", &self.stall_rounds)
             .field("protocol_version", &self.protocol_version)
             .field("arch", &self.arch)
             .field("config_len", &self.config.len())
@@ -132,6 +153,17 @@ pub struct RoundReport {
     pub wire_bytes: u64,
     /// How long the round took.
     pub duration: Duration,
+    /// Bytes the dirty log reported after the round (dirtied while it was sent).
+    pub dirty_bytes: u64,
+    /// `dirty_bytes` over the time since the previous read, bytes per second (0 for
+    /// the final round: the guest was paused).
+    pub dirty_rate: f64,
+    /// The link bandwidth estimate after the round, bytes per second (what the
+    /// downtime estimate divides by; for the final round, the estimate the switch-over
+    /// was decided on).
+    pub bandwidth: f64,
+    /// The auto-converge throttle in force while the round was sent, percent.
+    pub throttle: u8,
 }
 
 /// How long the guest was paused, by phase.
@@ -173,8 +205,8 @@ pub struct MigrationReport {
 /// One line per round, then the downtime by phase:
 ///
 /// ```text
-/// round  0:  1024.0 MiB guest,  258062 pages,    4082 zero pages,  1008.1 MiB wire,   295.55 ms
-/// round  1:     0.0 MiB guest,       2 pages,       0 zero pages,     0.0 MiB wire,     0.02 ms
+/// round  0:  1024.0 MiB guest,  258062 pages,    4082 zero pages,  1008.1 MiB wire,   295.55 ms, dirty     0.0 MB/s, link  3577.0 MB/s, throttle  0 %
+/// round  1:     0.0 MiB guest,       2 pages,       0 zero pages,     0.0 MiB wire,     0.02 ms, dirty     0.0 MB/s, link   409.6 MB/s, throttle  0 %
 /// downtime 1.02 ms = final round 0.10 + state capture 0.24 + state send 0.46 + resume 0.23
 /// ```
 impl fmt::Display for MigrationReport {
@@ -184,13 +216,16 @@ impl fmt::Display for MigrationReport {
         for r in &self.rounds {
             writeln!(
                 f,
-                "round {:>2}: {:>7.1} MiB guest, {:>7} pages, {:>7} zero pages, {:>7.1} MiB wire, {:>8.2} ms",
+                "round {:>2}: {:>7.1} MiB guest, {:>7} pages, {:>7} zero pages, {:>7.1} MiB wire, {:>8.2} ms, dirty {:>7.1} MB/s, link {:>7.1} MB/s, throttle {:>2} %",
                 r.round,
                 mib(r.guest_bytes),
                 r.pages,
                 r.zero_pages,
                 mib(r.wire_bytes),
-                ms(r.duration)
+                ms(r.duration),
+                r.dirty_rate / 1e6,
+                r.bandwidth / 1e6,
+                r.throttle
             )?;
         }
         let d = &self.downtime;
@@ -229,11 +264,14 @@ where
         committed: false,
         accepted: false,
         started: Instant::now(),
+        rates: Rates::default(),
     };
-    match source.run(vm, options) {
+    // Lifts the throttle on every exit, a panic included.
+    let mut vm = Throttled::new(vm);
+    match source.run(&mut vm, options) {
         Ok(report) => Ok(report),
         Err(e) => {
-            let e = source.recover(vm, e);
+            let e = source.recover(&mut vm, e);
             match &e {
                 MigrationError::CommitUncertain => {
                     tracing::error!(error = %e, "connection lost after GO: the source stays paused")
@@ -286,19 +324,34 @@ struct Source<S: Read + Write> {
     /// The destination answered the HELLO with HELLO_ACK.
     accepted: bool,
     started: Instant,
+    /// What progress reports carry besides the bytes.
+    rates: Rates,
+}
+
+/// The dirty rate, bandwidth and throttle last known, for progress reports.
+#[derive(Clone, Copy, Debug, Default)]
+struct Rates {
+    dirty_rate: f64,
+    bandwidth: f64,
+    throttle: u8,
 }
 
 impl<S: Read + Write> Source<S> {
     fn run<M: Migratable + ?Sized>(
         &mut self,
-        vm: &mut M,
+        vm: &mut Throttled<'_, M>,
         options: &mut MigrationOptions,
     ) -> Result<MigrationReport, MigrationError> {
-        let (version, codec) = self.handshake(vm, options)?;
+        let (version, codec) = self.handshake(&**vm, options)?;
         tracing::info!(version, codec = %codec.id(), "handshake accepted");
         vm.start_migration(MigrationRole::Source)?;
         vm.start_dirty_log()?;
         self.dirty_logging = true;
+        let mut last_read = Instant::now();
+        let auto = options.auto_converge.filter(|_| vm.can_throttle());
+        if options.auto_converge.is_some() && auto.is_none() {
+            tracing::warn!("auto-converge asked for, but this VM cannot be throttled");
+        }
 
         let mut rounds = Vec::new();
         let mut buf = vec![0u8; MAX_MEMORY_CHUNK.min(2 << 20)];
@@ -307,18 +360,35 @@ impl<S: Read + Write> Source<S> {
             all.push(r);
         }
         let precopy_start = Instant::now();
-        let r0 = self.send_round(vm, &all, 0, false, version, &mut buf, options)?;
+        let r0 = self.send_round(&**vm, &all, 0, false, version, &mut buf, options)?;
         let mut bandwidth = r0.bandwidth();
         rounds.push(r0);
+        // Consecutive rounds in which the guest outran the link with the throttle
+        // unable to rise.
+        let mut stalled = 0u32;
 
-        // Precopy rounds until the estimate fits the limit or a cap is hit.
+        // Precopy rounds until the estimate fits the limit or the policy gives up.
         let (pending, converged) = loop {
             let dirty = vm.dirty_log()?;
-            let estimated = Duration::from_secs_f64(dirty.total_bytes() as f64 / bandwidth);
+            let now = Instant::now();
+            let dirty_bytes = dirty.total_bytes();
+            let dirty_rate =
+                dirty_bytes as f64 / now.duration_since(last_read).as_secs_f64().max(1e-6);
+            last_read = now;
+            if let Some(r) = rounds.last_mut() {
+                r.dirty_bytes = dirty_bytes;
+                r.dirty_rate = dirty_rate;
+                r.bandwidth = bandwidth;
+            }
+            self.rates.dirty_rate = dirty_rate;
+            self.rates.bandwidth = bandwidth;
+            let estimated = Duration::from_secs_f64(dirty_bytes as f64 / bandwidth);
             tracing::info!(
-                dirty_pages = dirty.total_bytes() / PAGE_SIZE,
-                dirty_bytes = dirty.total_bytes(),
-                bandwidth_mib_s = %format_args!("{:.1}", bandwidth / f64::from(1u32 << 20)),
+                dirty_pages = dirty_bytes / PAGE_SIZE,
+                dirty_bytes,
+                dirty_mb_s = %format_args!("{:.1}", dirty_rate / 1e6),
+                bandwidth_mb_s = %format_args!("{:.1}", bandwidth / 1e6),
+                throttle = vm.percent(),
                 estimated_downtime = ?estimated,
                 limit = ?options.downtime_limit,
                 "dirty log read"
@@ -327,20 +397,57 @@ impl<S: Read + Write> Source<S> {
                 break (dirty, true);
             }
             let round = rounds.len() as u32;
-            if round > options.max_rounds || self.started.elapsed() >= options.max_time {
+            // Round 0 sent all RAM (zero pages cost nearly nothing on the wire): judge
+            // the rates from round 1 on.
+            let can_rise = auto.is_some_and(|a| a.can_rise(vm.percent()));
+            if round >= 2 && dirty_rate > bandwidth && !can_rise {
+                stalled += 1;
+            } else {
+                stalled = 0;
+            }
+            let give_up = if options.stall_rounds > 0 && stalled >= options.stall_rounds {
+                Some(GiveUp::DirtyFasterThanLink)
+            } else if round > options.max_rounds {
+                Some(GiveUp::RoundCap)
+            } else if self.started.elapsed() >= options.max_time {
+                Some(GiveUp::TimeCap)
+            } else {
+                None
+            };
+            if let Some(reason) = give_up {
+                let failure = ConvergenceFailure {
+                    reason,
+                    rounds: round,
+                    remaining: dirty_bytes,
+                    estimated,
+                    limit: options.downtime_limit,
+                    dirty_rate,
+                    bandwidth,
+                    throttle: vm.percent(),
+                    throttling: vm.can_throttle(),
+                };
                 match options.policy {
-                    ConvergencePolicy::Force => break (dirty, false),
+                    ConvergencePolicy::Force => {
+                        tracing::warn!(why = %failure, "precopy gave up: forcing the switch-over");
+                        break (dirty, false);
+                    }
                     ConvergencePolicy::Cancel => {
-                        return Err(MigrationError::NotConverged {
-                            rounds: round,
-                            remaining: dirty.total_bytes(),
-                            estimated,
-                            limit: options.downtime_limit,
-                        })
+                        return Err(MigrationError::NotConverged(Box::new(failure)))
                     }
                 }
             }
-            let report = self.send_round(vm, &dirty, round, false, version, &mut buf, options)?;
+            // Auto-converge: from the first round of dirty pages that did not converge.
+            if let Some(a) = auto.filter(|_| round >= 2) {
+                let next = a.next(vm.percent());
+                if next != vm.percent() {
+                    vm.set(next)?;
+                    self.rates.throttle = next;
+                    tracing::info!(throttle = next, "auto-converge: throttle raised");
+                }
+            }
+            let mut report =
+                self.send_round(&**vm, &dirty, round, false, version, &mut buf, options)?;
+            report.throttle = vm.percent();
             if report.duration >= Duration::from_millis(1) {
                 bandwidth = report.bandwidth();
             }
@@ -357,13 +464,22 @@ impl<S: Read + Write> Source<S> {
         vm.pause()?;
         self.paused = true;
         tracing::info!(converged, pause_took = ?paused_at.elapsed(), "source paused for the final round");
+        let throttle = vm.percent();
+        // A paused guest needs no throttle; from here on no path resumes it throttled.
+        vm.lift()?;
+        self.rates.throttle = 0;
         let mut last = pending;
         last.extend(&vm.dirty_log()?);
         let round = rounds.len() as u32;
-        rounds.push(self.send_round(vm, &last, round, true, version, &mut buf, options)?);
+        let mut report = self.send_round(&**vm, &last, round, true, version, &mut buf, options)?;
+        report.throttle = throttle;
+        // The estimate the switch-over was decided on (a short final round measures
+        // little but latency).
+        report.bandwidth = bandwidth;
+        rounds.push(report);
         let final_round = paused_at.elapsed();
 
-        report_progress(options, Phase::State, round, 0, 0, self.ch.bytes_sent());
+        self.progress(options, Phase::State, round, 0, 0);
         let t = Instant::now();
         let mut snapshot = vm.snapshot()?;
         snapshot.encode(&codec)?;
@@ -395,7 +511,7 @@ impl<S: Read + Write> Source<S> {
         )?;
         let state_send = t.elapsed();
 
-        report_progress(options, Phase::Handover, round, 0, 0, self.ch.bytes_sent());
+        self.progress(options, Phase::Handover, round, 0, 0);
         let t = Instant::now();
         self.ch.send(&Message::Go)?;
         self.ch.flush()?;
@@ -548,7 +664,7 @@ impl<S: Read + Write> Source<S> {
                 })?;
             }
             done += piece.length;
-            report_progress(options, phase, round, total, done, self.ch.bytes_sent());
+            self.progress(options, phase, round, total, done);
         }
         if !zeros.is_empty() {
             self.ch.send(&Message::Zero(zeros))?;
@@ -586,7 +702,7 @@ impl<S: Read + Write> Source<S> {
     /// returns the most useful error.
     fn recover<M: Migratable + ?Sized>(
         &mut self,
-        vm: &mut M,
+        vm: &mut Throttled<'_, M>,
         error: MigrationError,
     ) -> MigrationError {
         if self.committed && !matches!(error, MigrationError::PeerAborted(_)) {
@@ -614,6 +730,10 @@ impl<S: Read + Write> Source<S> {
             }
             other => self.ch.abort(&format!("source: {other}")),
         }
+        // Never resume a throttled guest (the guard's drop would lift it too late).
+        if let Err(e) = vm.lift() {
+            tracing::error!(error = %e, "cannot lift the throttle");
+        }
         if self.dirty_logging {
             let _ = vm.stop_dirty_log();
         }
@@ -632,22 +752,27 @@ impl RoundReport {
     }
 }
 
-fn report_progress(
-    options: &mut MigrationOptions,
-    phase: Phase,
-    round: u32,
-    total: u64,
-    done: u64,
-    sent: u64,
-) {
-    if let Some(cb) = options.progress.as_mut() {
-        cb(&Progress {
-            phase,
-            round,
-            round_total: total,
-            round_done: done,
-            bytes_sent: sent,
-        });
+impl<S: Read + Write> Source<S> {
+    fn progress(
+        &self,
+        options: &mut MigrationOptions,
+        phase: Phase,
+        round: u32,
+        total: u64,
+        done: u64,
+    ) {
+        if let Some(cb) = options.progress.as_mut() {
+            cb(&Progress {
+                phase,
+                round,
+                round_total: total,
+                round_done: done,
+                bytes_sent: self.ch.bytes_sent(),
+                dirty_rate: self.rates.dirty_rate,
+                bandwidth: self.rates.bandwidth,
+                throttle: self.rates.throttle,
+            });
+        }
     }
 }
 
@@ -664,6 +789,7 @@ mod tests {
             zero_pages: 0,
             wire_bytes: guest_bytes,
             duration,
+            ..RoundReport::default()
         };
         let report = MigrationReport {
             rounds: vec![

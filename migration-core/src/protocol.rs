@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::arch::Arch;
 use crate::codec::CodecId;
+use crate::convergence::ConvergenceFailure;
 use crate::deadline::Deadline;
 use crate::error::MigratableError;
 use crate::memory::{check_range, MemoryError, MemoryRange, MemorySink};
@@ -204,20 +205,10 @@ pub enum MigrationError {
     /// The URL names no usable endpoint.
     #[error("endpoint: {0}")]
     Endpoint(#[source] Box<MigratableError>),
-    /// Precopy did not converge and the policy is to cancel.
-    #[error(
-        "did not converge after {rounds} rounds: {remaining} bytes dirty, estimated downtime {estimated:?} over the limit {limit:?}"
-    )]
-    NotConverged {
-        /// Rounds sent.
-        rounds: u32,
-        /// Dirty bytes left.
-        remaining: u64,
-        /// Estimated downtime for them.
-        estimated: Duration,
-        /// The caller's limit.
-        limit: Duration,
-    },
+    /// Precopy did not converge and the policy is to cancel: why, in words, with the
+    /// dirty rate and the link bandwidth.
+    #[error("{0}")]
+    NotConverged(Box<ConvergenceFailure>),
     /// The connection broke after the source sent GO: the destination may or may not
     /// have resumed. The source stays paused; the caller decides.
     #[error("connection lost at the commit point: the destination may be running; the source stays paused")]

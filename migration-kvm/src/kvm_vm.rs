@@ -69,9 +69,11 @@ use crate::error::KvmStateError;
 use crate::layout::DeviceLayout;
 use crate::machine::{restore_machine, resume_all, save_machine, MachineState, VcpuGroup};
 use crate::memory::{check_layout, GuestRam, KvmMemoryError, KvmSlots, MemoryOptions};
+use crate::park::THROTTLE_SLICE;
 use crate::restore::EagerOptions;
 use crate::runner::{ExitHandler, VcpuRunner};
 use crate::snapshot_memory::{restore_eager_from, restore_lazy_from, SnapshotMemoryError};
+use crate::throttle::{Kick, ThrottleTicker};
 use crate::vcpu::{HostCaps, KvmVcpu};
 use crate::vm::{ClockRestore, KvmVmDevices};
 
@@ -480,6 +482,8 @@ pub struct KvmVm {
     cpu_policy: CpuPolicy,
     /// The differences a forced restore let through.
     cpu_forced: Option<CpuReport>,
+    /// Kicks the vCPUs once a slice while they are throttled.
+    ticker: Option<ThrottleTicker>,
 }
 
 impl fmt::Debug for KvmVm {
@@ -496,6 +500,7 @@ impl fmt::Debug for KvmVm {
 
 impl Drop for KvmVm {
     fn drop(&mut self) {
+        self.ticker = None;
         // Stop every vCPU thread before KVM loses the memory.
         self.vcpus.clear();
         if let Some(slots) = self.slots.take() {
@@ -576,6 +581,7 @@ impl KvmVm {
             migration_role: None,
             cpu_policy: CpuPolicy::default(),
             cpu_forced: None,
+            ticker: None,
         };
         for (i, fd) in fds.into_iter().enumerate() {
             let i = i as u32;
@@ -724,6 +730,46 @@ impl KvmVm {
             KvmVmError::Mismatch(format!("no vCPU {index} (the VM has {})", self.vcpus.len()))
         })?;
         Ok(runner.with_vcpu(move |v| f(v.backend()))?)
+    }
+
+    /// Makes every vCPU sleep `percent` (at most 99) of each [`THROTTLE_SLICE`]; 0
+    /// lifts the throttle. While it is on, a [`ThrottleTicker`] kicks the vCPUs out of
+    /// the guest once a slice, so a guest that never exits is throttled too. The
+    /// precopy driver's auto-converge calls this through
+    /// [`Migratable::set_throttle`].
+    pub fn set_throttle(&mut self, percent: u8) -> Result<(), KvmVmError> {
+        let percent = percent.min(99);
+        if percent == 0 {
+            self.ticker = None;
+        }
+        for v in &self.vcpus {
+            v.set_throttle(percent);
+        }
+        if percent > 0 && self.ticker.is_none() {
+            let kicks = self
+                .vcpus
+                .iter()
+                .map(|v| Box::new(v.kicker()) as Kick)
+                .collect();
+            self.ticker = Some(ThrottleTicker::start(THROTTLE_SLICE, kicks)?);
+        }
+        tracing::debug!(percent, "vCPU throttle set");
+        Ok(())
+    }
+
+    /// The vCPUs' throttle, percent (0: they run unthrottled).
+    pub fn throttle(&self) -> u8 {
+        self.vcpus.iter().map(|v| v.throttle()).max().unwrap_or(0)
+    }
+
+    /// Whether a [`ThrottleTicker`] is kicking the vCPUs (only while throttled).
+    pub fn is_throttle_ticking(&self) -> bool {
+        self.ticker.is_some()
+    }
+
+    /// Throttle sleeps the vCPUs have taken, all together.
+    pub fn throttle_sleeps(&self) -> u64 {
+        self.vcpus.iter().map(|v| v.throttle_sleeps()).sum()
     }
 
     /// Whether the vCPUs were resumed and not paused since (a vCPU may still have
@@ -1067,6 +1113,15 @@ impl Migratable for KvmVm {
 
     fn memory_sink(&self) -> &dyn MemorySink {
         &self.memory
+    }
+
+    fn can_throttle(&self) -> bool {
+        true
+    }
+
+    /// [`KvmVm::set_throttle`].
+    fn set_throttle(&mut self, percent: u8) -> Result<(), MigratableError> {
+        Ok(KvmVm::set_throttle(self, percent)?)
     }
 }
 

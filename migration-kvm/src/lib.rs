@@ -119,6 +119,7 @@ pub mod restore;
 mod runner;
 pub mod snapshot_memory;
 pub mod state;
+pub mod throttle;
 mod vcpu;
 mod vm;
 
@@ -133,9 +134,10 @@ pub use kvm_vm::{ConfigError, KvmVm, KvmVmConfig, KvmVmError, RestoreMode};
 pub use layout::{DeviceLayout, Irqchip};
 pub use machine::{restore_machine, save_machine, MachineError, MachineState, VcpuGroup};
 pub use order::{MachineStep, Ordered, VcpuStep, VmStep};
-pub use park::PauseControl;
+pub use park::{PauseControl, THROTTLE_SLICE};
 pub use runner::{ExitAction, ExitEvent, ExitHandler, VcpuRunner};
 pub use state::{CpuidEntry, MsrEntry, Raw, SizeMismatch};
+pub use throttle::ThrottleTicker;
 pub use vcpu::{restore_vcpu_state, save_vcpu_state, HostCaps, KvmVcpu, VcpuState};
 pub use vm::{restore_vm_state, save_vm_state, ClockRestore, KvmVmDevices, VmState};
 

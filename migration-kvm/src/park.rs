@@ -10,8 +10,13 @@
 //! parked) and [`resume`](PauseControl::resume).
 //!
 //! `checkpoint` is the one place the thread consults the controller between guest
-//! entries, so a per-entry policy the controller sets (such as a throttle that makes
-//! the vCPU sleep part of each time slice) belongs there.
+//! entries, so a per-entry policy the controller sets belongs there: the **throttle**
+//! ([`set_throttle`](PauseControl::set_throttle)) makes the thread sleep
+//! `percent / (100 - percent)` of a [`THROTTLE_SLICE`] after each slice it ran, so the
+//! vCPU runs `100 - percent` % of the time (QEMU's auto-converge arithmetic). A
+//! guest that never exits must still be kicked out of `KVM_RUN` once a slice for the
+//! sleep to apply ([`crate::throttle::ThrottleTicker`] does that). A pause, a quit or
+//! a change of throttle ends a sleep at once.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -51,6 +56,9 @@ use std::fmt;
 use std::sync::{mpsc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// The throttle's time slice: a throttled vCPU runs this long, then sleeps its share.
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+
 use crate::error::KvmStateError;
 
 /// A job [`PauseControl::submit`] handed to a vCPU thread.
@@ -88,6 +96,13 @@ struct Ctl<V> {
     exited: bool,
     last_exit: Option<String>,
     jobs: Vec<Job<V>>,
+    /// Percent of each time slice the thread sleeps (0: none).
+    throttle: u8,
+    /// When the thread last started running unthrottled-by-sleep (`None`: not
+    /// counting, the throttle is off or the thread was parked).
+    ran_since: Option<Instant>,
+    /// Throttle sleeps taken.
+    throttle_sleeps: u64,
 }
 
 /// The pause state a controller and one vCPU thread share (in an `Arc`). `V` is what
@@ -105,6 +120,7 @@ impl<V> fmt::Debug for PauseControl<V> {
             .field("parked", &c.parked)
             .field("exited", &c.exited)
             .field("last_exit", &c.last_exit)
+            .field("throttle", &c.throttle)
             .finish_non_exhaustive()
     }
 }
@@ -130,6 +146,9 @@ impl<V> PauseControl<V> {
                 exited: false,
                 last_exit: None,
                 jobs: Vec::new(),
+                throttle: 0,
+                ran_since: None,
+                throttle_sleeps: 0,
             }),
             cv: Condvar::new(),
         }
@@ -168,6 +187,8 @@ impl<V> PauseControl<V> {
             return false;
         }
         c.request = Request::Pause;
+        // A thread sleeping for the throttle wakes at once.
+        self.cv.notify_all();
         true
     }
 
@@ -278,6 +299,25 @@ impl<V> PauseControl<V> {
         self.lock().parked
     }
 
+    /// Makes the thread sleep `percent` (at most 99) of every [`THROTTLE_SLICE`] at
+    /// its [`checkpoint`](Self::checkpoint)s; 0 lifts the throttle, and a sleep in
+    /// progress ends at once.
+    pub fn set_throttle(&self, percent: u8) {
+        let mut c = self.lock();
+        c.throttle = percent.min(99);
+        self.cv.notify_all();
+    }
+
+    /// The throttle, percent.
+    pub fn throttle(&self) -> u8 {
+        self.lock().throttle
+    }
+
+    /// How many throttle sleeps the thread has taken.
+    pub fn throttle_sleeps(&self) -> u64 {
+        self.lock().throttle_sleeps
+    }
+
     /// Why the vCPU parked by itself ([`park_self`](Self::park_self)), if it did
     /// (cleared on resume).
     pub fn last_exit(&self) -> Option<String> {
@@ -286,9 +326,38 @@ impl<V> PauseControl<V> {
 
     // ---- The vCPU thread's side ----
 
-    /// What the controller asks now; called before every guest entry.
+    /// What the controller asks now; called before every guest entry. While
+    /// [throttled](Self::set_throttle), a thread that has run for a
+    /// [`THROTTLE_SLICE`] sleeps its share here first (woken early by a pause, a quit
+    /// or a new throttle).
     pub fn checkpoint(&self) -> Request {
-        self.lock().request
+        let mut c = self.lock();
+        if c.request != Request::Run || c.throttle == 0 {
+            c.ran_since = None;
+            return c.request;
+        }
+        let now = Instant::now();
+        let since = *c.ran_since.get_or_insert(now);
+        if now.duration_since(since) < THROTTLE_SLICE {
+            return Request::Run;
+        }
+        let p = u32::from(c.throttle);
+        let until = now + THROTTLE_SLICE * p / (100 - p);
+        let throttle = c.throttle;
+        c.throttle_sleeps += 1;
+        while c.request == Request::Run && c.throttle == throttle {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            c = self
+                .cv
+                .wait_timeout(c, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        c.ran_since = Some(Instant::now());
+        c.request
     }
 
     /// The vCPU thread decides to park (its exit handler said so, or `KVM_RUN`

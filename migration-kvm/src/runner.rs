@@ -22,7 +22,7 @@
 //! MMIO accesses, and any other exit as kvm-ioctls reports it. The handler can stop
 //! the vCPU ([`ExitAction::Pause`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -94,7 +94,23 @@ pub type ExitHandler = Box<dyn FnMut(ExitEvent<'_>) -> ExitAction + Send>;
 pub struct VcpuRunner {
     id: String,
     control: Arc<PauseControl<KvmVcpu<VcpuFd>>>,
-    thread: Option<JoinHandle<Option<KvmVcpu<VcpuFd>>>>,
+    /// Shared with [`kicker`](Self::kicker)s: a kick holds the lock, so the thread is
+    /// never joined while a signal is sent to it.
+    thread: Arc<Mutex<Option<VcpuThread>>>,
+}
+
+type VcpuThread = JoinHandle<Option<KvmVcpu<VcpuFd>>>;
+
+fn kick_thread(thread: &Mutex<Option<VcpuThread>>) {
+    if let Some(t) = thread
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+    {
+        // Only fails if the signal cannot be sent at all; the wait that follows
+        // then reports the thread's state.
+        let _ = kick(t);
+    }
 }
 
 impl std::fmt::Debug for VcpuRunner {
@@ -121,18 +137,41 @@ impl VcpuRunner {
         let runner = Self {
             id,
             control,
-            thread: Some(thread),
+            thread: Arc::new(Mutex::new(Some(thread))),
         };
         runner.control.wait_parked(None)?;
         Ok(runner)
     }
 
     fn kick(&self) {
-        if let Some(t) = &self.thread {
-            // Only fails if the signal cannot be sent at all; the wait that follows
-            // then reports the thread's state.
-            let _ = kick(t);
-        }
+        kick_thread(&self.thread);
+    }
+
+    /// A function that kicks this vCPU out of `KVM_RUN` (from any thread, as often as
+    /// needed; nothing once the vCPU thread was stopped): what a
+    /// [`ThrottleTicker`](crate::throttle::ThrottleTicker) calls once a slice.
+    pub fn kicker(&self) -> impl Fn() + Send + Sync + 'static {
+        let thread = self.thread.clone();
+        move || kick_thread(&thread)
+    }
+
+    /// Makes the vCPU sleep `percent` (at most 99) of every time slice
+    /// ([`PauseControl::set_throttle`]); 0 lifts it. The vCPU is kicked so the new
+    /// throttle applies at once; a guest that never exits also needs a kick every
+    /// slice ([`ThrottleTicker`](crate::throttle::ThrottleTicker)).
+    pub fn set_throttle(&self, percent: u8) {
+        self.control.set_throttle(percent);
+        self.kick();
+    }
+
+    /// The throttle, percent.
+    pub fn throttle(&self) -> u8 {
+        self.control.throttle()
+    }
+
+    /// How many throttle sleeps the vCPU has taken.
+    pub fn throttle_sleeps(&self) -> u64 {
+        self.control.throttle_sleeps()
     }
 
     /// Pauses the vCPU: returns once it is out of `KVM_RUN`, its pending I/O is
@@ -230,6 +269,8 @@ impl VcpuRunner {
         self.control.quit(|| self.kick());
         let t = self
             .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
             .take()
             .ok_or_else(|| KvmStateError::Thread("already stopped".into()))?;
         t.join()
@@ -240,7 +281,12 @@ impl VcpuRunner {
 
 impl Drop for VcpuRunner {
     fn drop(&mut self) {
-        if self.thread.is_some() {
+        if self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+        {
             let _ = self.quit();
         }
     }

@@ -10,7 +10,15 @@
 //! bandwidth and the machine's speed (a debug build, a loaded host), so the migration
 //! is forced to complete and the source prints whether it converged, for the log.
 //!
-//! The migration runs over mutual TLS (`tls://`): certificates made at test time,
+//! A second test shapes the link to ~130 MB/s (tbf) and migrates the guest with
+//! auto-converge and a limit no round meets (how fast this guest dirties memory in a
+//! helper process next to tc varies too much to build on): the throttle rises 20 → 30
+//! → 40 → 50 % over rounds 2 to 5 (a round in which the throttled guest happened to
+//! dirty nothing ends precopy earlier: the test checks each round's throttle, not
+//! their number), the guest passes its self-check on the destination, and the
+//! source's throttle is off afterwards.
+//!
+//! Both migrations run over mutual TLS (`tls://`): certificates made at test time,
 //! read by both helpers from a directory in Cloud Hypervisor's layout (the plaintext
 //! variant is migration-core's two-namespace test).
 //!
@@ -26,7 +34,7 @@ use migration_core::destination::receive_migration_with;
 use migration_core::precopy::send_migration_with;
 use migration_core::security::Security;
 use migration_core::tls::TlsConfig;
-use migration_core::ConvergencePolicy;
+use migration_core::{AutoConverge, ConvergencePolicy};
 use migration_kvm::{KvmVm, KvmVmConfig};
 use migration_testkit::guest::{
     configure_vcpu, monitor_handler, write_boot_memory, Guest, PortMonitor, Verdict,
@@ -95,6 +103,57 @@ fn kvm_guest_migrates_between_namespaces_over_a_shaped_link() -> Result<()> {
     Ok(())
 }
 
+/// The auto-converge variant's working set: ~16 MiB rewritten an eighth per pass.
+const BUSY_WORKING_SET_END: u64 = 17 << 20;
+/// No round meets it: every precopy round raises the throttle.
+const BUSY_DOWNTIME_LIMIT: Duration = Duration::ZERO;
+
+#[test]
+fn kvm_guest_auto_converges_between_namespaces_over_a_130_mb_link() -> Result<()> {
+    migration_testkit::require_kvm!(Ok(()));
+    if !skip_unless_netns() {
+        return Ok(());
+    }
+    let pair = NetnsPair::create()?;
+    let shape = pair.shape(&Shape {
+        rate_bits: 1_040_000_000,
+        delay: Duration::from_millis(1),
+    })?;
+    eprintln!("link: {shape}");
+    let dir = tempfile::tempdir()?;
+    TestPki::for_server(&[&NetnsPair::ADDR_B.to_string()])?.write_dir(dir.path())?;
+    let run = pair.run_helpers_with_env(
+        &HelperTests {
+            role_var: ROLE,
+            url_var: URL,
+            destination: "helper_kvm_destination",
+            source: "helper_kvm_source_auto_converge",
+        },
+        TIMEOUT,
+        &[(TLS_DIR, dir.path().as_os_str())],
+    )?;
+    run.print();
+    run.check("RESULT throttle-lifted=true", "RESULT self-check=pass")
+        .map_err(anyhow::Error::msg)?;
+    let src_last = run
+        .source_value("LAST_PROGRESS ")
+        .context("source progress")?;
+    let dst_last = run
+        .destination_value("LAST_PROGRESS ")
+        .context("destination progress")?;
+    ensure!(
+        dst_last > src_last,
+        "the guest did not continue: progress {src_last} on the source, {dst_last} on the destination"
+    );
+    Ok(())
+}
+
+/// Mutual TLS with the certificates of [`TLS_DIR`].
+fn security() -> Result<Security> {
+    let dir = std::env::var_os(TLS_DIR).context("no certificate directory")?;
+    Ok(Security::tls(TlsConfig::from_dir(dir)?))
+}
+
 /// Waits until `monitor` has `n` progress events or a failure, up to `TIMEOUT`.
 fn wait_for(monitor: &Mutex<PortMonitor>, n: u64) -> Result<PortMonitor> {
     let deadline = Instant::now() + TIMEOUT;
@@ -109,12 +168,6 @@ fn wait_for(monitor: &Mutex<PortMonitor>, n: u64) -> Result<PortMonitor> {
         ensure!(Instant::now() < deadline, "timed out: {m:?}");
         thread::sleep(Duration::from_millis(2));
     }
-}
-
-/// Mutual TLS with the certificates of [`TLS_DIR`].
-fn security() -> Result<Security> {
-    let dir = std::env::var_os(TLS_DIR).context("no certificate directory")?;
-    Ok(Security::tls(TlsConfig::from_dir(dir)?))
 }
 
 /// Destination role: listen on namespace B's address, build the VM from the
@@ -164,6 +217,61 @@ fn helper_kvm_source() -> Result<()> {
         return Ok(());
     }
     let url = std::env::var(URL)?;
+    let (mut vm, monitor) = boot_source(WORKING_SET_END)?;
+    let mut options = vm.migration_options();
+    options.downtime_limit = DOWNTIME_LIMIT;
+    options.max_rounds = 30;
+    options.policy = ConvergencePolicy::Force;
+    let report = send_migration_with(&mut vm, &url, &security()?, &mut options, TIMEOUT)?;
+    print_source_report(&report, DOWNTIME_LIMIT);
+    handed_over(&mut vm, &monitor)
+}
+
+/// Source role with auto-converge: the throttle rises by round and is off afterwards.
+#[test]
+#[ignore = "helper: run by kvm_guest_auto_converges_between_namespaces_over_a_130_mb_link"]
+fn helper_kvm_source_auto_converge() -> Result<()> {
+    if std::env::var(ROLE).as_deref() != Ok("source") {
+        return Ok(());
+    }
+    let url = std::env::var(URL)?;
+    let (mut vm, monitor) = boot_source(BUSY_WORKING_SET_END)?;
+    let mut options = vm.migration_options();
+    options.downtime_limit = BUSY_DOWNTIME_LIMIT;
+    options.max_rounds = 5;
+    options.stall_rounds = 0;
+    options.policy = ConvergencePolicy::Force;
+    options.auto_converge = Some(AutoConverge::default());
+    let report = send_migration_with(&mut vm, &url, &security()?, &mut options, TIMEOUT)?;
+    print_source_report(&report, BUSY_DOWNTIME_LIMIT);
+    let precopy = &report.rounds[..report.rounds.len() - 1];
+    for r in precopy {
+        let want = if r.round < 2 {
+            0
+        } else {
+            (20 + 10 * (r.round - 2)).min(99) as u8
+        };
+        ensure!(
+            r.throttle == want,
+            "round {} ran at {} %",
+            r.round,
+            r.throttle
+        );
+    }
+    ensure!(vm.throttle() == 0, "the source's throttle must be lifted");
+    ensure!(
+        !vm.is_throttle_ticking(),
+        "no throttle ticker after the migration"
+    );
+    handed_over(&mut vm, &monitor)?;
+    println!("RESULT throttle-lifted=true");
+    Ok(())
+}
+
+type Monitor = Arc<Mutex<PortMonitor>>;
+
+/// A running memory-pattern guest rewriting `[1 MiB, working_set_end)`, two passes in.
+fn boot_source(working_set_end: u64) -> Result<(KvmVm, Monitor)> {
     let monitor = Arc::new(Mutex::new(PortMonitor::new(PASSES)));
     let mut vm = KvmVm::new(
         KvmVmConfig::new(RAM, 1),
@@ -173,18 +281,17 @@ fn helper_kvm_source() -> Result<()> {
     let ram = write_boot_memory(vm.memory().mmap(), Guest::MemoryPattern.image())?;
     vm.with_vcpu(0, move |fd| -> Result<()> {
         let kvm = kvm_ioctls::Kvm::new()?;
-        configure_vcpu(fd, &kvm, ram, WORKING_SET_END)?;
+        configure_vcpu(fd, &kvm, ram, working_set_end)?;
         Ok(())
     })??;
     vm.start()?;
     wait_for(&monitor, 2)?;
+    Ok((vm, monitor))
+}
 
-    let mut options = vm.migration_options();
-    options.downtime_limit = DOWNTIME_LIMIT;
-    options.max_rounds = 30;
-    options.policy = ConvergencePolicy::Force;
-    let report = send_migration_with(&mut vm, &url, &security()?, &mut options, TIMEOUT)?;
-    print_source_report(&report, DOWNTIME_LIMIT);
+/// Checks the handover: the guest did not fail here, and this copy stays paused and
+/// never runs again.
+fn handed_over(vm: &mut KvmVm, monitor: &Monitor) -> Result<()> {
     let seen = monitor.lock().unwrap_or_else(|e| e.into_inner()).clone();
     ensure!(
         !matches!(seen.verdict(), Verdict::Fail(_)),

@@ -10,6 +10,11 @@
 //! corrupt page, on the source or on a migration destination. It is the fake
 //! counterpart of the KVM test guests' self-checks.
 //!
+//! The workload's rate is exact at every [`dirty_log`](Migratable::dirty_log): the
+//! writes due by then at the set rate are done before the log is read, however the
+//! thread was scheduled. [`set_throttle`](Migratable::set_throttle) scales the rate by
+//! `1 - percent/100` from the call on (auto-converge's effect, deterministically).
+//!
 //! `pause` really stops the workload: it returns only after the write in progress
 //! has finished, and no write happens until `resume`. Snapshot and restore require a
 //! paused VM (a driver that forgets to pause gets an error, not a torn snapshot).
@@ -134,11 +139,58 @@ struct Ctl {
     workload: WorkloadState,
     running: bool,
     stop: bool,
+    /// The auto-converge throttle, percent: the workload runs at `100 - throttle` %
+    /// of its rate.
+    throttle: u8,
+    /// Pacing: bytes written since `since`, while running at an unchanged rate.
+    since: Instant,
+    written: u64,
+    /// Whether `since` and `written` describe the current run.
+    pacing: bool,
+}
+
+impl Ctl {
+    /// The workload's rate with the throttle applied, bytes per second.
+    fn rate(&self) -> u64 {
+        let rate = self.workload.bytes_per_sec;
+        if rate == u64::MAX || self.throttle == 0 {
+            return rate;
+        }
+        (u128::from(rate) * u128::from(100 - self.throttle.min(100)) / 100) as u64
+    }
+
+    /// Starts pacing afresh (after a pause or a change of rate).
+    fn restart_pacing(&mut self) {
+        self.since = Instant::now();
+        self.written = 0;
+        self.pacing = true;
+    }
+
+    /// Bytes the workload may have written by now at its (throttled) rate.
+    fn allowed(&self) -> u64 {
+        (self.since.elapsed().as_secs_f64() * self.rate() as f64) as u64
+    }
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Ctl> {
         self.ctl.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Does the writes a running workload at a finite rate is behind on, so the pages
+    /// dirtied by now do not depend on how the workload thread was scheduled.
+    fn catch_up(&self, ctl: &mut Ctl) -> Result<(), MemoryError> {
+        let rate = ctl.rate();
+        if !ctl.running || !ctl.pacing || rate == 0 || rate == u64::MAX {
+            return Ok(());
+        }
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        let allowed = ctl.allowed();
+        while ctl.written.saturating_add(PAGE_SIZE) <= allowed && ctl.workload.pages() > 0 {
+            self.write_next(ctl, &mut page)?;
+            ctl.written += PAGE_SIZE;
+        }
+        Ok(())
     }
 
     /// Performs the next workload write (the caller holds the lock).
@@ -159,30 +211,24 @@ impl Shared {
 fn workload_thread(shared: Arc<Shared>) {
     let mut page = vec![0u8; PAGE_SIZE as usize];
     let mut ctl = shared.lock();
-    // Pacing: bytes written since `since`, while running at an unchanged rate.
-    let mut since = Instant::now();
-    let mut written = 0u64;
-    let mut was_running = false;
     loop {
         if ctl.stop {
             return;
         }
         let running = ctl.running && shared.run.load(Ordering::Acquire);
-        let rate = ctl.workload.bytes_per_sec;
+        let rate = ctl.rate();
         if !running || rate == 0 || ctl.workload.pages() == 0 {
-            was_running = false;
+            ctl.pacing = false;
             ctl = shared
                 .wake
                 .wait(ctl)
                 .unwrap_or_else(PoisonError::into_inner);
             continue;
         }
-        if !was_running {
-            since = Instant::now();
-            written = 0;
-            was_running = true;
+        if !ctl.pacing {
+            ctl.restart_pacing();
         }
-        let allowed = (since.elapsed().as_secs_f64() * rate as f64) as u64;
+        let (written, allowed) = (ctl.written, ctl.allowed());
         if written.saturating_add(PAGE_SIZE) > allowed && rate != u64::MAX {
             let ahead = (written + PAGE_SIZE - allowed) as f64 / rate as f64;
             let nap = Duration::from_secs_f64(ahead.min(0.01));
@@ -198,7 +244,7 @@ fn workload_thread(shared: Arc<Shared>) {
             ctl.running = false;
             continue;
         }
-        written += PAGE_SIZE;
+        ctl.written += PAGE_SIZE;
         // Let `pause` and the other callers in between writes.
         drop(ctl);
         ctl = shared.lock();
@@ -287,6 +333,10 @@ impl FakeVmBuilder {
                 workload,
                 running: self.running,
                 stop: false,
+                throttle: 0,
+                since: Instant::now(),
+                written: 0,
+                pacing: false,
             }),
             wake: Condvar::new(),
         });
@@ -302,6 +352,7 @@ impl FakeVmBuilder {
             dirty_logging: false,
             migrating: false,
             role: None,
+            throttles: Vec::new(),
         })
     }
 }
@@ -316,6 +367,8 @@ pub struct FakeVm {
     migrating: bool,
     /// The role of the current or last migration.
     role: Option<MigrationRole>,
+    /// Every throttle `set_throttle` set, in order.
+    throttles: Vec<u8>,
 }
 
 impl fmt::Debug for FakeVm {
@@ -407,8 +460,22 @@ impl FakeVm {
 
     /// Changes the workload's rate (bytes per second; `0` idles it).
     pub fn set_workload_rate(&self, bytes_per_sec: u64) {
-        self.shared.lock().workload.bytes_per_sec = bytes_per_sec;
+        let mut ctl = self.shared.lock();
+        ctl.workload.bytes_per_sec = bytes_per_sec;
+        ctl.pacing = false;
+        drop(ctl);
         self.shared.wake.notify_all();
+    }
+
+    /// The auto-converge throttle in force, percent (0: none).
+    pub fn throttle(&self) -> u8 {
+        self.shared.lock().throttle
+    }
+
+    /// Every throttle [`set_throttle`](Migratable::set_throttle) set, in order (a
+    /// migration with auto-converge leaves e.g. `[20, 30, 40, 0]`).
+    pub fn throttle_history(&self) -> &[u8] {
+        &self.throttles
     }
 
     /// Performs `n` workload writes now, on the calling thread, whether or not the
@@ -646,7 +713,27 @@ impl Migratable for FakeVm {
                 source: "dirty_log called without start_dirty_log".into(),
             });
         }
+        // The writes due by now are in this log, however the thread was scheduled.
+        self.shared.catch_up(&mut self.shared.lock())?;
         Ok(self.shared.memory.take_dirty())
+    }
+
+    /// The fake's throttle is exact: the workload's rate times `1 - percent/100`,
+    /// paced afresh from the call.
+    fn can_throttle(&self) -> bool {
+        true
+    }
+
+    fn set_throttle(&mut self, percent: u8) -> Result<(), MigratableError> {
+        let mut ctl = self.shared.lock();
+        // Writes due at the old rate happen first.
+        self.shared.catch_up(&mut ctl)?;
+        ctl.throttle = percent.min(99);
+        ctl.pacing = false;
+        drop(ctl);
+        self.shared.wake.notify_all();
+        self.throttles.push(percent.min(99));
+        Ok(())
     }
 
     fn start_migration(&mut self, role: MigrationRole) -> Result<(), MigratableError> {

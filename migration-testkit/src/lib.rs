@@ -66,6 +66,7 @@ pub mod recording_machine;
 pub mod recording_vcpu;
 pub mod relay;
 pub mod rng;
+pub mod shaped;
 #[cfg(feature = "proptest")]
 pub mod strategies;
 pub mod test_pki;
