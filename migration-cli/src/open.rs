@@ -13,19 +13,9 @@ use migration_core::container::ContainerReader;
 use crate::report::bytes;
 
 /// The default for `--max-guest-memory`: this host's physical RAM (what it could
-/// restore), or 4 TiB if the host does not say.
+/// restore), the same default as a migration destination's `max_guest_ram`.
 pub fn default_max_guest_memory() -> u64 {
-    // SAFETY: sysconf reads two integer parameters; no pointer is involved.
-    let (pages, page) = unsafe {
-        (
-            libc::sysconf(libc::_SC_PHYS_PAGES),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
-    match (u64::try_from(pages), u64::try_from(page)) {
-        (Ok(n), Ok(p)) if n > 0 && p > 0 => n.saturating_mul(p),
-        _ => 4 << 40,
-    }
+    migration_core::destination::host_ram()
 }
 
 /// Opens and verifies the snapshot at `path`; refuses one declaring more than
