@@ -258,6 +258,7 @@ mod tests {
             ..RoundReport::default()
         };
         MigrationReport {
+            features: 0,
             rounds: vec![
                 round(0, 64 << 20, 260e6, 0),
                 round(1, 24 << 20, 250e6, 0),

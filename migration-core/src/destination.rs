@@ -17,8 +17,8 @@ use crate::error::MigratableError;
 use crate::memory::{check_range, MemoryRange};
 use crate::migratable::{Migratable, MigrationRole};
 use crate::protocol::{
-    Channel, Hello, Message, MessageType, MigrationError, Received, MAX_STATE,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    Channel, Hello, Message, MessageType, MigrationError, Received, FEATURES_SINCE, KNOWN_FEATURES,
+    MAX_STATE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use crate::security::Security;
 use crate::snapshot::Snapshot;
@@ -36,6 +36,9 @@ pub struct IncomingVm {
     pub config: Vec<u8>,
     /// The source's producer string.
     pub producer: String,
+    /// Optional features both sides agreed on (`FEATURE_*` bits of
+    /// [`protocol`](crate::protocol); 0 below protocol version 3).
+    pub features: u64,
 }
 
 /// Options of [`receive_migration_over`]: what this destination accepts, and how long
@@ -59,6 +62,9 @@ pub struct ReceiveOptions {
     pub frame_timeout: Duration,
     /// The whole migration must end within this time (default: no limit).
     pub max_time: Option<Duration>,
+    /// Optional features (`FEATURE_*` bits of [`protocol`](crate::protocol)) this
+    /// destination accepts when a source offers them (default: none).
+    pub features: u64,
 }
 
 /// Default [`ReceiveOptions::handshake_timeout`].
@@ -76,6 +82,7 @@ impl ReceiveOptions {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             frame_timeout: FRAME_TIMEOUT,
             max_time: None,
+            features: 0,
         }
     }
 }
@@ -225,10 +232,14 @@ where
     }
 }
 
-fn negotiate(
-    hello: &Hello,
-    options: &ReceiveOptions,
-) -> Result<(u32, Arc<dyn Codec>), MigrationError> {
+/// What the handshake settled: protocol version, codec and feature bits.
+struct Negotiated {
+    version: u32,
+    codec: Arc<dyn Codec>,
+    features: u64,
+}
+
+fn negotiate(hello: &Hello, options: &ReceiveOptions) -> Result<Negotiated, MigrationError> {
     let version = hello.version.min(PROTOCOL_VERSION);
     if version < hello.min_version.max(MIN_PROTOCOL_VERSION) {
         return Err(MigrationError::Rejected(format!(
@@ -277,7 +288,16 @@ fn negotiate(
             .end()
             .ok_or_else(|| MigrationError::Rejected("memory region overflows".into()))?;
     }
-    Ok((version, codec))
+    let features = if version >= FEATURES_SINCE {
+        hello.features & options.features & KNOWN_FEATURES
+    } else {
+        0
+    };
+    Ok(Negotiated {
+        version,
+        codec,
+        features,
+    })
 }
 
 fn receive<M, S, F>(
@@ -311,13 +331,18 @@ where
         producer = ?hello.producer,
         "HELLO received"
     );
-    let (version, codec) = negotiate(&hello, options)?;
+    let Negotiated {
+        version,
+        codec,
+        features,
+    } = negotiate(&hello, options)?;
     let incoming = IncomingVm {
         version,
         arch: hello.arch,
         layout: hello.layout,
         config: hello.config,
         producer: hello.producer,
+        features,
     };
     let mut vm = build(&incoming).map_err(|e| {
         // Said once: `Build` reads "cannot build the VM: …" already.
@@ -335,10 +360,11 @@ where
         )));
     }
     vm.start_migration(MigrationRole::Destination)?;
-    tracing::info!(version, codec = %codec.id(), "VM built, HELLO accepted");
+    tracing::info!(version, codec = %codec.id(), features, "VM built, HELLO accepted");
     ch.send(&Message::HelloAck {
         version,
         codec: codec.id(),
+        features,
     })?;
     ch.flush()?;
 

@@ -98,6 +98,10 @@ pub struct MigrationOptions {
     pub config: Vec<u8>,
     /// Producer name announced in the handshake.
     pub producer: String,
+    /// Optional features to offer (`FEATURE_*` bits of [`protocol`](crate::protocol);
+    /// default none). The destination accepts a subset; [`MigrationReport::features`]
+    /// says which.
+    pub features: u64,
     /// Called as memory goes out, at least once per chunk.
     pub progress: Option<ProgressFn>,
 }
@@ -115,6 +119,7 @@ impl Default for MigrationOptions {
             arch: Arch::host(),
             config: Vec::new(),
             producer: concat!(env!("CARGO_PKG_NAME"), " ", env!("CARGO_PKG_VERSION")).to_owned(),
+            features: 0,
             progress: None,
         }
     }
@@ -133,6 +138,7 @@ impl fmt::Debug for MigrationOptions {
             .field("arch", &self.arch)
             .field("config_len", &self.config.len())
             .field("producer", &self.producer)
+            .field("features", &format_args!("{:#x}", self.features))
             .field("progress", &self.progress.is_some())
             .finish()
     }
@@ -200,6 +206,8 @@ pub struct MigrationReport {
     pub protocol_version: u32,
     /// Codec the state was encoded with.
     pub codec: CodecId,
+    /// Optional features the destination accepted (`FEATURE_*` bits).
+    pub features: u64,
 }
 
 /// One line per round, then the downtime by phase:
@@ -342,8 +350,8 @@ impl<S: Read + Write> Source<S> {
         vm: &mut Throttled<'_, M>,
         options: &mut MigrationOptions,
     ) -> Result<MigrationReport, MigrationError> {
-        let (version, codec) = self.handshake(&**vm, options)?;
-        tracing::info!(version, codec = %codec.id(), "handshake accepted");
+        let (version, codec, features) = self.handshake(&**vm, options)?;
+        tracing::info!(version, codec = %codec.id(), features, "handshake accepted");
         vm.start_migration(MigrationRole::Source)?;
         vm.start_dirty_log()?;
         self.dirty_logging = true;
@@ -543,6 +551,7 @@ impl<S: Read + Write> Source<S> {
             converged,
             protocol_version: version,
             codec: codec.id(),
+            features,
         })
     }
 
@@ -550,7 +559,7 @@ impl<S: Read + Write> Source<S> {
         &mut self,
         vm: &M,
         options: &MigrationOptions,
-    ) -> Result<(u32, std::sync::Arc<dyn Codec>), MigrationError> {
+    ) -> Result<(u32, std::sync::Arc<dyn Codec>, u64), MigrationError> {
         let registry = vm.codecs();
         let mut codecs: Vec<CodecId> = registry.preferred().map(|c| c.id()).into_iter().collect();
         for id in registry.iter().map(|c| c.id()) {
@@ -574,9 +583,14 @@ impl<S: Read + Write> Source<S> {
             layout: vm.memory_source().regions(),
             config: options.config.clone(),
             producer: options.producer.clone(),
+            features: options.features,
         }))?;
         match self.ch.recv()? {
-            Message::HelloAck { version: v, codec } => {
+            Message::HelloAck {
+                version: v,
+                codec,
+                features,
+            } => {
                 if !(MIN_PROTOCOL_VERSION..=version).contains(&v) {
                     return Err(MigrationError::Rejected(format!(
                         "destination chose protocol version {v}, this source speaks {MIN_PROTOCOL_VERSION} to {version}"
@@ -587,8 +601,14 @@ impl<S: Read + Write> Source<S> {
                         "destination chose codec `{codec}`, which was not offered"
                     ))
                 })?;
+                if features & !options.features != 0 {
+                    return Err(MigrationError::Rejected(format!(
+                        "destination accepted features {features:#x}, this source offered {:#x}",
+                        options.features
+                    )));
+                }
                 self.accepted = true;
-                Ok((v, codec))
+                Ok((v, codec, features))
             }
             Message::Abort(reason) => {
                 tracing::warn!(reason = ?reason, "the destination refused the migration");
@@ -807,6 +827,7 @@ mod tests {
                 total: Duration::from_micros(3500),
             },
             converged: true,
+            features: 0,
             protocol_version: PROTOCOL_VERSION,
             codec: CodecId(*b"pcd1"),
         };

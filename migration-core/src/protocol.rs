@@ -26,11 +26,25 @@ use crate::error::MigratableError;
 use crate::memory::{check_range, MemoryError, MemoryRange, MemorySink};
 use crate::security::SecurityError;
 
-/// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// The protocol version this crate speaks (version 3 adds feature bits to HELLO and
+/// HELLO_ACK).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The oldest protocol version this crate still speaks (version 1 has no zero-page
 /// message: zero pages travel as data).
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
+/// Feature bit: postcopy (the destination resumes before every page has arrived).
+pub const FEATURE_POSTCOPY: u64 = 1 << 0;
+/// Feature bit: local migration, guest memory handed over as file descriptors.
+pub const FEATURE_LOCAL_MEMORY: u64 = 1 << 1;
+/// Feature bit: memory moved over several connections.
+pub const FEATURE_MULTI_CONNECTION: u64 = 1 << 2;
+/// Every feature bit this crate knows. A destination accepts at most the offered bits
+/// it knows and its caller enabled; a source refuses a HELLO_ACK accepting a bit it did
+/// not offer.
+pub const KNOWN_FEATURES: u64 = FEATURE_POSTCOPY | FEATURE_LOCAL_MEMORY | FEATURE_MULTI_CONNECTION;
+/// The first protocol version with feature bits.
+pub const FEATURES_SINCE: u32 = 3;
+
 /// Magic at the start of the HELLO payload.
 pub const MAGIC: [u8; 8] = *b"VMMIGRT\0";
 /// Largest frame payload.
@@ -117,6 +131,9 @@ pub struct Hello {
     pub config: Vec<u8>,
     /// Name and version of the producing software.
     pub producer: String,
+    /// Optional features the source offers (`FEATURE_*` bits; on the wire since
+    /// version 3, always 0 below it).
+    pub features: u64,
 }
 
 /// A decoded message. Memory and state payloads borrow the frame buffer.
@@ -130,6 +147,8 @@ pub enum Message<'a> {
         version: u32,
         /// Codec the source must encode state with.
         codec: CodecId,
+        /// The offered features the destination accepts (on the wire since version 3).
+        features: u64,
     },
     /// See [`MessageType::Memory`].
     Memory {
@@ -370,6 +389,15 @@ impl<'a> Message<'a> {
                 let config = c.take(n)?.to_vec();
                 let n = c.u16()? as usize;
                 let producer = c.text(n)?;
+                let features = if version >= FEATURES_SINCE {
+                    c.u64()?
+                } else {
+                    0
+                };
+                if version > PROTOCOL_VERSION {
+                    // A newer source may append fields this version does not know.
+                    c.take(c.buf.len())?;
+                }
                 Message::Hello(Hello {
                     version,
                     min_version,
@@ -378,12 +406,23 @@ impl<'a> Message<'a> {
                     layout,
                     config,
                     producer,
+                    features,
                 })
             }
-            MessageType::HelloAck => Message::HelloAck {
-                version: c.u32()?,
-                codec: CodecId(c.array()?),
-            },
+            MessageType::HelloAck => {
+                let version = c.u32()?;
+                let codec = CodecId(c.array()?);
+                let features = if version >= FEATURES_SINCE {
+                    c.u64()?
+                } else {
+                    0
+                };
+                Message::HelloAck {
+                    version,
+                    codec,
+                    features,
+                }
+            }
             MessageType::Memory => {
                 let gpa = c.u64()?;
                 let data = c.take(c.buf.len())?;
@@ -457,10 +496,20 @@ impl<'a> Message<'a> {
                 out.extend_from_slice(&h.config);
                 out.extend_from_slice(&(h.producer.len() as u16).to_le_bytes());
                 out.extend_from_slice(h.producer.as_bytes());
+                if h.version >= FEATURES_SINCE {
+                    out.extend_from_slice(&h.features.to_le_bytes());
+                }
             }
-            Message::HelloAck { version, codec } => {
+            Message::HelloAck {
+                version,
+                codec,
+                features,
+            } => {
                 out.extend_from_slice(&version.to_le_bytes());
                 out.extend_from_slice(&codec.0);
+                if *version >= FEATURES_SINCE {
+                    out.extend_from_slice(&features.to_le_bytes());
+                }
             }
             Message::Memory { gpa, .. } => out.extend_from_slice(&gpa.to_le_bytes()),
             Message::Zero(ranges) => {
@@ -841,10 +890,27 @@ mod tests {
             ],
             config: b"vcpus=2".to_vec(),
             producer: "test 1.0".into(),
+            features: 0,
+        }));
+        round_trip(Message::Hello(Hello {
+            version: 3,
+            min_version: 1,
+            arch: Arch::X86_64,
+            codecs: vec![CodecId::new(b"pcd1")],
+            layout: vec![MemoryRange::new(0, 1 << 20)],
+            config: Vec::new(),
+            producer: "test 1.1".into(),
+            features: FEATURE_POSTCOPY | (1 << 40),
         }));
         round_trip(Message::HelloAck {
             version: 2,
             codec: CodecId::new(b"json"),
+            features: 0,
+        });
+        round_trip(Message::HelloAck {
+            version: 3,
+            codec: CodecId::new(b"json"),
+            features: FEATURE_MULTI_CONNECTION,
         });
         round_trip(Message::Memory {
             gpa: 0x1000,
@@ -863,6 +929,51 @@ mod tests {
         round_trip(Message::Go);
         round_trip(Message::Done);
         round_trip(Message::Abort("no room".into()));
+    }
+
+    fn hello_bytes(version: u32, features: u64) -> Vec<u8> {
+        let mut head = Vec::new();
+        Message::Hello(Hello {
+            version,
+            min_version: 1,
+            arch: Arch::X86_64,
+            codecs: vec![CodecId::new(b"json")],
+            layout: vec![MemoryRange::new(0, 4096)],
+            config: Vec::new(),
+            producer: "p".into(),
+            features,
+        })
+        .encode_head(&mut head);
+        head
+    }
+
+    #[test]
+    fn feature_bits_travel_from_version_3_only() {
+        // Below version 3 the field is not on the wire: a version-2 peer reads the
+        // HELLO it always did, and the features read back as none.
+        let v2 = hello_bytes(2, FEATURE_POSTCOPY);
+        assert_eq!(v2.len() + 8, hello_bytes(3, FEATURE_POSTCOPY).len());
+        match Message::decode(MessageType::Hello, &v2).unwrap() {
+            Message::Hello(h) => assert_eq!(h.features, 0),
+            other => panic!("{other:?}"),
+        }
+        // A version-3 HELLO without its features is truncated.
+        let v3 = hello_bytes(3, FEATURE_POSTCOPY);
+        assert!(matches!(
+            Message::decode(MessageType::Hello, &v3[..v3.len() - 8]),
+            Err(MigrationError::Malformed(_))
+        ));
+        // A newer source may append fields: they are skipped, the features kept.
+        let mut v9 = hello_bytes(9, FEATURE_LOCAL_MEMORY);
+        v9.extend_from_slice(b"future fields");
+        match Message::decode(MessageType::Hello, &v9).unwrap() {
+            Message::Hello(h) => assert_eq!((h.version, h.features), (9, FEATURE_LOCAL_MEMORY)),
+            other => panic!("{other:?}"),
+        }
+        // The current version still refuses trailing bytes.
+        let mut v3 = v3;
+        v3.push(0);
+        assert!(Message::decode(MessageType::Hello, &v3).is_err());
     }
 
     #[test]
@@ -891,6 +1002,7 @@ mod tests {
                 layout: vec![],
                 config: vec![],
                 producer: String::new(),
+                features: 0,
             })
             .encode_head(&mut out);
             out

@@ -36,6 +36,7 @@ fn hello_frame(ram: u64) -> Vec<u8> {
         layout: vec![MemoryRange::new(0, ram)],
         config: Vec::new(),
         producer: "hostile".into(),
+        features: 0,
     }))
     .unwrap();
     ch.flush().unwrap();

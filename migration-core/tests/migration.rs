@@ -10,7 +10,10 @@ use std::thread;
 use std::time::Duration;
 
 use migration_core::arch::Arch;
-use migration_core::protocol::{MessageType, MigrationError};
+use migration_core::protocol::{
+    Channel, Message, MessageType, MigrationError, FEATURE_MULTI_CONNECTION, FEATURE_POSTCOPY,
+    KNOWN_FEATURES, PROTOCOL_VERSION,
+};
 use migration_core::{
     receive_migration, receive_migration_over, send_migration, send_migration_over, CodecRegistry,
     ConvergencePolicy, MigratableError, MigrationOptions, MigrationReport, MigrationRole, Pausable,
@@ -139,7 +142,8 @@ fn a_running_vm_migrates_and_continues() {
         "round 0 and a final round: {report:?}"
     );
     assert_eq!(received.rounds as usize, report.rounds.len());
-    assert_eq!(report.protocol_version, 2);
+    assert_eq!(report.protocol_version, PROTOCOL_VERSION);
+    assert_eq!(report.features, 0, "no feature offered, none accepted");
     assert!(report.downtime.total >= report.downtime.final_round);
 }
 
@@ -157,6 +161,76 @@ fn zero_pages_cost_a_few_bytes() {
         r0.wire_bytes < (r0.pages + 1) * 4096 + r0.zero_pages * 16 + 4096,
         "{r0:?}"
     );
+}
+
+#[test]
+fn a_destination_accepts_only_the_features_its_caller_enabled() {
+    // Every known feature offered, none enabled on the destination: the migration
+    // runs as plain precopy and the report says no feature was accepted.
+    let mut source = idle_source();
+    let mut opts = MigrationOptions {
+        features: KNOWN_FEATURES,
+        ..options()
+    };
+    let (result, dest) = migrate(&mut source, &mut opts, |s| s, |s| s);
+    let report = result.expect("migration");
+    let (mut dest, _) = dest.expect("destination");
+    assert_eq!(report.features, 0);
+    dest.pause().expect("pause");
+    source.same_state(&dest).expect("same state");
+
+    // At version 2 nothing is offered on the wire at all.
+    let mut source = idle_source();
+    let mut opts = MigrationOptions {
+        protocol_version: 2,
+        features: KNOWN_FEATURES,
+        ..options()
+    };
+    let (result, dest) = migrate(&mut source, &mut opts, |s| s, |s| s);
+    let report = result.expect("migration at version 2");
+    dest.expect("destination");
+    assert_eq!((report.protocol_version, report.features), (2, 0));
+}
+
+#[test]
+fn a_source_refuses_a_feature_it_did_not_offer() {
+    let mut source = idle_source();
+    let digest = {
+        source.pause().expect("pause");
+        let d = source.content_digest();
+        source.resume().expect("resume");
+        d
+    };
+    let (a, b) = UnixStream::pair().expect("pair");
+    // A destination that reads the HELLO and accepts postcopy, which was not offered.
+    let dest = thread::spawn(move || {
+        let mut ch = Channel::new(b);
+        let codec = match ch.recv().expect("hello") {
+            Message::Hello(h) => {
+                assert_eq!(h.features, FEATURE_MULTI_CONNECTION);
+                h.codecs[0]
+            }
+            other => panic!("{other:?}"),
+        };
+        ch.send(&Message::HelloAck {
+            version: PROTOCOL_VERSION,
+            codec,
+            features: FEATURE_POSTCOPY,
+        })
+        .expect("ack");
+        ch.flush().expect("flush");
+    });
+    let mut opts = MigrationOptions {
+        features: FEATURE_MULTI_CONNECTION,
+        ..options()
+    };
+    let err = send_migration_over(&mut source, a, &mut opts).expect_err("unoffered feature");
+    assert!(
+        matches!(&err, MigrationError::Rejected(r) if r.contains("accepted features 0x1")),
+        "{err}"
+    );
+    dest.join().expect("destination thread");
+    assert_source_intact(&mut source, digest, "unoffered feature");
 }
 
 #[test]

@@ -1373,6 +1373,7 @@ mod tests {
             layout: sent.layout.clone(),
             config: sent.to_bytes(),
             producer: "test".to_owned(),
+            features: 0,
         };
         let vm = KvmVm::for_incoming(&incoming, migration_serde::registry(), |_| {
             Box::new(|_| crate::runner::ExitAction::Continue)

@@ -46,6 +46,7 @@ fn hello(ram: u64) -> Vec<u8> {
         layout: vec![MemoryRange::new(0, ram)],
         config: config.to_bytes(),
         producer: "hostile".into(),
+        features: 0,
     }))
     .unwrap();
     ch.flush().unwrap();

@@ -694,6 +694,7 @@ pub mod seeds {
             layout: small_layout(),
             config: vec![1, 2],
             producer: "fuzz".into(),
+            features: 0,
         };
         let page = [0x11u8; 256];
         let full = script_of(&[
