@@ -75,8 +75,10 @@ where
     B: Read + Write + 'static,
 {
     let (a, b) = UnixStream::pair().expect("socketpair");
+    // Only a guard against a hang: a debug build on a loaded 2-core machine was seen
+    // to leave the destination waiting over 20 s for a frame of a running VM's rounds.
     for s in [&a, &b] {
-        s.set_read_timeout(Some(Duration::from_secs(20)))
+        s.set_read_timeout(Some(Duration::from_secs(60)))
             .expect("timeout");
     }
     let dest = thread::spawn(move || {
