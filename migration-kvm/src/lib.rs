@@ -82,7 +82,8 @@
 //!   to an [`ExitHandler`] with its data ([`ExitEvent`]).
 //! - [`memory`] ([`memory::GuestRam`]: any vm-memory mmap memory, with its layout
 //!   and KVM slots), [`bitmap`] (what the VMM's own writes are tracked with),
-//!   [`dirty`], [`snapshot_memory`], [`restore`]: guest memory (`docs/memory.md`).
+//!   [`dirty`], [`snapshot_memory`], [`restore`]: guest memory (`docs/memory.md`);
+//!   [`uffd`]: userfaultfd in MISSING mode, for postcopy's missing pages.
 //! - [`KvmStateError`]: typed errors naming the failed step or MSR.
 //! - CPU compatibility: [`cpu_model`] (a CPU as data, this host's probed),
 //!   [`cpu_features`] (feature names from raw-cpuid), [`cpu_check`] (guest vs host,
@@ -120,6 +121,7 @@ mod runner;
 pub mod snapshot_memory;
 pub mod state;
 pub mod throttle;
+pub mod uffd;
 mod vcpu;
 mod vm;
 
