@@ -233,13 +233,16 @@ where
 }
 
 /// What the handshake settled: protocol version, codec and feature bits.
-struct Negotiated {
-    version: u32,
-    codec: Arc<dyn Codec>,
-    features: u64,
+pub(crate) struct Negotiated {
+    pub(crate) version: u32,
+    pub(crate) codec: Arc<dyn Codec>,
+    pub(crate) features: u64,
 }
 
-fn negotiate(hello: &Hello, options: &ReceiveOptions) -> Result<Negotiated, MigrationError> {
+pub(crate) fn negotiate(
+    hello: &Hello,
+    options: &ReceiveOptions,
+) -> Result<Negotiated, MigrationError> {
     let version = hello.version.min(PROTOCOL_VERSION);
     if version < hello.min_version.max(MIN_PROTOCOL_VERSION) {
         return Err(MigrationError::Rejected(format!(

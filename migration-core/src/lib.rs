@@ -116,7 +116,8 @@
 //!   certificate allowlists (`docs/security.md`).
 //! - [`protocol`], [`precopy`], [`destination`]: live migration's wire protocol, its
 //!   source and its destination; [`convergence`]: dirty rate, auto-converge and why
-//!   precopy gave up.
+//!   precopy gave up; [`postcopy`]: the destination resumes before all memory arrived,
+//!   missing pages caught through [`missing_pages`], recovery after a broken link.
 //! - [`Arch`]: the architecture a container header records and a HELLO announces.
 //! - [`MigratableError`]: the error everything returns; [`BoxError`]: a component's
 //!   own error inside it.
@@ -141,7 +142,9 @@ pub mod error;
 pub mod file;
 pub mod memory;
 mod migratable;
+pub mod missing_pages;
 mod pausable;
+pub mod postcopy;
 pub mod precopy;
 pub mod protocol;
 mod section;

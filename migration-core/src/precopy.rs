@@ -265,15 +265,7 @@ where
     S: Read + Write,
 {
     let _span = tracing::info_span!("migrate_out").entered();
-    let mut source = Source {
-        ch: Channel::new(stream),
-        paused: false,
-        dirty_logging: false,
-        committed: false,
-        accepted: false,
-        started: Instant::now(),
-        rates: Rates::default(),
-    };
+    let mut source = Source::new(stream);
     // Lifts the throttle on every exit, a panic included.
     let mut vm = Throttled::new(vm);
     match source.run(&mut vm, options) {
@@ -324,11 +316,11 @@ pub fn send_migration_with<M: Migratable + ?Sized>(
     send_migration_over(vm, stream, options)
 }
 
-struct Source<S: Read + Write> {
-    ch: Channel<S>,
-    paused: bool,
-    dirty_logging: bool,
-    committed: bool,
+pub(crate) struct Source<S: Read + Write> {
+    pub(crate) ch: Channel<S>,
+    pub(crate) paused: bool,
+    pub(crate) dirty_logging: bool,
+    pub(crate) committed: bool,
     /// The destination answered the HELLO with HELLO_ACK.
     accepted: bool,
     started: Instant,
@@ -345,6 +337,19 @@ struct Rates {
 }
 
 impl<S: Read + Write> Source<S> {
+    /// A source that has sent nothing yet over `stream`.
+    pub(crate) fn new(stream: S) -> Self {
+        Self {
+            ch: Channel::new(stream),
+            paused: false,
+            dirty_logging: false,
+            committed: false,
+            accepted: false,
+            started: Instant::now(),
+            rates: Rates::default(),
+        }
+    }
+
     fn run<M: Migratable + ?Sized>(
         &mut self,
         vm: &mut Throttled<'_, M>,
@@ -555,7 +560,7 @@ impl<S: Read + Write> Source<S> {
         })
     }
 
-    fn handshake<M: Migratable + ?Sized>(
+    pub(crate) fn handshake<M: Migratable + ?Sized>(
         &mut self,
         vm: &M,
         options: &MigrationOptions,
@@ -624,7 +629,7 @@ impl<S: Read + Write> Source<S> {
     /// Sends the pages of `table`: non-zero pages as MEMORY, zero pages as ZERO ranges
     /// (protocol ≥ 2), then ROUND_END.
     #[allow(clippy::too_many_arguments)]
-    fn send_round<M: Migratable + ?Sized>(
+    pub(crate) fn send_round<M: Migratable + ?Sized>(
         &mut self,
         vm: &M,
         table: &MemoryRangeTable,
@@ -707,7 +712,11 @@ impl<S: Read + Write> Source<S> {
         Ok(report)
     }
 
-    fn expect(&mut self, want: MessageType, state: &'static str) -> Result<(), MigrationError> {
+    pub(crate) fn expect(
+        &mut self,
+        want: MessageType,
+        state: &'static str,
+    ) -> Result<(), MigrationError> {
         match self.ch.recv()? {
             m if m.message_type() == want => Ok(()),
             Message::Abort(reason) => Err(MigrationError::PeerAborted(reason)),
@@ -720,7 +729,7 @@ impl<S: Read + Write> Source<S> {
 
     /// Puts the source back to running after `error`, tells the destination why, and
     /// returns the most useful error.
-    fn recover<M: Migratable + ?Sized>(
+    pub(crate) fn recover<M: Migratable + ?Sized>(
         &mut self,
         vm: &mut Throttled<'_, M>,
         error: MigrationError,
@@ -767,7 +776,7 @@ impl<S: Read + Write> Source<S> {
 }
 
 impl RoundReport {
-    fn bandwidth(&self) -> f64 {
+    pub(crate) fn bandwidth(&self) -> f64 {
         (self.wire_bytes.max(1) as f64 / self.duration.as_secs_f64().max(1e-6)).max(1.0)
     }
 }

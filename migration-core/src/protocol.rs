@@ -65,6 +65,8 @@ pub const MAX_CONFIG: usize = 1 << 20;
 pub const MAX_TEXT: usize = 4096;
 /// Most ranges in one ZERO frame.
 pub const MAX_ZERO_RANGES: usize = 65536;
+/// Most ranges in one POSTCOPY_PENDING or RECOVER_ACK frame.
+pub const MAX_PENDING_RANGES: usize = 65536;
 
 const HEADER: usize = 8;
 const TRAILER: usize = 8;
@@ -93,6 +95,17 @@ pub enum MessageType {
     Done = 9,
     /// Either way: the sender gives up, with a reason.
     Abort = 10,
+    /// Source → destination (postcopy): pages still to come, instead of a final round.
+    PostcopyPending = 11,
+    /// Destination → source (postcopy): send these pages first, the guest waits on them.
+    PageRequest = 12,
+    /// Destination → source (postcopy): every pending page arrived.
+    PostcopyComplete = 13,
+    /// Source → destination (postcopy): first message of a new connection that
+    /// continues an interrupted postcopy.
+    Recover = 14,
+    /// Destination → source (postcopy): the pages still missing, answering RECOVER.
+    RecoverAck = 15,
 }
 
 impl MessageType {
@@ -109,6 +122,11 @@ impl MessageType {
             8 => Go,
             9 => Done,
             10 => Abort,
+            11 => PostcopyPending,
+            12 => PageRequest,
+            13 => PostcopyComplete,
+            14 => Recover,
+            15 => RecoverAck,
             _ => return None,
         })
     }
@@ -181,6 +199,36 @@ pub enum Message<'a> {
     Done,
     /// See [`MessageType::Abort`].
     Abort(String),
+    /// See [`MessageType::PostcopyPending`].
+    PostcopyPending {
+        /// Names this postcopy, for RECOVER.
+        session: u64,
+        /// Whether this frame ends the list.
+        last: bool,
+        /// Ranges of pages still to come.
+        ranges: Vec<MemoryRange>,
+    },
+    /// See [`MessageType::PageRequest`]. Untrusted: the source checks it.
+    PageRequest {
+        /// Guest address of the first page.
+        gpa: u64,
+        /// Bytes asked for.
+        length: u32,
+    },
+    /// See [`MessageType::PostcopyComplete`].
+    PostcopyComplete,
+    /// See [`MessageType::Recover`].
+    Recover {
+        /// The session of the interrupted postcopy.
+        session: u64,
+    },
+    /// See [`MessageType::RecoverAck`].
+    RecoverAck {
+        /// Whether this frame ends the list.
+        last: bool,
+        /// Ranges of pages the destination still misses.
+        ranges: Vec<MemoryRange>,
+    },
 }
 
 /// Errors of the migration protocol and its drivers.
@@ -232,6 +280,11 @@ pub enum MigrationError {
     /// have resumed. The source stays paused; the caller decides.
     #[error("connection lost at the commit point: the destination may be running; the source stays paused")]
     CommitUncertain,
+    /// Postcopy: the connection to the source broke after the guest resumed here, and
+    /// no recovery came in time. Pages of the guest that never arrived existed only on
+    /// the source: **the guest is lost**.
+    #[error("postcopy: the source is gone and the guest is lost ({})", crate::text::printable(.0))]
+    GuestLost(String),
     /// The endpoint's security policy refused: plaintext where it is not allowed, a
     /// failed TLS handshake or authorization (the reason named). Nothing was sent.
     #[error("security: {0}")]
@@ -335,6 +388,22 @@ impl<'a> Cursor<'a> {
     }
 }
 
+fn flag(c: &mut Cursor<'_>, what: &str) -> Result<bool, MigrationError> {
+    match c.u8()? {
+        0 => Ok(false),
+        1 => Ok(true),
+        v => Err(MigrationError::malformed(format!("{what} = {v}"))),
+    }
+}
+
+fn encode_ranges(out: &mut Vec<u8>, ranges: &[MemoryRange]) {
+    out.extend_from_slice(&(ranges.len() as u32).to_le_bytes());
+    for r in ranges {
+        out.extend_from_slice(&r.gpa.to_le_bytes());
+        out.extend_from_slice(&r.length.to_le_bytes());
+    }
+}
+
 fn range(c: &mut Cursor<'_>) -> Result<MemoryRange, MigrationError> {
     let r = MemoryRange::new(c.u64()?, c.u64()?);
     if r.end().is_none() {
@@ -357,6 +426,11 @@ impl<'a> Message<'a> {
             Message::Go => MessageType::Go,
             Message::Done => MessageType::Done,
             Message::Abort(_) => MessageType::Abort,
+            Message::PostcopyPending { .. } => MessageType::PostcopyPending,
+            Message::PageRequest { .. } => MessageType::PageRequest,
+            Message::PostcopyComplete => MessageType::PostcopyComplete,
+            Message::Recover { .. } => MessageType::Recover,
+            Message::RecoverAck { .. } => MessageType::RecoverAck,
         }
     }
 
@@ -469,6 +543,31 @@ impl<'a> Message<'a> {
                 let n = c.u16()? as usize;
                 Message::Abort(c.text(n)?)
             }
+            MessageType::PostcopyPending => {
+                let session = c.u64()?;
+                let last = flag(&mut c, "POSTCOPY_PENDING last")?;
+                let n = c.u32()? as usize;
+                let n = c.count(n, MAX_PENDING_RANGES, 16, "pending ranges")?;
+                let ranges = (0..n).map(|_| range(&mut c)).collect::<Result<_, _>>()?;
+                Message::PostcopyPending {
+                    session,
+                    last,
+                    ranges,
+                }
+            }
+            MessageType::PageRequest => Message::PageRequest {
+                gpa: c.u64()?,
+                length: c.u32()?,
+            },
+            MessageType::PostcopyComplete => Message::PostcopyComplete,
+            MessageType::Recover => Message::Recover { session: c.u64()? },
+            MessageType::RecoverAck => {
+                let last = flag(&mut c, "RECOVER_ACK last")?;
+                let n = c.u32()? as usize;
+                let n = c.count(n, MAX_PENDING_RANGES, 16, "missing ranges")?;
+                let ranges = (0..n).map(|_| range(&mut c)).collect::<Result<_, _>>()?;
+                Message::RecoverAck { last, ranges }
+            }
         };
         c.end()?;
         Ok(msg)
@@ -524,7 +623,25 @@ impl<'a> Message<'a> {
                 out.push(u8::from(*last));
             }
             Message::State { last, .. } => out.push(u8::from(*last)),
-            Message::Ready | Message::Go | Message::Done => {}
+            Message::Ready | Message::Go | Message::Done | Message::PostcopyComplete => {}
+            Message::PostcopyPending {
+                session,
+                last,
+                ranges,
+            } => {
+                out.extend_from_slice(&session.to_le_bytes());
+                out.push(u8::from(*last));
+                encode_ranges(out, ranges);
+            }
+            Message::PageRequest { gpa, length } => {
+                out.extend_from_slice(&gpa.to_le_bytes());
+                out.extend_from_slice(&length.to_le_bytes());
+            }
+            Message::Recover { session } => out.extend_from_slice(&session.to_le_bytes()),
+            Message::RecoverAck { last, ranges } => {
+                out.push(u8::from(*last));
+                encode_ranges(out, ranges);
+            }
             Message::Abort(reason) => {
                 let mut end = reason.len().min(MAX_TEXT);
                 while !reason.is_char_boundary(end) {
@@ -929,6 +1046,21 @@ mod tests {
         round_trip(Message::Go);
         round_trip(Message::Done);
         round_trip(Message::Abort("no room".into()));
+        round_trip(Message::PostcopyPending {
+            session: 7,
+            last: true,
+            ranges: vec![MemoryRange::new(0x1000, 0x3000)],
+        });
+        round_trip(Message::PageRequest {
+            gpa: 0x5000,
+            length: 4096,
+        });
+        round_trip(Message::PostcopyComplete);
+        round_trip(Message::Recover { session: 7 });
+        round_trip(Message::RecoverAck {
+            last: false,
+            ranges: vec![MemoryRange::new(0, 4096)],
+        });
     }
 
     fn hello_bytes(version: u32, features: u64) -> Vec<u8> {

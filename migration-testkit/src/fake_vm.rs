@@ -57,6 +57,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use migration_core::memory::PAGE_SIZE;
+use migration_core::missing_pages::{MissingPages, PagePlacer};
 use migration_core::{
     CodecRegistry, MemoryError, MemoryRange, MemoryRangeTable, MemorySink, MemorySource,
     Migratable, MigratableError, MigrationRole, Pausable, Snapshot, Snapshottable, Transportable,
@@ -66,6 +67,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fake_manager::FakeDeviceManager;
 use crate::fake_memory::FakeMemory;
+use crate::fake_missing::FakeMissing;
 use crate::rng::{mix, Digest, Rng};
 
 /// First word of every page the workload writes.
@@ -128,6 +130,9 @@ impl WorkloadState {
 #[derive(Debug)]
 struct Shared {
     memory: Arc<FakeMemory>,
+    /// Postcopy's missing pages, while armed: the workload touches a page before
+    /// writing it.
+    missing: Mutex<Option<Arc<FakeMissing>>>,
     /// Whether the workload may write; cleared by `pause` before it takes the lock.
     run: AtomicBool,
     ctl: Mutex<Ctl>,
@@ -173,6 +178,13 @@ impl Ctl {
 }
 
 impl Shared {
+    fn missing(&self) -> Option<Arc<FakeMissing>> {
+        self.missing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Ctl> {
         self.ctl.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -201,6 +213,9 @@ impl Shared {
         }
         let i = w.writes;
         let gpa = w.page_gpa(w.target(i));
+        if let Some(m) = self.missing() {
+            m.touch(gpa);
+        }
         w.pattern(i, gpa, page);
         self.memory.write_memory(gpa, page)?;
         ctl.workload.writes += 1;
@@ -328,6 +343,7 @@ impl FakeVmBuilder {
         }
         let shared = Arc::new(Shared {
             memory,
+            missing: Mutex::new(None),
             run: AtomicBool::new(self.running),
             ctl: Mutex::new(Ctl {
                 workload,
@@ -388,6 +404,10 @@ impl fmt::Debug for FakeVm {
 
 impl Drop for FakeVm {
     fn drop(&mut self) {
+        // A workload waiting on a missing page gives up.
+        if let Some(m) = self.shared.missing() {
+            m.abandon();
+        }
         self.shared.lock().stop = true;
         self.shared.wake.notify_all();
         if let Some(worker) = self.worker.take() {
@@ -397,6 +417,18 @@ impl Drop for FakeVm {
 }
 
 impl FakeVm {
+    /// Postcopy's missing pages while armed ([`MissingPages::arm_missing`]).
+    pub fn missing(&self) -> Option<Arc<FakeMissing>> {
+        self.shared.missing()
+    }
+
+    /// A guest access to the page at `gpa`: waits while it is missing (postcopy).
+    pub fn touch(&self, gpa: u64) {
+        if let Some(m) = self.shared.missing() {
+            m.touch(gpa);
+        }
+    }
+
     /// A builder: 64 MiB at 0, the standard devices, an idle workload, no codecs,
     /// running.
     pub fn builder() -> FakeVmBuilder {
@@ -753,6 +785,37 @@ impl Migratable for FakeVm {
 
     fn memory_sink(&self) -> &dyn MemorySink {
         self.shared.memory.as_ref()
+    }
+}
+
+/// Postcopy: the pending pages are zero-filled and missing; the workload (and
+/// [`FakeVm::touch`]) waits on them.
+impl MissingPages for FakeVm {
+    fn arm_missing(
+        &mut self,
+        pending: &MemoryRangeTable,
+        faults: std::sync::mpsc::Sender<u64>,
+    ) -> Result<Arc<dyn PagePlacer>, MigratableError> {
+        let m = FakeMissing::arm(self.shared.memory.clone(), pending, faults)?;
+        *self
+            .shared
+            .missing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(m.clone());
+        Ok(m)
+    }
+
+    fn disarm_missing(&mut self) -> Result<(), MigratableError> {
+        if let Some(m) = self
+            .shared
+            .missing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            m.abandon();
+        }
+        Ok(())
     }
 }
 

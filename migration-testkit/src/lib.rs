@@ -56,6 +56,7 @@ pub mod conformance;
 pub mod fake_device;
 pub mod fake_manager;
 pub mod fake_memory;
+pub mod fake_missing;
 pub mod fake_vm;
 pub mod fault;
 pub mod fuzz_bodies;
