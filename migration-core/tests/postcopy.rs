@@ -3,8 +3,7 @@
 //! during postcopy is recovered over a new one; a source that never comes back
 //! leaves the destination reporting the guest lost, in bounded time.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::thread;
 use std::time::Duration;
@@ -19,6 +18,7 @@ use migration_core::protocol::{Channel, Message, MigrationError, FEATURE_POSTCOP
 use migration_core::{
     CodecRegistry, MemoryRange, Migratable, MigrationOptions, Pausable, ReceiveOptions,
 };
+use migration_testkit::relay::cut_postcopy_at;
 use migration_testkit::FakeVm;
 
 const MEM: u64 = 16 << 20;
@@ -102,71 +102,6 @@ fn postcopy_completes_and_the_guest_checks_out() {
     check_destination(dest);
 }
 
-/// Forwards source → destination bytes (and back) and cuts both connections once
-/// `fraction` of the postcopy's pending bytes passed after GO. Frames are parsed
-/// from the protocol's header: type u16, flags u16, length u32, payload, CRC u64.
-fn cutting_relay(listener: TcpListener, dest_url: String, fraction: f64) -> thread::JoinHandle<()> {
-    thread::spawn(move || {
-        let (src, _) = listener.accept().expect("accept");
-        let addr = dest_url.trim_start_matches("tcp://");
-        let dst = TcpStream::connect(addr).expect("connect");
-        let (src2, dst2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
-        // Destination → source: plain copy until either side goes.
-        let back = thread::spawn(move || {
-            let (mut from, mut to) = (dst2, src2);
-            let _ = std::io::copy(&mut from, &mut to);
-        });
-        let (mut from, mut to) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
-        let mut pending = 0u64;
-        let mut sent = 0u64;
-        let mut go = false;
-        let mut parse: Vec<u8> = Vec::new();
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            let n = match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            if to.write_all(&buf[..n]).is_err() {
-                break;
-            }
-            parse.extend_from_slice(&buf[..n]);
-            while parse.len() >= 8 {
-                let ty = u16::from_le_bytes([parse[0], parse[1]]);
-                let len = u32::from_le_bytes([parse[4], parse[5], parse[6], parse[7]]) as usize;
-                if parse.len() < 16 + len {
-                    break;
-                }
-                let p = &parse[8..8 + len];
-                let ranges = |at: usize| -> u64 {
-                    let count = u32::from_le_bytes(p[at..at + 4].try_into().unwrap()) as usize;
-                    (0..count)
-                        .map(|k| {
-                            let o = at + 4 + 16 * k + 8;
-                            u64::from_le_bytes(p[o..o + 8].try_into().unwrap())
-                        })
-                        .sum()
-                };
-                match ty {
-                    11 => pending += ranges(9),
-                    8 => go = true,
-                    3 if go => sent += len as u64 - 8,
-                    4 if go => sent += ranges(0),
-                    _ => {}
-                }
-                parse.drain(..16 + len);
-            }
-            if go && pending > 0 && sent as f64 >= fraction * pending as f64 {
-                break;
-            }
-        }
-        for s in [&src, &dst] {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-        let _ = back.join();
-    })
-}
-
 fn bind_destination() -> (Listener, String) {
     let listener = Endpoint::parse("tcp://127.0.0.1:0")
         .unwrap()
@@ -181,7 +116,7 @@ fn cut_and_recover(fraction: f64) -> (PostcopyReport, FakeVm) {
     let (listener, url) = bind_destination();
     let relay = TcpListener::bind("127.0.0.1:0").expect("relay");
     let relay_addr = relay.local_addr().unwrap();
-    let relay = cutting_relay(relay, url.clone(), fraction);
+    let relay = cut_postcopy_at(relay, url.trim_start_matches("tcp://").to_owned(), fraction);
     let dest = thread::spawn(move || {
         let stream = listener.accept().expect("accept");
         let first = receive_postcopy_over(stream, &receive_options(), |i| build(&i.layout))
@@ -243,7 +178,7 @@ fn a_source_that_dies_during_postcopy_leaves_the_guest_lost_in_bounded_time() {
     let (listener, url) = bind_destination();
     let relay = TcpListener::bind("127.0.0.1:0").expect("relay");
     let relay_addr = relay.local_addr().unwrap();
-    let relay = cutting_relay(relay, url, 0.5);
+    let relay = cut_postcopy_at(relay, url.trim_start_matches("tcp://").to_owned(), 0.5);
     let dest = thread::spawn(move || {
         let stream = listener.accept().expect("accept");
         let Incoming::Stranded(stranded) =

@@ -54,6 +54,7 @@ use migration_core::arch::Arch;
 use migration_core::codec::CodecRegistry;
 use migration_core::container::{WriteOptions, WriteSummary};
 use migration_core::destination::{IncomingVm, ReceiveOptions};
+use migration_core::missing_pages::{MissingPages, PagePlacer};
 use migration_core::precopy::MigrationOptions;
 use migration_core::{
     file, MemoryRange, MemoryRangeTable, MemorySink, MemorySource, Migratable, MigratableError,
@@ -69,6 +70,7 @@ use crate::error::KvmStateError;
 use crate::layout::DeviceLayout;
 use crate::machine::{restore_machine, resume_all, save_machine, MachineState, VcpuGroup};
 use crate::memory::{check_layout, GuestRam, KvmMemoryError, KvmSlots, MemoryOptions};
+use crate::missing;
 use crate::park::THROTTLE_SLICE;
 use crate::restore::EagerOptions;
 use crate::runner::{ExitHandler, VcpuRunner};
@@ -484,6 +486,8 @@ pub struct KvmVm {
     cpu_forced: Option<CpuReport>,
     /// Kicks the vCPUs once a slice while they are throttled.
     ticker: Option<ThrottleTicker>,
+    /// Postcopy: guest memory registered with a userfaultfd while pages are missing.
+    missing: Option<missing::Armed>,
 }
 
 impl fmt::Debug for KvmVm {
@@ -501,6 +505,9 @@ impl fmt::Debug for KvmVm {
 impl Drop for KvmVm {
     fn drop(&mut self) {
         self.ticker = None;
+        // Closing the userfaultfd wakes vCPUs waiting on missing pages (which then
+        // read zeros), so their threads can stop.
+        self.missing = None;
         // Stop every vCPU thread before KVM loses the memory.
         self.vcpus.clear();
         if let Some(slots) = self.slots.take() {
@@ -582,6 +589,7 @@ impl KvmVm {
             cpu_policy: CpuPolicy::default(),
             cpu_forced: None,
             ticker: None,
+            missing: None,
         };
         for (i, fd) in fds.into_iter().enumerate() {
             let i = i as u32;
@@ -1122,6 +1130,31 @@ impl Migratable for KvmVm {
     /// [`KvmVm::set_throttle`].
     fn set_throttle(&mut self, percent: u8) -> Result<(), MigratableError> {
         Ok(KvmVm::set_throttle(self, percent)?)
+    }
+}
+
+/// Postcopy on the destination: the pending pages are discarded and guest memory
+/// registered with a userfaultfd ([`missing::arm`]); a vCPU touching a missing page
+/// blocks in `KVM_RUN` until the page is placed.
+impl MissingPages for KvmVm {
+    fn arm_missing(
+        &mut self,
+        pending: &MemoryRangeTable,
+        faults: std::sync::mpsc::Sender<u64>,
+    ) -> Result<std::sync::Arc<dyn PagePlacer>, MigratableError> {
+        self.missing = None;
+        let (armed, placer) = missing::arm(&self.memory, pending, faults)?;
+        self.missing = Some(armed);
+        tracing::info!(
+            pending_bytes = pending.total_bytes(),
+            "guest memory armed: missing pages are caught with userfaultfd"
+        );
+        Ok(placer)
+    }
+
+    fn disarm_missing(&mut self) -> Result<(), MigratableError> {
+        self.missing = None;
+        Ok(())
     }
 }
 

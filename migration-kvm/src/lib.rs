@@ -83,7 +83,8 @@
 //! - [`memory`] ([`memory::GuestRam`]: any vm-memory mmap memory, with its layout
 //!   and KVM slots), [`bitmap`] (what the VMM's own writes are tracked with),
 //!   [`dirty`], [`snapshot_memory`], [`restore`]: guest memory (`docs/memory.md`);
-//!   [`uffd`]: userfaultfd in MISSING mode, for postcopy's missing pages.
+//!   [`uffd`]: userfaultfd in MISSING mode, and [`missing`]: postcopy's missing pages
+//!   on guest memory with it (`KvmVm` is `MissingPages`).
 //! - [`KvmStateError`]: typed errors naming the failed step or MSR.
 //! - CPU compatibility: [`cpu_model`] (a CPU as data, this host's probed),
 //!   [`cpu_features`] (feature names from raw-cpuid), [`cpu_check`] (guest vs host,
@@ -113,6 +114,7 @@ pub mod kvm_vm;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod missing;
 pub mod msr;
 pub mod order;
 pub mod park;

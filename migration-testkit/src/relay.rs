@@ -1,7 +1,8 @@
 //! A TCP man in the middle for tests: forwards one connection both ways and, on a
 //! plan, flips a byte or cuts the connection at an offset of one direction. Used to
 //! show that TLS detects tampering (a flipped ciphertext byte fails the record's MAC)
-//! and that both ends survive a cut anywhere.
+//! and that both ends survive a cut anywhere; [`cut_postcopy_at`] cuts a postcopy at a
+//! share of its pending pages.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -129,4 +130,70 @@ fn pump(mut from: TcpStream, mut to: TcpStream, fault: Option<RelayFault>) -> (u
     }
     let _ = to.shutdown(Shutdown::Write);
     (pos, applied)
+}
+
+/// Accepts one connection on `listener`, connects to `dest_addr`, forwards both ways,
+/// and cuts both connections once `fraction` of a postcopy's pending bytes passed
+/// source → destination after GO: a cut at 10 %, 50 %, 90 % of the postcopy phase,
+/// whatever the timing. Frames are parsed
+/// from the protocol's header: type u16, flags u16, length u32, payload, CRC u64.
+pub fn cut_postcopy_at(listener: TcpListener, dest_addr: String, fraction: f64) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let (src, _) = listener.accept().expect("accept");
+        let dst = TcpStream::connect(&dest_addr).expect("connect");
+        let (src2, dst2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+        // Destination → source: plain copy until either side goes.
+        let back = thread::spawn(move || {
+            let (mut from, mut to) = (dst2, src2);
+            let _ = io::copy(&mut from, &mut to);
+        });
+        let (mut from, mut to) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+        let mut pending = 0u64;
+        let mut sent = 0u64;
+        let mut go = false;
+        let mut parse: Vec<u8> = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            parse.extend_from_slice(&buf[..n]);
+            while parse.len() >= 8 {
+                let ty = u16::from_le_bytes([parse[0], parse[1]]);
+                let len = u32::from_le_bytes([parse[4], parse[5], parse[6], parse[7]]) as usize;
+                if parse.len() < 16 + len {
+                    break;
+                }
+                let p = &parse[8..8 + len];
+                let ranges = |at: usize| -> u64 {
+                    let count = u32::from_le_bytes(p[at..at + 4].try_into().unwrap()) as usize;
+                    (0..count)
+                        .map(|k| {
+                            let o = at + 4 + 16 * k + 8;
+                            u64::from_le_bytes(p[o..o + 8].try_into().unwrap())
+                        })
+                        .sum()
+                };
+                match ty {
+                    11 => pending += ranges(9),
+                    8 => go = true,
+                    3 if go => sent += len as u64 - 8,
+                    4 if go => sent += ranges(0),
+                    _ => {}
+                }
+                parse.drain(..16 + len);
+            }
+            if go && pending > 0 && sent as f64 >= fraction * pending as f64 {
+                break;
+            }
+        }
+        for s in [&src, &dst] {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        let _ = back.join();
+    })
 }
