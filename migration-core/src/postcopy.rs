@@ -58,6 +58,8 @@ pub trait Duplex: Read + Write + Send + Sized + 'static {
     fn shutdown(&self) -> io::Result<()>;
     /// Sets the read timeout of the socket (`None`: reads block).
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Sets the write timeout of the socket (`None`: writes block).
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
 }
 
 impl Duplex for TcpStream {
@@ -70,6 +72,9 @@ impl Duplex for TcpStream {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         TcpStream::set_read_timeout(self, timeout)
     }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_write_timeout(self, timeout)
+    }
 }
 
 impl Duplex for UnixStream {
@@ -81,6 +86,9 @@ impl Duplex for UnixStream {
     }
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         UnixStream::set_read_timeout(self, timeout)
+    }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_write_timeout(self, timeout)
     }
 }
 
@@ -108,6 +116,14 @@ impl Duplex for Stream {
     }
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         Stream::set_read_timeout(self, timeout)
+    }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(timeout),
+            Stream::Unix(s) => s.set_write_timeout(timeout),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.tcp().set_write_timeout(timeout),
+        }
     }
 }
 
@@ -374,6 +390,10 @@ where
         Ok(c) => c,
         Err(e) => return Err(PostcopyError::Failed(e.into())),
     };
+    // A destination that stops reading cannot hold the source forever.
+    if let Err(e) = stream.set_write_timeout(Some(postcopy.peer_timeout)) {
+        return Err(PostcopyError::Failed(e.into()));
+    }
     let mut source = Source::new(stream);
     let mut vm = Throttled::new(vm);
     let (mut stranded, paused_at) = match switch_over(&mut source, &mut vm, options, postcopy) {
@@ -424,6 +444,7 @@ where
         }
     };
     stranded.report.recoveries += 1;
+    let _ = stream.set_write_timeout(Some(postcopy.peer_timeout));
     let mut ch = Channel::new(stream);
     let (tx, rx) = mpsc::channel();
     let reader = spawn_reader(reader_stream, tx);
@@ -892,6 +913,8 @@ impl<M: Migratable + MissingPages> Stranded<M> {
     pub fn recover_over<S: Duplex>(self: Box<Self>, stream: S) -> Incoming<M> {
         let _span = tracing::info_span!("postcopy_recover_in").entered();
         let mut this = self;
+        let _ = stream.set_read_timeout(Some(this.frame_timeout));
+        let _ = stream.set_write_timeout(Some(this.frame_timeout));
         let writer = match stream.try_clone() {
             Ok(w) => Arc::new(Mutex::new(Channel::new(w))),
             Err(e) => {
@@ -1048,6 +1071,9 @@ where
     F: FnOnce(&IncomingVm) -> Result<M, MigratableError>,
 {
     let _span = tracing::info_span!("postcopy_in").entered();
+    // A silent source ends a read (the frame deadline is checked when reads return).
+    stream.set_read_timeout(Some(options.frame_timeout))?;
+    stream.set_write_timeout(Some(options.frame_timeout))?;
     let writer_stream = stream.try_clone()?;
     let mut ch = Channel::new(stream);
     // This destination can take postcopy, whatever else `options` enables.
