@@ -60,6 +60,12 @@ pub trait Duplex: Read + Write + Send + Sized + 'static {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
     /// Sets the write timeout of the socket (`None`: writes block).
     fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Caps the socket's send buffer (`SO_SNDBUF`): what is queued there is what a
+    /// requested page waits behind. Default: does nothing.
+    fn set_send_buffer(&self, bytes: usize) -> io::Result<()> {
+        let _ = bytes;
+        Ok(())
+    }
 }
 
 impl Duplex for TcpStream {
@@ -75,6 +81,11 @@ impl Duplex for TcpStream {
     fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         TcpStream::set_write_timeout(self, timeout)
     }
+    fn set_send_buffer(&self, bytes: usize) -> io::Result<()> {
+        Ok(rustix::net::sockopt::set_socket_send_buffer_size(
+            self, bytes,
+        )?)
+    }
 }
 
 impl Duplex for UnixStream {
@@ -89,6 +100,11 @@ impl Duplex for UnixStream {
     }
     fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         UnixStream::set_write_timeout(self, timeout)
+    }
+    fn set_send_buffer(&self, bytes: usize) -> io::Result<()> {
+        Ok(rustix::net::sockopt::set_socket_send_buffer_size(
+            self, bytes,
+        )?)
     }
 }
 
@@ -125,6 +141,14 @@ impl Duplex for Stream {
             Stream::Tls(s) => s.tcp().set_write_timeout(timeout),
         }
     }
+    fn set_send_buffer(&self, bytes: usize) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_send_buffer(bytes),
+            Stream::Unix(s) => s.set_send_buffer(bytes),
+            #[cfg(feature = "tls")]
+            Stream::Tls(_) => Ok(()),
+        }
+    }
 }
 
 /// Postcopy's own options (the rest is [`MigrationOptions`]).
@@ -138,6 +162,9 @@ pub struct PostcopyOptions {
     /// The destination must be heard from within this time once everything was sent
     /// (else the connection counts as broken: recover).
     pub peer_timeout: Duration,
+    /// The socket send buffer during postcopy (`SO_SNDBUF`; 0: the system's): a
+    /// requested page waits behind what the buffer holds of the bulk push.
+    pub send_buffer: usize,
 }
 
 impl Default for PostcopyOptions {
@@ -146,6 +173,7 @@ impl Default for PostcopyOptions {
             precopy_rounds: 1,
             push_chunk: 256 << 10,
             peer_timeout: Duration::from_secs(60),
+            send_buffer: 256 << 10,
         }
     }
 }
@@ -405,6 +433,7 @@ where
         }
     };
     stranded.started = started;
+    limit_send_buffer(source.ch.get_ref(), postcopy);
     let (tx, rx) = mpsc::channel();
     let reader = spawn_reader(reader_stream, tx);
     let result = serve(
@@ -445,6 +474,7 @@ where
     };
     stranded.report.recoveries += 1;
     let _ = stream.set_write_timeout(Some(postcopy.peer_timeout));
+    limit_send_buffer(&stream, postcopy);
     let mut ch = Channel::new(stream);
     let (tx, rx) = mpsc::channel();
     let reader = spawn_reader(reader_stream, tx);
@@ -496,6 +526,15 @@ where
         serve(&mut *vm, &mut ch, &rx, &mut stranded, postcopy, None)
     })();
     finish(vm, ch, closer, reader, stranded, result)
+}
+
+/// Caps the send buffer as `postcopy` says (a hint: failure only costs latency).
+fn limit_send_buffer<S: Duplex>(stream: &S, postcopy: &PostcopyOptions) {
+    if postcopy.send_buffer > 0 {
+        if let Err(e) = stream.set_send_buffer(postcopy.send_buffer) {
+            tracing::debug!(error = %e, "cannot cap the socket send buffer");
+        }
+    }
 }
 
 fn layout_of(map: &PageMap) -> Vec<MemoryRange> {
