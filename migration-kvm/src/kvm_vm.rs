@@ -70,6 +70,7 @@ use crate::layout::DeviceLayout;
 use crate::machine::{restore_machine, resume_all, save_machine, MachineState, VcpuGroup};
 use crate::memory::{check_layout, GuestRam, KvmMemoryError, KvmSlots, MemoryOptions};
 use crate::park::THROTTLE_SLICE;
+use crate::prefault::Prefaulter;
 use crate::restore::EagerOptions;
 use crate::runner::{ExitHandler, VcpuRunner};
 use crate::snapshot_memory::{restore_eager_from, restore_lazy_from, SnapshotMemoryError};
@@ -484,6 +485,10 @@ pub struct KvmVm {
     cpu_forced: Option<CpuReport>,
     /// Kicks the vCPUs once a slice while they are throttled.
     ticker: Option<ThrottleTicker>,
+    /// Whether a destination faults its memory in ahead of what arrives.
+    prefault: bool,
+    /// The thread doing it, while this VM receives a migration.
+    prefaulter: Option<Prefaulter>,
 }
 
 impl fmt::Debug for KvmVm {
@@ -501,6 +506,7 @@ impl fmt::Debug for KvmVm {
 impl Drop for KvmVm {
     fn drop(&mut self) {
         self.ticker = None;
+        self.prefaulter = None;
         // Stop every vCPU thread before KVM loses the memory.
         self.vcpus.clear();
         if let Some(slots) = self.slots.take() {
@@ -582,6 +588,8 @@ impl KvmVm {
             cpu_policy: CpuPolicy::default(),
             cpu_forced: None,
             ticker: None,
+            prefault: true,
+            prefaulter: None,
         };
         for (i, fd) in fds.into_iter().enumerate() {
             let i = i as u32;
@@ -694,6 +702,20 @@ impl KvmVm {
         self.devices.set_clock_restore(clock);
     }
 
+    /// Whether, as a migration destination, this VM faults its fresh memory in on a
+    /// thread of its own a window ahead of what arrives ([`crate::prefault`]). On by
+    /// default; takes effect at the next `start_migration`.
+    pub fn set_prefault(&mut self, on: bool) {
+        self.prefault = on;
+    }
+
+    fn stop_prefault(&mut self) {
+        if let Some(mut p) = self.prefaulter.take() {
+            let faulted = p.stop();
+            tracing::debug!(faulted, "prefault thread stopped");
+        }
+    }
+
     /// The `/dev/kvm` handle.
     pub fn kvm(&self) -> &Kvm {
         &self.kvm
@@ -785,6 +807,7 @@ impl KvmVm {
             tracing::warn!("refused to resume: the VM was migrated out");
             return Err(KvmVmError::MigratedOut);
         }
+        self.stop_prefault();
         resume_all(&self.vcpus).map_err(|e| KvmVmError::Migratable(e.into()))?;
         self.running = true;
         tracing::debug!(vcpus = self.vcpus.len(), "VM resumed");
@@ -1090,9 +1113,15 @@ impl Migratable for KvmVm {
         Ok(dirty::dirty_log(self.devices.vm(), slots, &self.memory)?)
     }
 
+    /// On the destination, with [`set_prefault`](KvmVm::set_prefault) on (the
+    /// default) and the VM not yet run, starts the thread that faults guest memory
+    /// in ahead of what arrives ([`crate::prefault`]).
     fn start_migration(&mut self, role: MigrationRole) -> Result<(), MigratableError> {
         tracing::debug!(?role, "migration started");
         self.migration_role = Some(role);
+        if role == MigrationRole::Destination && self.prefault && !self.running {
+            self.prefaulter = Some(Prefaulter::start(&self.memory));
+        }
         Ok(())
     }
 
@@ -1100,6 +1129,7 @@ impl Migratable for KvmVm {
     /// migrated out, and [`start`](KvmVm::start) refuses from then on. On the
     /// destination nothing changes.
     fn complete_migration(&mut self) -> Result<(), MigratableError> {
+        self.stop_prefault();
         if self.migration_role.take() == Some(MigrationRole::Source) {
             self.migrated_out = true;
             tracing::info!("migrated out: this VM will not run again");
@@ -1112,7 +1142,10 @@ impl Migratable for KvmVm {
     }
 
     fn memory_sink(&self) -> &dyn MemorySink {
-        &self.memory
+        match &self.prefaulter {
+            Some(p) => p,
+            None => &self.memory,
+        }
     }
 
     fn can_throttle(&self) -> bool {

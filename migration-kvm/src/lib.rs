@@ -115,6 +115,7 @@ pub mod memory;
 pub mod msr;
 pub mod order;
 pub mod park;
+pub mod prefault;
 pub mod restore;
 mod runner;
 pub mod snapshot_memory;
