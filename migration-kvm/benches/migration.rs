@@ -27,7 +27,9 @@
 //! copy and of scenario 1, default 5; `BENCH_ONLY_FULL`: scenario 1 only, for
 //! profiling; `BENCH_PREFAULT=0`: the destination faults its memory in on the
 //! receiving thread only (no prefault thread); `BENCH_HUGE=0`: 4 KiB pages instead
-//! of transparent huge pages on both sides and in the first-touch figure). Needs
+//! of transparent huge pages on both sides and in the first-touch figure;
+//! `BENCH_DIRECT=0`: the destination reads MEMORY data through a buffer instead of
+//! straight from the socket into guest memory). Needs
 //! `/dev/kvm`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -130,6 +132,11 @@ fn migrate(vm: &mut KvmVm, limit: Duration, policy: ConvergencePolicy) -> Result
                             monitor_handler(m.clone(), None)
                         })?;
                     vm.set_prefault(env_or("BENCH_PREFAULT", 1) != 0);
+                    if env_or("BENCH_DIRECT", 1) != 0 {
+                        // SAFETY: nothing in this bench writes the destination's
+                        // memory but the migration before the VM is resumed.
+                        unsafe { vm.allow_direct_receive() };
+                    }
                     Ok(vm)
                 },
             )?;

@@ -487,6 +487,9 @@ pub struct KvmVm {
     ticker: Option<ThrottleTicker>,
     /// Whether a destination faults its memory in ahead of what arrives.
     prefault: bool,
+    /// Whether a destination reads MEMORY data from the socket straight into guest
+    /// memory ([`KvmVm::allow_direct_receive`]).
+    direct_receive: bool,
     /// The thread doing it, while this VM receives a migration.
     prefaulter: Option<Prefaulter>,
 }
@@ -589,6 +592,7 @@ impl KvmVm {
             cpu_forced: None,
             ticker: None,
             prefault: true,
+            direct_receive: false,
             prefaulter: None,
         };
         for (i, fd) in fds.into_iter().enumerate() {
@@ -707,6 +711,21 @@ impl KvmVm {
     /// default; takes effect at the next `start_migration`.
     pub fn set_prefault(&mut self, on: bool) {
         self.prefault = on;
+    }
+
+    /// Lets a migration into this VM read MEMORY data from a `tcp://` or `unix://`
+    /// socket straight into guest memory, checksummed where it landed (no copy through
+    /// a buffer). Takes effect at the next `start_migration(Destination)`, until the VM
+    /// is resumed.
+    ///
+    /// # Safety
+    /// From that `start_migration` until the VM is resumed (or dropped), nothing but
+    /// the incoming migration may write this VM's guest memory: no thread holding a
+    /// clone of [`memory`](Self::memory)'s mappings writes it. (The VM's own vCPUs and
+    /// exit handlers do not run before it is resumed.) The checksum reads the landed
+    /// bytes through a shared reference over guest memory.
+    pub unsafe fn allow_direct_receive(&mut self) {
+        self.direct_receive = true;
     }
 
     fn stop_prefault(&mut self) {
@@ -1119,8 +1138,19 @@ impl Migratable for KvmVm {
     fn start_migration(&mut self, role: MigrationRole) -> Result<(), MigratableError> {
         tracing::debug!(?role, "migration started");
         self.migration_role = Some(role);
-        if role == MigrationRole::Destination && self.prefault && !self.running {
-            self.prefaulter = Some(Prefaulter::start(&self.memory));
+        if role == MigrationRole::Destination
+            && (self.prefault || self.direct_receive)
+            && !self.running
+        {
+            let mut sink = Prefaulter::new(&self.memory, self.prefault);
+            if self.direct_receive {
+                // SAFETY: `direct_receive` is set only by `allow_direct_receive`,
+                // whose caller guaranteed nothing else writes this VM's memory until
+                // it is resumed; the VM has not run, and `start` drops the sink
+                // before any vCPU resumes.
+                unsafe { sink.allow_direct_reads() };
+            }
+            self.prefaulter = Some(sink);
         }
         Ok(())
     }

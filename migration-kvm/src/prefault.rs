@@ -15,6 +15,7 @@
 //! ranges, never written here) costs at most a window of memory it did not need. It
 //! stops at the end of memory, when the VM is resumed, or when dropped.
 
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -50,12 +51,19 @@ pub struct Prefaulter {
     memory: GuestRam,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// [`allow_direct_reads`](Self::allow_direct_reads) was called.
+    direct: bool,
 }
 
 impl Prefaulter {
     /// Starts the thread over `memory` (a clone: the same pages). If the thread
     /// cannot be spawned the sink still works, without prefaulting.
     pub fn start(memory: &GuestRam) -> Self {
+        Self::new(memory, true)
+    }
+
+    /// The sink over `memory`, with the prefault thread if `prefault`.
+    pub fn new(memory: &GuestRam, prefault: bool) -> Self {
         let shared = Arc::new(Shared {
             cursor: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -63,16 +71,32 @@ impl Prefaulter {
         });
         let ram = memory.clone();
         let s = shared.clone();
-        let thread = thread::Builder::new()
-            .name("prefault".into())
-            .spawn(move || run(&ram, &s))
-            .inspect_err(|e| tracing::warn!(error = %e, "no prefault thread"))
-            .ok();
+        let thread = prefault
+            .then(|| {
+                thread::Builder::new()
+                    .name("prefault".into())
+                    .spawn(move || run(&ram, &s))
+                    .inspect_err(|e| tracing::warn!(error = %e, "no prefault thread"))
+                    .ok()
+            })
+            .flatten();
         Self {
             memory: memory.clone(),
             shared,
             thread,
+            direct: false,
         }
+    }
+
+    /// Lets [`MemorySink::read_memory_from_fd`] read sockets straight into guest
+    /// memory (otherwise it declines and the caller reads through a buffer).
+    ///
+    /// # Safety
+    /// While this sink lives, nothing but its own methods may write the guest memory:
+    /// no vCPU runs, no other thread writes through another handle on the same
+    /// memory ([`GuestRam::read_from_socket`]).
+    pub unsafe fn allow_direct_reads(&mut self) {
+        self.direct = true;
     }
 
     /// Stops the thread and waits for it; returns the bytes it faulted in.
@@ -166,6 +190,24 @@ impl MemorySink for Prefaulter {
         Ok(())
     }
 
+    fn read_memory_from_fd(
+        &self,
+        gpa: u64,
+        length: u64,
+        fd: BorrowedFd<'_>,
+        landed: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<bool, MemoryError> {
+        if !self.direct {
+            return Ok(false);
+        }
+        self.advance(gpa);
+        // SAFETY: `direct` is set only by `allow_direct_reads`, whose caller
+        // guaranteed that nothing else writes this memory while the sink lives.
+        unsafe { self.memory.read_from_socket(gpa, length, fd, landed) }?;
+        self.advance(gpa.saturating_add(length));
+        Ok(true)
+    }
+
     fn zero_memory(&self, gpa: u64, length: u64) -> Result<(), MemoryError> {
         self.memory.zero_memory(gpa, length)
     }
@@ -201,5 +243,71 @@ mod tests {
         assert!(back.iter().all(|&b| b == 0));
         // Outside the layout: refused, as by the memory itself.
         assert!(p.write_memory(8 << 20, &[1]).is_err());
+    }
+
+    /// MEMORY frames read from a socket straight into guest memory land intact, and a
+    /// byte changed in transit is caught by the checksum of the landed bytes.
+    #[test]
+    fn direct_socket_reads_land_and_are_checksummed() {
+        use migration_core::protocol::{Channel, Message, MigrationError, Received};
+        use std::io::Write;
+        use std::os::fd::AsFd;
+        use std::os::unix::net::UnixStream;
+
+        let layout = [MemoryRange::new(0, 16 << 20)];
+        let ram = GuestRam::anonymous(&layout).unwrap();
+        let mut sink = Prefaulter::new(&ram, true);
+        // SAFETY: nothing else writes `ram` in this test while `sink` lives.
+        unsafe { sink.allow_direct_reads() };
+        let data: Vec<u8> = (0..(3u32 << 20))
+            .map(|i| (i * 7 + i / 4096) as u8)
+            .collect();
+        let frames = |gpa: u64| {
+            let mut out = Channel::new(std::io::Cursor::new(Vec::new()));
+            out.send(&Message::Memory { gpa, data: &data }).unwrap();
+            out.flush().unwrap();
+            out.get_ref().get_ref().clone()
+        };
+        let (mut tx, rx) = UnixStream::pair().unwrap();
+        let good = frames(0x10_0000);
+        let mut bad = frames(0x80_0000);
+        bad[8 + 8 + (2 << 20) + 5] ^= 1; // past the first socket piece
+        let sender = std::thread::spawn(move || {
+            tx.write_all(&good).unwrap();
+            tx.write_all(&bad).unwrap();
+        });
+        let mut ch = Channel::new(rx).with_socket(|s: &UnixStream| Some(s.as_fd()));
+        let got = ch.recv_into(&sink, &layout).unwrap();
+        assert_eq!(
+            got,
+            Received::MemoryWritten(MemoryRange::new(0x10_0000, data.len() as u64))
+        );
+        assert!(matches!(
+            ch.recv_into(&sink, &layout),
+            Err(MigrationError::Checksum(_))
+        ));
+        sender.join().unwrap();
+        drop(sink);
+        let mut back = vec![0u8; data.len()];
+        ram.read_memory(0x10_0000, &mut back).unwrap();
+        assert!(back == data, "the frame landed intact");
+
+        // The direct path itself: every byte handed on once, in order, after landing.
+        let (mut tx, rx) = UnixStream::pair().unwrap();
+        let copy = data.clone();
+        let sender = std::thread::spawn(move || tx.write_all(&copy).unwrap());
+        let mut seen = Vec::new();
+        // SAFETY: nothing else writes `ram` during the call.
+        unsafe {
+            ram.read_from_socket(0x40_0000, data.len() as u64, rx.as_fd(), &mut |b| {
+                seen.extend_from_slice(b);
+                Ok(())
+            })
+        }
+        .unwrap();
+        sender.join().unwrap();
+        assert!(seen == data, "landed bytes handed on in order");
+        ram.read_memory(0x40_0000, &mut back).unwrap();
+        assert!(back == data);
     }
 }
