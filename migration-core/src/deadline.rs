@@ -48,7 +48,8 @@ impl<S> Deadline<S> {
         &mut self.inner
     }
 
-    fn check(&self) -> io::Result<()> {
+    /// Fails with [`io::ErrorKind::TimedOut`] once the deadline has passed.
+    pub(crate) fn check(&self) -> io::Result<()> {
         match self.at {
             Some(at) if Instant::now() >= at => Err(io::Error::new(
                 io::ErrorKind::TimedOut,

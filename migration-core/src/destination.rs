@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::arch::Arch;
 use crate::codec::{self, Codec, CodecRegistry};
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Endpoint, Stream};
 use crate::error::MigratableError;
 use crate::memory::{check_range, MemoryRange};
 use crate::migratable::{Migratable, MigrationRole};
@@ -139,8 +139,22 @@ where
     S: Read + Write,
     F: FnOnce(&IncomingVm) -> Result<M, MigratableError>,
 {
+    receive_over_channel(Channel::new(stream), options, build)
+}
+
+/// [`receive_migration_over`] on a channel set up by the caller (with its socket, for
+/// reads straight into guest memory).
+fn receive_over_channel<M, S, F>(
+    mut ch: Channel<S>,
+    options: &ReceiveOptions,
+    build: F,
+) -> Result<(M, ReceiveReport), MigrationError>
+where
+    M: Migratable,
+    S: Read + Write,
+    F: FnOnce(&IncomingVm) -> Result<M, MigratableError>,
+{
     let _span = tracing::info_span!("migrate_in").entered();
-    let mut ch = Channel::new(stream);
     match receive(&mut ch, options, build) {
         Ok(done) => Ok(done),
         Err(e) => {
@@ -219,7 +233,10 @@ where
                 "the VM was built once already".into(),
             )),
         };
-        match receive_migration_over(stream, options, &mut once) {
+        // tcp:// and unix://: MEMORY data straight from the socket into guest memory
+        // (where the VM's memory can take it).
+        let ch = Channel::new(stream).with_socket(Stream::socket);
+        match receive_over_channel(ch, options, &mut once) {
             // A connection that sent no complete HELLO in time (slow, silent, gone)
             // is dropped and the next one served: waiting sources queue in the
             // listen backlog meanwhile, and none is held longer than the handshake

@@ -9,6 +9,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -364,6 +365,18 @@ impl Stream {
             #[cfg(feature = "tls")]
             Stream::Tls(s) => s.tcp().shutdown(std::net::Shutdown::Write),
             Stream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+        }
+    }
+
+    /// The socket, if bytes read from it are the stream's own bytes (`tcp://` and
+    /// `unix://`; `None` for `tls://`, whose socket carries records). For
+    /// [`Channel::with_socket`](crate::protocol::Channel::with_socket).
+    pub fn socket(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            Stream::Tcp(s) => Some(s.as_fd()),
+            #[cfg(feature = "tls")]
+            Stream::Tls(_) => None,
+            Stream::Unix(s) => Some(s.as_fd()),
         }
     }
 

@@ -6,6 +6,7 @@
 //! `GuestMemoryMmap`); `migration-testkit` does for its fake memory.
 
 use std::io::{self, Read, Write};
+use std::os::fd::BorrowedFd;
 
 use serde::{Deserialize, Serialize};
 
@@ -414,6 +415,28 @@ pub trait MemorySink {
             input.read_exact(buf)?;
             self.write_memory(gpa + done, buf)
         })
+    }
+
+    /// Reads exactly `length` bytes from the socket `fd` straight into guest memory at
+    /// `gpa`, with no copy in user space, and passes the bytes to `landed` piece by
+    /// piece **after** they landed (in order, each byte once: the caller checksums
+    /// them there and may fail the read, e.g. when its deadline passed). The range is
+    /// checked before any byte is read.
+    ///
+    /// Returns `Ok(false)`, having read nothing, if this sink does not read sockets
+    /// directly (the default): the caller then uses
+    /// [`read_memory_from`](Self::read_memory_from). An implementation that returns
+    /// `Ok(true)` must make sure nothing else writes the range while `landed` looks at
+    /// it (the slice it passes is a shared reference over guest memory).
+    fn read_memory_from_fd(
+        &self,
+        gpa: u64,
+        length: u64,
+        fd: BorrowedFd<'_>,
+        landed: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> Result<bool, MemoryError> {
+        let _ = (gpa, length, fd, landed);
+        Ok(false)
     }
 
     /// Zero-fills `length` bytes at `gpa` (a zero page received or a hole restored).

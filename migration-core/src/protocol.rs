@@ -15,7 +15,8 @@
 //! [`Message::decode`] turns a checked frame into a typed message; it reads untrusted
 //! bytes and bounds every count before allocating.
 
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
 use crate::arch::Arch;
@@ -684,12 +685,18 @@ impl<R: Read> Read for CrcReader<'_, R> {
     }
 }
 
+/// The socket under a stream, if MEMORY data may be read from it directly
+/// ([`Channel::with_socket`]).
+pub type SocketOf<S> = fn(&S) -> Option<BorrowedFd<'_>>;
+
 /// One end of a migration connection: frames messages out, checks and decodes
 /// messages in. Small frames are buffered until [`flush`](Channel::flush) or until a
 /// reply is awaited.
 #[derive(Debug)]
 pub struct Channel<S: Read + Write> {
     io: BufReader<Deadline<S>>,
+    /// Where [`recv_into`](Channel::recv_into) may read MEMORY data from directly.
+    socket: Option<SocketOf<S>>,
     out: Vec<u8>,
     frame: Vec<u8>,
     bytes_sent: u64,
@@ -706,12 +713,23 @@ impl<S: Read + Write> Channel<S> {
     pub fn new(stream: S) -> Self {
         Self {
             io: BufReader::with_capacity(256 << 10, Deadline::new(stream)),
+            socket: None,
             out: Vec::with_capacity(OUT_FLUSH + 4096),
             frame: Vec::new(),
             bytes_sent: 0,
             frame_timeout: None,
             overall: None,
         }
+    }
+
+    /// Lets [`recv_into`](Channel::recv_into) read MEMORY data from the socket
+    /// `socket_of` finds under the stream (`None` for a stream that is not a plain
+    /// socket, such as TLS), straight into a sink that can
+    /// ([`MemorySink::read_memory_from_fd`]). The stream must not buffer or transform
+    /// what it reads from that socket.
+    pub fn with_socket(mut self, socket_of: SocketOf<S>) -> Self {
+        self.socket = Some(socket_of);
+        self
     }
 
     /// The underlying stream.
@@ -860,15 +878,45 @@ impl<S: Read + Write> Channel<S> {
         let mut digest = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
         digest.update(&header);
         digest.update(&gpa);
-        let mut reader = CrcReader {
-            inner: &mut self.io,
-            digest: &mut digest,
+        let memory_error = |e| match e {
+            MemoryError::Io(e) => MigrationError::Io(e),
+            other => MigrationError::Memory(other),
         };
-        sink.read_memory_from(range.gpa, range.length, &mut reader)
-            .map_err(|e| match e {
-                MemoryError::Io(e) => MigrationError::Io(e),
-                other => MigrationError::Memory(other),
-            })?;
+        let mut done = 0u64;
+        if let Some(socket_of) = self.socket {
+            // What the buffer holds already goes in by copy; the rest comes from the
+            // socket straight into guest memory, checksummed where it landed.
+            let buffered = self.io.buffer();
+            let n = buffered.len().min(data_len);
+            if n > 0 {
+                sink.write_memory(range.gpa, &buffered[..n])
+                    .map_err(memory_error)?;
+                digest.update(&buffered[..n]);
+                self.io.consume(n);
+                done = n as u64;
+            }
+            let io = self.io.get_ref();
+            if let Some(fd) = (socket_of)(io.get_ref()).filter(|_| done < range.length) {
+                let mut landed = |bytes: &[u8]| {
+                    digest.update(bytes);
+                    io.check()
+                };
+                if sink
+                    .read_memory_from_fd(range.gpa + done, range.length - done, fd, &mut landed)
+                    .map_err(memory_error)?
+                {
+                    done = range.length;
+                }
+            }
+        }
+        if done < range.length {
+            let mut reader = CrcReader {
+                inner: &mut self.io,
+                digest: &mut digest,
+            };
+            sink.read_memory_from(range.gpa + done, range.length - done, &mut reader)
+                .map_err(memory_error)?;
+        }
         let mut crc = [0u8; TRAILER];
         self.io.read_exact(&mut crc)?;
         if digest.finalize() != u64::from_le_bytes(crc) {

@@ -72,6 +72,7 @@ use crate::machine::{restore_machine, resume_all, save_machine, MachineState, Vc
 use crate::memory::{check_layout, GuestRam, KvmMemoryError, KvmSlots, MemoryOptions};
 use crate::missing;
 use crate::park::THROTTLE_SLICE;
+use crate::prefault::Prefaulter;
 use crate::restore::EagerOptions;
 use crate::runner::{ExitHandler, VcpuRunner};
 use crate::snapshot_memory::{restore_eager_from, restore_lazy_from, SnapshotMemoryError};
@@ -488,6 +489,13 @@ pub struct KvmVm {
     ticker: Option<ThrottleTicker>,
     /// Postcopy: guest memory registered with a userfaultfd while pages are missing.
     missing: Option<missing::Armed>,
+    /// Whether a destination faults its memory in ahead of what arrives.
+    prefault: bool,
+    /// Whether a destination reads MEMORY data from the socket straight into guest
+    /// memory ([`KvmVm::allow_direct_receive`]).
+    direct_receive: bool,
+    /// The thread doing it, while this VM receives a migration.
+    prefaulter: Option<Prefaulter>,
 }
 
 impl fmt::Debug for KvmVm {
@@ -508,6 +516,7 @@ impl Drop for KvmVm {
         // Closing the userfaultfd wakes vCPUs waiting on missing pages (which then
         // read zeros), so their threads can stop.
         self.missing = None;
+        self.prefaulter = None;
         // Stop every vCPU thread before KVM loses the memory.
         self.vcpus.clear();
         if let Some(slots) = self.slots.take() {
@@ -590,6 +599,9 @@ impl KvmVm {
             cpu_forced: None,
             ticker: None,
             missing: None,
+            prefault: true,
+            direct_receive: false,
+            prefaulter: None,
         };
         for (i, fd) in fds.into_iter().enumerate() {
             let i = i as u32;
@@ -702,6 +714,35 @@ impl KvmVm {
         self.devices.set_clock_restore(clock);
     }
 
+    /// Whether, as a migration destination, this VM faults its fresh memory in on a
+    /// thread of its own a window ahead of what arrives ([`crate::prefault`]). On by
+    /// default; takes effect at the next `start_migration`.
+    pub fn set_prefault(&mut self, on: bool) {
+        self.prefault = on;
+    }
+
+    /// Lets a migration into this VM read MEMORY data from a `tcp://` or `unix://`
+    /// socket straight into guest memory, checksummed where it landed (no copy through
+    /// a buffer). Takes effect at the next `start_migration(Destination)`, until the VM
+    /// is resumed.
+    ///
+    /// # Safety
+    /// From that `start_migration` until the VM is resumed (or dropped), nothing but
+    /// the incoming migration may write this VM's guest memory: no thread holding a
+    /// clone of [`memory`](Self::memory)'s mappings writes it. (The VM's own vCPUs and
+    /// exit handlers do not run before it is resumed.) The checksum reads the landed
+    /// bytes through a shared reference over guest memory.
+    pub unsafe fn allow_direct_receive(&mut self) {
+        self.direct_receive = true;
+    }
+
+    fn stop_prefault(&mut self) {
+        if let Some(mut p) = self.prefaulter.take() {
+            let faulted = p.stop();
+            tracing::debug!(faulted, "prefault thread stopped");
+        }
+    }
+
     /// The `/dev/kvm` handle.
     pub fn kvm(&self) -> &Kvm {
         &self.kvm
@@ -793,6 +834,7 @@ impl KvmVm {
             tracing::warn!("refused to resume: the VM was migrated out");
             return Err(KvmVmError::MigratedOut);
         }
+        self.stop_prefault();
         resume_all(&self.vcpus).map_err(|e| KvmVmError::Migratable(e.into()))?;
         self.running = true;
         tracing::debug!(vcpus = self.vcpus.len(), "VM resumed");
@@ -1098,9 +1140,26 @@ impl Migratable for KvmVm {
         Ok(dirty::dirty_log(self.devices.vm(), slots, &self.memory)?)
     }
 
+    /// On the destination, with [`set_prefault`](KvmVm::set_prefault) on (the
+    /// default) and the VM not yet run, starts the thread that faults guest memory
+    /// in ahead of what arrives ([`crate::prefault`]).
     fn start_migration(&mut self, role: MigrationRole) -> Result<(), MigratableError> {
         tracing::debug!(?role, "migration started");
         self.migration_role = Some(role);
+        if role == MigrationRole::Destination
+            && (self.prefault || self.direct_receive)
+            && !self.running
+        {
+            let mut sink = Prefaulter::new(&self.memory, self.prefault);
+            if self.direct_receive {
+                // SAFETY: `direct_receive` is set only by `allow_direct_receive`,
+                // whose caller guaranteed nothing else writes this VM's memory until
+                // it is resumed; the VM has not run, and `start` drops the sink
+                // before any vCPU resumes.
+                unsafe { sink.allow_direct_reads() };
+            }
+            self.prefaulter = Some(sink);
+        }
         Ok(())
     }
 
@@ -1108,6 +1167,7 @@ impl Migratable for KvmVm {
     /// migrated out, and [`start`](KvmVm::start) refuses from then on. On the
     /// destination nothing changes.
     fn complete_migration(&mut self) -> Result<(), MigratableError> {
+        self.stop_prefault();
         if self.migration_role.take() == Some(MigrationRole::Source) {
             self.migrated_out = true;
             tracing::info!("migrated out: this VM will not run again");
@@ -1120,7 +1180,10 @@ impl Migratable for KvmVm {
     }
 
     fn memory_sink(&self) -> &dyn MemorySink {
-        &self.memory
+        match &self.prefaulter {
+            Some(p) => p,
+            None => &self.memory,
+        }
     }
 
     fn can_throttle(&self) -> bool {
@@ -1142,6 +1205,9 @@ impl MissingPages for KvmVm {
         pending: &MemoryRangeTable,
         faults: std::sync::mpsc::Sender<u64>,
     ) -> Result<std::sync::Arc<dyn PagePlacer>, MigratableError> {
+        // The prefault thread must be gone first: a page it populated after the
+        // pending pages are dropped would read as zeros instead of faulting.
+        self.stop_prefault();
         self.missing = None;
         let (armed, placer) = missing::arm(&self.memory, pending, faults)?;
         self.missing = Some(armed);

@@ -118,6 +118,7 @@ pub mod missing;
 pub mod msr;
 pub mod order;
 pub mod park;
+pub mod prefault;
 pub mod restore;
 mod runner;
 pub mod snapshot_memory;

@@ -18,6 +18,7 @@
 //! no intermediate copy) or through a small bounded buffer for `dyn Read`/`dyn Write`.
 
 use std::io::{self, Read, Write};
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
@@ -36,6 +37,10 @@ use crate::bitmap::DirtyBitmap;
 /// Size of the bounce buffer for `dyn Read` / `dyn Write` streams: small enough to
 /// stay in cache, large enough to amortise the calls.
 const BOUNCE: usize = 256 << 10;
+
+/// Bytes [`GuestRam::read_from_socket`] reads before it hands them on for their
+/// checksum: small enough to be still in cache.
+pub const SOCKET_PIECE: usize = 256 << 10;
 
 /// Errors of creating guest memory and registering it with KVM.
 #[derive(Debug, thiserror::Error)]
@@ -379,6 +384,45 @@ impl<B: DirtyBitmap> GuestRam<B> {
         input
             .read_exact_volatile(&mut slice)
             .map_err(volatile_error)
+    }
+
+    /// Reads exactly `length` bytes from the socket `fd` straight into guest memory at
+    /// `gpa` (vm-memory's `ReadVolatile` for a `BorrowedFd`: `read(2)` into the
+    /// mapping, which also marks the dirty bitmap), [`SOCKET_PIECE`] at a time, and
+    /// passes each piece to `landed` once it is in guest memory (for its checksum,
+    /// while it is still in cache). The range is checked before any byte is read.
+    ///
+    /// # Safety
+    /// Nothing else may write `[gpa, gpa + length)` during the call: no vCPU of a VM
+    /// using this memory runs, and no other thread writes it. `landed` sees each piece
+    /// as a `&[u8]` over guest memory.
+    pub unsafe fn read_from_socket(
+        &self,
+        gpa: u64,
+        length: u64,
+        fd: BorrowedFd<'_>,
+        landed: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> Result<(), MemoryError> {
+        let slice = self.slice(MemoryRange::new(gpa, length))?;
+        let mut socket = fd;
+        let mut done = 0usize;
+        while done < slice.len() {
+            let n = (slice.len() - done).min(SOCKET_PIECE);
+            let mut piece = slice
+                .subslice(done, n)
+                .map_err(|e| MemoryError::Backend(Box::new(e)))?;
+            socket
+                .read_exact_volatile(&mut piece)
+                .map_err(volatile_error)?;
+            let guard = piece.ptr_guard();
+            // SAFETY: `piece` is `n` bytes of mapped guest memory (a checked
+            // subslice), kept mapped by `self` for this borrow; the caller guarantees
+            // nothing writes it during this call, so a shared view is sound.
+            let view = unsafe { std::slice::from_raw_parts(guard.as_ptr(), n) };
+            landed(view)?;
+            done += n;
+        }
+        Ok(())
     }
 
     /// Whether `range` is all zeros (volatile reads; stops at the first non-zero

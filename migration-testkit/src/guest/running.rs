@@ -436,7 +436,8 @@ impl RunningGuest {
     /// that the guest continues, and whether precopy converges under the downtime
     /// limit depends on the machine's speed (a debug build, a loaded host), so it is
     /// the report's to say (`converged`), not the test's to require. Benchmarks
-    /// measure convergence.
+    /// measure convergence. The destination reads MEMORY data straight into guest
+    /// memory where the transport allows (`KvmVm::allow_direct_receive`).
     pub fn migrate_to(
         &mut self,
         url: &str,
@@ -457,11 +458,13 @@ impl RunningGuest {
                     let _ = tx.send(u.to_owned());
                 },
                 |incoming: &IncomingVm| -> Result<KvmVm, MigratableError> {
-                    Ok(KvmVm::for_incoming(
-                        incoming,
-                        dest_codecs,
-                        dest_log.handlers(),
-                    )?)
+                    let mut vm = KvmVm::for_incoming(incoming, dest_codecs, dest_log.handlers())?;
+                    // SAFETY: nothing here holds the destination's memory but the VM
+                    // and the incoming migration, until the VM is resumed. (On
+                    // tcp:// and unix:// the MEMORY data then lands straight in guest
+                    // memory: the guests' self-checks cover that path.)
+                    unsafe { vm.allow_direct_receive() };
+                    Ok(vm)
                 },
             )
         });
