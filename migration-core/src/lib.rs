@@ -141,6 +141,7 @@ pub mod error;
 pub mod file;
 pub mod memory;
 mod migratable;
+pub mod multi;
 mod pausable;
 pub mod precopy;
 pub mod protocol;
