@@ -103,6 +103,18 @@ fn on_connection(index: usize, e: MigrationError) -> MigrationError {
     }
 }
 
+/// A source's secondary connection failed with `e`: an error of kind `Other`, so that
+/// the source tells the destination on the primary (an ABORT) instead of waiting there
+/// for the destination's reason, which the destination does not know to send.
+fn secondary_failed(index: usize, e: MigrationError) -> MigrationError {
+    match e {
+        MigrationError::Io(e) => {
+            MigrationError::Io(io::Error::other(format!("connection {index}: {e}")))
+        }
+        other => on_connection(index, other),
+    }
+}
+
 /// Whether two tokens are equal, in time independent of where they differ.
 fn same_token(a: &[u8; SESSION_TOKEN_LEN], b: &[u8; SESSION_TOKEN_LEN]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -163,13 +175,13 @@ impl Secondaries {
         primary.flush()?;
         let mut channels = Vec::with_capacity(n - 1);
         for index in 1..n {
-            let conn = connect(index).map_err(|e| on_connection(index, e))?;
+            let conn = connect(index).map_err(|e| secondary_failed(index, e))?;
             let mut ch = Channel::new(conn);
             ch.send(&Message::Join {
                 token,
                 index: index as u16,
             })?;
-            ch.flush().map_err(|e| on_connection(index, e))?;
+            ch.flush().map_err(|e| secondary_failed(index, e))?;
             channels.push(ch);
         }
         tracing::info!(connections = n, "multi-connection session joined");
@@ -230,7 +242,7 @@ impl Secondaries {
                                 "the sending thread panicked",
                             )))
                         })
-                        .map_err(|e| on_connection(i + 1, e))
+                        .map_err(|e| secondary_failed(i + 1, e))
                 })
                 .collect();
             let mut out = vec![mine?];

@@ -360,7 +360,7 @@ fn migrate_with_fault(n: usize, fault: Fault) -> (MigrationError, MigrationError
         let mut next = 1;
         let mut options = receive_options();
         options.frame_timeout = Duration::from_secs(1);
-        options.handshake_timeout = Duration::from_secs(5);
+        options.handshake_timeout = Duration::from_secs(2);
         receive_migration_over_connections(
             destination_side(0, fault, primary),
             |deadline: Instant| loop {
@@ -410,58 +410,112 @@ fn migrate_with_fault(n: usize, fault: Fault) -> (MigrationError, MigrationError
     (err, dest_err, source, digest)
 }
 
+/// Runs each fault case; checks both sides failed cleanly and the source is intact.
+fn fault_cases(cases: &[(usize, Fault)]) {
+    for &(n, fault) in cases {
+        let ctx = format!("{n} connections, {fault:?}");
+        let (err, dest_err, mut source, digest) = migrate_with_fault(n, fault);
+        eprintln!("{ctx}: source: {err}; destination: {dest_err}");
+        assert!(
+            !matches!(err, MigrationError::CommitUncertain),
+            "{ctx}: {err}"
+        );
+        if let Fault::Flip { .. } = fault {
+            assert!(
+                matches!(
+                    dest_err,
+                    MigrationError::Checksum(_) | MigrationError::Malformed(_)
+                ),
+                "{ctx}: {dest_err}"
+            );
+        }
+        if let Fault::Stall { .. } = fault {
+            assert!(dest_err.to_string().contains("time"), "{ctx}: {dest_err}");
+        }
+        assert_source_intact(&mut source, digest, &ctx);
+    }
+}
+
+/// Every fault for `n` connections: cuts before a secondary's JOIN, inside it, mid
+/// round 0, and of the primary mid round 0; stalls before and mid round 0; flips
+/// right after the JOIN and mid round 0.
+fn every_fault(n: usize) -> Vec<(usize, Fault)> {
+    let last = n - 1;
+    [
+        Fault::Cut { index: last, at: 0 },
+        Fault::Cut { index: 1, at: 20 },
+        Fault::Cut {
+            index: last,
+            at: 1 << 20,
+        },
+        Fault::Cut {
+            index: 0,
+            at: 100_000,
+        },
+        Fault::Stall {
+            index: last,
+            at: 1 << 20,
+        },
+        Fault::Stall { index: 1, at: 100 },
+        Fault::Flip {
+            index: last,
+            at: 100_000,
+        },
+        Fault::Flip { index: 1, at: 50 },
+    ]
+    .into_iter()
+    .map(|f| (n, f))
+    .collect()
+}
+
+/// One connection of two cut, stalled or corrupted mid round 0 while the others run.
 #[test]
 fn one_connection_cut_stalled_or_corrupted_fails_both_sides_cleanly() {
-    let mut cases = 0;
-    for n in [2, 4] {
-        let last = n - 1;
-        for fault in [
-            // Before its JOIN, inside it, mid round 0, on the primary mid round 0.
-            Fault::Cut { index: last, at: 0 },
-            Fault::Cut { index: 1, at: 20 },
+    fault_cases(&[
+        (
+            2,
             Fault::Cut {
-                index: last,
+                index: 1,
                 at: 1 << 20,
             },
+        ),
+        (
+            2,
             Fault::Cut {
                 index: 0,
                 at: 100_000,
             },
+        ),
+        (
+            2,
             Fault::Stall {
-                index: last,
+                index: 1,
                 at: 1 << 20,
             },
-            Fault::Stall { index: 1, at: 100 },
+        ),
+        (
+            2,
             Fault::Flip {
-                index: last,
+                index: 1,
                 at: 100_000,
             },
-            Fault::Flip { index: 1, at: 50 },
-        ] {
-            let ctx = format!("{n} connections, {fault:?}");
-            let (err, dest_err, mut source, digest) = migrate_with_fault(n, fault);
-            eprintln!("{ctx}: source: {err}; destination: {dest_err}");
-            assert!(
-                !matches!(err, MigrationError::CommitUncertain),
-                "{ctx}: {err}"
-            );
-            if let Fault::Flip { .. } = fault {
-                assert!(
-                    matches!(
-                        dest_err,
-                        MigrationError::Checksum(_) | MigrationError::Malformed(_)
-                    ),
-                    "{ctx}: {dest_err}"
-                );
-            }
-            if let Fault::Stall { .. } = fault {
-                assert!(dest_err.to_string().contains("time"), "{ctx}: {dest_err}");
-            }
-            assert_source_intact(&mut source, digest, &ctx);
-            cases += 1;
-        }
-    }
-    assert_eq!(cases, 16);
+        ),
+        (
+            4,
+            Fault::Cut {
+                index: 3,
+                at: 1 << 20,
+            },
+        ),
+    ]);
+}
+
+#[test]
+#[ignore = "long: 16 faulty migrations, several waiting for a deadline; a sample runs in CI"]
+fn every_fault_on_2_and_4_connections_fails_both_sides_cleanly() {
+    let mut cases = every_fault(2);
+    cases.extend(every_fault(4));
+    fault_cases(&cases);
 }
 
 // ---------------------------------------------------------------------------------
