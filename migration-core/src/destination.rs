@@ -14,11 +14,12 @@ use crate::arch::Arch;
 use crate::codec::{self, Codec, CodecRegistry};
 use crate::endpoint::{Endpoint, Stream};
 use crate::error::MigratableError;
-use crate::memory::{check_range, MemoryRange};
+use crate::memory::{check_range, MemoryRange, MemorySink};
 use crate::migratable::{Migratable, MigrationRole};
+use crate::multi::{self, Acceptor, Barrier, BoxedConnection, DEFAULT_MAX_CONNECTIONS};
 use crate::protocol::{
-    Channel, Hello, Message, MessageType, MigrationError, Received, FEATURES_SINCE, KNOWN_FEATURES,
-    MAX_STATE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    Channel, Hello, Message, MessageType, MigrationError, Received, FEATURES_SINCE,
+    FEATURE_MULTI_CONNECTION, KNOWN_FEATURES, MAX_STATE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use crate::security::Security;
 use crate::snapshot::Snapshot;
@@ -65,6 +66,11 @@ pub struct ReceiveOptions {
     /// Optional features (`FEATURE_*` bits of [`protocol`](crate::protocol)) this
     /// destination accepts when a source offers them (default: none).
     pub features: u64,
+    /// Most connections a source may carry guest memory over, the first included,
+    /// when [`FEATURE_MULTI_CONNECTION`] is enabled in `features` (default
+    /// [`DEFAULT_MAX_CONNECTIONS`], at most [`MAX_CONNECTIONS`](crate::protocol::MAX_CONNECTIONS));
+    /// 1 refuses the feature ([`crate::multi`]).
+    pub max_connections: usize,
 }
 
 /// Default [`ReceiveOptions::handshake_timeout`].
@@ -83,6 +89,7 @@ impl ReceiveOptions {
             frame_timeout: FRAME_TIMEOUT,
             max_time: None,
             features: 0,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -109,6 +116,7 @@ impl fmt::Debug for ReceiveOptions {
             .field("handshake_timeout", &self.handshake_timeout)
             .field("frame_timeout", &self.frame_timeout)
             .field("max_time", &self.max_time)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
@@ -139,13 +147,37 @@ where
     S: Read + Write,
     F: FnOnce(&IncomingVm) -> Result<M, MigratableError>,
 {
-    receive_over_channel(Channel::new(stream), options, build)
+    receive_over(Channel::new(stream), None, options, build)
 }
 
-/// [`receive_migration_over`] on a channel set up by the caller (with its socket, for
-/// reads straight into guest memory).
-fn receive_over_channel<M, S, F>(
+/// [`receive_migration_over`] that can accept more connections: if the source asks
+/// for several (and [`ReceiveOptions::max_connections`] allows), `accept` is called
+/// for each, with the deadline by which it must have connected, and guest memory
+/// arrives over all of them ([`crate::multi`]). The source side is
+/// [`send_migration_over_connections`](crate::precopy::send_migration_over_connections).
+pub fn receive_migration_over_connections<M, S, C, F>(
+    stream: S,
+    mut accept: impl FnMut(Instant) -> std::io::Result<C>,
+    options: &ReceiveOptions,
+    build: F,
+) -> Result<(M, ReceiveReport), MigrationError>
+where
+    M: Migratable,
+    S: Read + Write,
+    C: multi::Connection + 'static,
+    F: FnOnce(&IncomingVm) -> Result<M, MigratableError>,
+{
+    let mut accept = |deadline: Instant| -> Result<BoxedConnection, MigrationError> {
+        Ok(Box::new(accept(deadline)?))
+    };
+    receive_over(Channel::new(stream), Some(&mut accept), options, build)
+}
+
+/// The receiving side on a channel set up by the caller (with its socket, for reads
+/// straight into guest memory), accepting more connections through `accept` if given.
+fn receive_over<M, S, F>(
     mut ch: Channel<S>,
+    accept: Option<&mut Acceptor<'_>>,
     options: &ReceiveOptions,
     build: F,
 ) -> Result<(M, ReceiveReport), MigrationError>
@@ -155,19 +187,24 @@ where
     F: FnOnce(&IncomingVm) -> Result<M, MigratableError>,
 {
     let _span = tracing::info_span!("migrate_in").entered();
-    match receive(&mut ch, options, build) {
+    match receive(&mut ch, accept, options, build) {
         Ok(done) => Ok(done),
         Err(e) => {
             // `?`: the error may quote the peer's reason (untrusted text).
             tracing::warn!(error = ?e.to_string(), "incoming migration aborted");
-            match &e {
-                MigrationError::PeerAborted(_) => {}
-                // The answer to the HELLO: the source says who refused.
-                MigrationError::Rejected(reason) => ch.abort(reason),
-                other => ch.abort(&format!("destination: {other}")),
-            }
+            abort(&mut ch, &e);
             Err(e)
         }
+    }
+}
+
+/// Tells the source why this destination gives up (not if the source gave up first).
+fn abort<S: Read + Write>(ch: &mut Channel<S>, e: &MigrationError) {
+    match e {
+        MigrationError::PeerAborted(_) => {}
+        // The answer to the HELLO: the source says who refused.
+        MigrationError::Rejected(reason) => ch.abort(reason),
+        other => ch.abort(&format!("destination: {other}")),
     }
 }
 
@@ -236,7 +273,10 @@ where
         // tcp:// and unix://: MEMORY data straight from the socket into guest memory
         // (where the VM's memory can take it).
         let ch = Channel::new(stream).with_socket(Stream::socket);
-        match receive_over_channel(ch, options, &mut once) {
+        let mut accept_more = |deadline: Instant| {
+            multi::accept_until(&listener, security, Some(io_timeout), deadline)
+        };
+        match receive_over(ch, Some(&mut accept_more), options, &mut once) {
             // A connection that sent no complete HELLO in time (slow, silent, gone)
             // is dropped and the next one served: waiting sources queue in the
             // listen backlog meanwhile, and none is held longer than the handshake
@@ -322,6 +362,7 @@ pub(crate) fn negotiate(
 
 fn receive<M, S, F>(
     ch: &mut Channel<S>,
+    accept: Option<&mut Acceptor<'_>>,
     options: &ReceiveOptions,
     build: F,
 ) -> Result<(M, ReceiveReport), MigrationError>
@@ -330,7 +371,8 @@ where
     S: Read + Write,
     F: FnOnce(&IncomingVm) -> Result<M, MigratableError>,
 {
-    ch.set_deadline(options.max_time.and_then(|t| Instant::now().checked_add(t)));
+    let overall = options.max_time.and_then(|t| Instant::now().checked_add(t));
+    ch.set_deadline(overall);
     ch.set_frame_timeout(Some(options.handshake_timeout));
     let hello = match ch.recv()? {
         Message::Hello(h) => h,
@@ -356,6 +398,12 @@ where
         codec,
         features,
     } = negotiate(&hello, options)?;
+    // No multi-connection without a way to accept more connections, or with a limit of 1.
+    let features = if accept.is_some() && options.max_connections > 1 {
+        features
+    } else {
+        features & !FEATURE_MULTI_CONNECTION
+    };
     let incoming = IncomingVm {
         version,
         arch: hello.arch,
@@ -380,6 +428,17 @@ where
         )));
     }
     vm.start_migration(MigrationRole::Destination)?;
+    // Several connections: offered, enabled, possible here (a listener to accept
+    // them from, a memory several threads may write).
+    let multi = (features & FEATURE_MULTI_CONNECTION != 0
+        && vm.memory_sink().as_sync_sink().is_some())
+    .then_some(accept)
+    .flatten();
+    let features = if multi.is_some() {
+        features
+    } else {
+        features & !FEATURE_MULTI_CONNECTION
+    };
     tracing::info!(version, codec = %codec.id(), features, "VM built, HELLO accepted");
     ch.send(&Message::HelloAck {
         version,
@@ -389,31 +448,48 @@ where
     ch.flush()?;
 
     let mut report = ReceiveReport::default();
-    let mut fresh = true; // round 0: memory is still all zero
+    let sink = vm.memory_sink();
+    match (multi, sink.as_sync_sink()) {
+        (Some(accept), Some(shared)) => {
+            let secondaries = multi::accept_secondaries(
+                ch,
+                accept,
+                options.max_connections,
+                options.handshake_timeout,
+                options.frame_timeout,
+                overall,
+            )?;
+            multi::receive_rounds(
+                secondaries,
+                shared,
+                &layout,
+                version,
+                options.frame_timeout,
+                |barrier| {
+                    let r = receive_rounds(ch, sink, &layout, version, &mut report, Some(barrier))
+                        .map_err(|e| barrier.first_error(e));
+                    if let Err(e) = &r {
+                        // Now, so that the source closes the other connections and
+                        // their threads end.
+                        abort(ch, e);
+                    }
+                    r
+                },
+            )?
+        }
+        _ => receive_rounds(ch, sink, &layout, version, &mut report, None)?,
+    }
+
     let mut state: Vec<u8> = Vec::new();
     // READY sent: the state is restored, only GO (or ABORT) may follow.
     let mut ready = false;
     loop {
-        // MEMORY data goes from the socket straight into guest memory (checked against
-        // the layout first); a MEMORY frame without data never decodes. After READY
-        // nothing may be written: frames are only decoded, and refused below.
-        let message = if ready {
-            ch.recv()?
-        } else {
-            match ch.recv_into(vm.memory_sink(), &layout)? {
-                Received::MemoryWritten(range) => {
-                    report.memory_bytes = report.memory_bytes.saturating_add(range.length);
-                    continue;
-                }
-                Received::Message(message) => message,
-            }
-        };
-        match message {
+        match ch.recv()? {
             Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
             Message::Go if !ready => {
                 return Err(MigrationError::Unexpected {
                     got: MessageType::Go,
-                    state: "receiving memory and state (no READY yet)",
+                    state: "receiving device state (no READY yet)",
                 })
             }
             other if ready && other.message_type() != MessageType::Go => {
@@ -421,36 +497,6 @@ where
                     got: other.message_type(),
                     state: "waiting for GO after READY",
                 })
-            }
-            Message::Zero(ranges) => {
-                if version < 2 {
-                    return Err(MigrationError::Malformed(
-                        "ZERO frame in protocol version 1".into(),
-                    ));
-                }
-                for r in ranges {
-                    check_range(&layout, r)?;
-                    if !fresh {
-                        vm.memory_sink().zero_memory(r.gpa, r.length)?;
-                    }
-                    report.zero_bytes = report.zero_bytes.saturating_add(r.length);
-                }
-            }
-            Message::RoundEnd { round, .. } => {
-                if round != report.rounds {
-                    return Err(MigrationError::Malformed(format!(
-                        "ROUND_END of round {round}, expected round {}",
-                        report.rounds
-                    )));
-                }
-                fresh = false;
-                report.rounds += 1;
-                tracing::debug!(
-                    round,
-                    memory_bytes = report.memory_bytes,
-                    zero_bytes = report.zero_bytes,
-                    "round received"
-                );
             }
             Message::State { last, data } => {
                 if state.len() + data.len() > MAX_STATE {
@@ -499,7 +545,78 @@ where
             other => {
                 return Err(MigrationError::Unexpected {
                     got: other.message_type(),
-                    state: "receiving memory and state",
+                    state: "receiving device state",
+                })
+            }
+        }
+    }
+}
+
+/// Receives memory rounds on the primary connection until the last ROUND_END, at
+/// each one waiting at `barrier` for the other connections' share of the round.
+fn receive_rounds<S: Read + Write>(
+    ch: &mut Channel<S>,
+    sink: &dyn MemorySink,
+    layout: &[MemoryRange],
+    version: u32,
+    report: &mut ReceiveReport,
+    mut barrier: Option<&mut Barrier>,
+) -> Result<(), MigrationError> {
+    let mut fresh = true; // round 0: memory is still all zero
+    loop {
+        // MEMORY data goes from the socket straight into guest memory (checked against
+        // the layout first); a MEMORY frame without data never decodes.
+        let message = match ch.recv_into(sink, layout)? {
+            Received::MemoryWritten(range) => {
+                report.memory_bytes = report.memory_bytes.saturating_add(range.length);
+                continue;
+            }
+            Received::Message(message) => message,
+        };
+        match message {
+            Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
+            Message::Zero(ranges) => {
+                if version < 2 {
+                    return Err(MigrationError::Malformed(
+                        "ZERO frame in protocol version 1".into(),
+                    ));
+                }
+                for r in ranges {
+                    check_range(layout, r)?;
+                    if !fresh {
+                        sink.zero_memory(r.gpa, r.length)?;
+                    }
+                    report.zero_bytes = report.zero_bytes.saturating_add(r.length);
+                }
+            }
+            Message::RoundEnd { round, last } => {
+                if round != report.rounds {
+                    return Err(MigrationError::Malformed(format!(
+                        "ROUND_END of round {round}, expected round {}",
+                        report.rounds
+                    )));
+                }
+                if let Some(b) = barrier.as_deref_mut() {
+                    let (memory, zero) = b.round_end(round, last)?;
+                    report.memory_bytes = report.memory_bytes.saturating_add(memory);
+                    report.zero_bytes = report.zero_bytes.saturating_add(zero);
+                }
+                fresh = false;
+                report.rounds += 1;
+                tracing::debug!(
+                    round,
+                    memory_bytes = report.memory_bytes,
+                    zero_bytes = report.zero_bytes,
+                    "round received"
+                );
+                if last {
+                    return Ok(());
+                }
+            }
+            other => {
+                return Err(MigrationError::Unexpected {
+                    got: other.message_type(),
+                    state: "receiving memory rounds",
                 })
             }
         }

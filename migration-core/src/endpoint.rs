@@ -279,6 +279,15 @@ impl Listener {
         }
     }
 
+    /// Makes [`accept`](Self::accept) return `WouldBlock` instead of waiting (the
+    /// connections it returns still block).
+    pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) | Listener::Tls(l) => l.set_nonblocking(nonblocking),
+            Listener::Unix(l) => l.set_nonblocking(nonblocking),
+        }
+    }
+
     /// The URL a peer connects to (with the actual port for `tcp://…:0`).
     pub fn url(&self) -> io::Result<String> {
         match self {
@@ -355,6 +364,16 @@ impl Stream {
             #[cfg(feature = "tls")]
             Stream::Tls(s) => s.tcp().set_read_timeout(timeout),
             Stream::Unix(s) => s.set_read_timeout(timeout),
+        }
+    }
+
+    /// Sets the write timeout: a peer that stops reading becomes an error, not a hang.
+    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(timeout),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.tcp().set_write_timeout(timeout),
+            Stream::Unix(s) => s.set_write_timeout(timeout),
         }
     }
 

@@ -143,6 +143,7 @@ pub mod file;
 pub mod memory;
 mod migratable;
 pub mod missing_pages;
+pub mod multi;
 mod pausable;
 pub mod postcopy;
 pub mod precopy;

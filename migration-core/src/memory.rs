@@ -445,6 +445,16 @@ pub trait MemorySink {
         // The buffer starts zeroed and nothing writes into it.
         bounced(length, |done, zeros| self.write_memory(gpa + done, zeros))
     }
+
+    /// This sink as one several threads may write at once, if it is one.
+    ///
+    /// A multi-connection migration ([`crate::multi`]) writes each connection's pages
+    /// from that connection's own thread, and is offered only for a sink that returns
+    /// `Some`. The default, `None`, keeps a migration to one connection; a `Sync`
+    /// implementation overrides it with `Some(self)`.
+    fn as_sync_sink(&self) -> Option<&(dyn MemorySink + Sync)> {
+        None
+    }
 }
 
 /// Calls `step(offset, buf)` for consecutive pieces of `length` bytes, each at most

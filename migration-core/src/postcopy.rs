@@ -422,7 +422,7 @@ where
     if let Err(e) = stream.set_write_timeout(Some(postcopy.peer_timeout)) {
         return Err(PostcopyError::Failed(e.into()));
     }
-    let mut source = Source::new(stream);
+    let mut source = Source::new(stream, None);
     let mut vm = Throttled::new(vm);
     let (mut stranded, paused_at) = match switch_over(&mut source, &mut vm, options, postcopy) {
         Ok(s) => s,
@@ -579,7 +579,7 @@ fn finish<M: Migratable + ?Sized, S: Duplex>(
 /// Handshake, rounds, pause, pending list, state, GO. Returns the stranded-to-be
 /// state (everything pending unsent) and when the VM paused.
 fn switch_over<M: Migratable + ?Sized, S: Duplex>(
-    source: &mut Source<S>,
+    source: &mut Source<'_, S>,
     vm: &mut Throttled<'_, M>,
     options: &mut MigrationOptions,
     postcopy: &PostcopyOptions,

@@ -16,11 +16,12 @@ use crate::codec::{self, Codec, CodecId};
 use crate::convergence::{AutoConverge, ConvergenceFailure, GiveUp, Throttled};
 use crate::endpoint::Endpoint;
 use crate::error::MigratableError;
-use crate::memory::{page_runs, MemoryRange, MemoryRangeTable, PageRun, PAGE_SIZE};
+use crate::memory::{page_runs, MemoryRange, MemoryRangeTable, MemorySource, PageRun, PAGE_SIZE};
 use crate::migratable::{Migratable, MigrationRole};
+use crate::multi::{self, BoxedConnection, Secondaries};
 use crate::protocol::{
-    Channel, Hello, Message, MessageType, MigrationError, MAX_MEMORY_CHUNK, MAX_PAYLOAD,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    Channel, Hello, Message, MessageType, MigrationError, FEATURE_MULTI_CONNECTION,
+    MAX_MEMORY_CHUNK, MAX_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use crate::security::Security;
 
@@ -104,6 +105,11 @@ pub struct MigrationOptions {
     pub features: u64,
     /// Called as memory goes out, at least once per chunk.
     pub progress: Option<ProgressFn>,
+    /// Connections to carry guest memory over, the first included (default 1). Above
+    /// 1, [`send_migration_with`] offers the multi-connection feature ([`crate::multi`])
+    /// and opens the others to the same URL if the destination accepts; the
+    /// destination's limit caps the number.
+    pub connections: usize,
 }
 
 impl Default for MigrationOptions {
@@ -121,6 +127,7 @@ impl Default for MigrationOptions {
             producer: concat!(env!("CARGO_PKG_NAME"), " ", env!("CARGO_PKG_VERSION")).to_owned(),
             features: 0,
             progress: None,
+            connections: 1,
         }
     }
 }
@@ -140,6 +147,7 @@ impl fmt::Debug for MigrationOptions {
             .field("producer", &self.producer)
             .field("features", &format_args!("{:#x}", self.features))
             .field("progress", &self.progress.is_some())
+            .field("connections", &self.connections)
             .finish()
     }
 }
@@ -264,8 +272,42 @@ where
     M: Migratable + ?Sized,
     S: Read + Write,
 {
+    send(vm, stream, None, options)
+}
+
+/// [`send_migration_over`] with more connections at hand: if
+/// [`MigrationOptions::connections`] is above 1 and the destination accepts, `connect`
+/// is called for each further connection (with its index, from 1) and guest memory
+/// travels over all of them ([`crate::multi`]). The destination side is
+/// [`receive_migration_over_connections`](crate::destination::receive_migration_over_connections).
+pub fn send_migration_over_connections<M, S, C>(
+    vm: &mut M,
+    stream: S,
+    mut connect: impl FnMut(usize) -> std::io::Result<C>,
+    options: &mut MigrationOptions,
+) -> Result<MigrationReport, MigrationError>
+where
+    M: Migratable + ?Sized,
+    S: Read + Write,
+    C: multi::Connection + 'static,
+{
+    let mut connect =
+        |i: usize| -> Result<BoxedConnection, MigrationError> { Ok(Box::new(connect(i)?)) };
+    send(vm, stream, Some(&mut connect), options)
+}
+
+fn send<M, S>(
+    vm: &mut M,
+    stream: S,
+    connect: Option<&mut dyn FnMut(usize) -> Result<BoxedConnection, MigrationError>>,
+    options: &mut MigrationOptions,
+) -> Result<MigrationReport, MigrationError>
+where
+    M: Migratable + ?Sized,
+    S: Read + Write,
+{
     let _span = tracing::info_span!("migrate_out").entered();
-    let mut source = Source::new(stream);
+    let mut source = Source::new(stream, connect);
     // Lifts the throttle on every exit, a panic included.
     let mut vm = Throttled::new(vm);
     match source.run(&mut vm, options) {
@@ -310,14 +352,27 @@ pub fn send_migration_with<M: Migratable + ?Sized>(
     options: &mut MigrationOptions,
     io_timeout: Duration,
 ) -> Result<MigrationReport, MigrationError> {
-    let stream = Endpoint::parse(url)
-        .map_err(MigrationError::endpoint)?
-        .connect_with(security, Some(io_timeout))?;
-    send_migration_over(vm, stream, options)
+    let endpoint = Endpoint::parse(url).map_err(MigrationError::endpoint)?;
+    let stream = endpoint.connect_with(security, Some(io_timeout))?;
+    if options.connections <= 1 {
+        return send_migration_over(vm, stream, options);
+    }
+    // Every connection of a multi-connection migration has deadlines both ways.
+    stream.set_write_timeout(Some(io_timeout))?;
+    let mut connect = |_: usize| -> Result<BoxedConnection, MigrationError> {
+        let s = endpoint.connect_with(security, Some(io_timeout))?;
+        s.set_write_timeout(Some(io_timeout))?;
+        Ok(Box::new(s))
+    };
+    send(vm, stream, Some(&mut connect), options)
 }
 
-pub(crate) struct Source<S: Read + Write> {
+pub(crate) struct Source<'c, S: Read + Write> {
     pub(crate) ch: Channel<S>,
+    /// Opens secondary connections (multi-connection), if the caller can.
+    connect: Option<&'c mut dyn FnMut(usize) -> Result<BoxedConnection, MigrationError>>,
+    /// The secondary connections, once the destination accepted them.
+    multi: Option<Secondaries>,
     pub(crate) paused: bool,
     pub(crate) dirty_logging: bool,
     pub(crate) committed: bool,
@@ -336,11 +391,17 @@ struct Rates {
     throttle: u8,
 }
 
-impl<S: Read + Write> Source<S> {
-    /// A source that has sent nothing yet over `stream`.
-    pub(crate) fn new(stream: S) -> Self {
+impl<'c, S: Read + Write> Source<'c, S> {
+    /// A source that has sent nothing yet over `stream`, opening secondary
+    /// connections through `connect` if the destination takes them.
+    pub(crate) fn new(
+        stream: S,
+        connect: Option<&'c mut dyn FnMut(usize) -> Result<BoxedConnection, MigrationError>>,
+    ) -> Self {
         Self {
             ch: Channel::new(stream),
+            connect,
+            multi: None,
             paused: false,
             dirty_logging: false,
             committed: false,
@@ -543,7 +604,7 @@ impl<S: Read + Write> Source<S> {
         let memory_bytes: u64 = rounds.iter().map(|r| r.wire_bytes).sum();
         Ok(MigrationReport {
             rounds,
-            bytes_sent: self.ch.bytes_sent(),
+            bytes_sent: self.bytes_sent(),
             bandwidth: memory_bytes as f64 / memory_time.as_secs_f64().max(1e-9),
             total_time: self.started.elapsed(),
             downtime: Downtime {
@@ -580,6 +641,17 @@ impl<S: Read + Write> Source<S> {
         let version = options
             .protocol_version
             .clamp(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION);
+        // Several connections: asked for, and possible (a way to open them, a memory
+        // several threads may read).
+        let multi = options.connections > 1
+            && self.connect.is_some()
+            && vm.memory_source().as_sync().is_some();
+        // A caller may offer the bit without the means: it then asks for 1 connection.
+        let offered = if multi {
+            options.features | FEATURE_MULTI_CONNECTION
+        } else {
+            options.features
+        };
         self.ch.send(&Message::Hello(Hello {
             version,
             min_version: MIN_PROTOCOL_VERSION,
@@ -588,7 +660,7 @@ impl<S: Read + Write> Source<S> {
             layout: vm.memory_source().regions(),
             config: options.config.clone(),
             producer: options.producer.clone(),
-            features: options.features,
+            features: offered,
         }))?;
         match self.ch.recv()? {
             Message::HelloAck {
@@ -606,13 +678,24 @@ impl<S: Read + Write> Source<S> {
                         "destination chose codec `{codec}`, which was not offered"
                     ))
                 })?;
-                if features & !options.features != 0 {
+                if features & !offered != 0 {
                     return Err(MigrationError::Rejected(format!(
-                        "destination accepted features {features:#x}, this source offered {:#x}",
-                        options.features
+                        "destination accepted features {features:#x}, this source offered {offered:#x}"
                     )));
                 }
                 self.accepted = true;
+                if features & FEATURE_MULTI_CONNECTION != 0 {
+                    let mut none = |_: usize| -> Result<BoxedConnection, MigrationError> {
+                        Err(MigrationError::Rejected(
+                            "no way to open more connections".into(),
+                        ))
+                    };
+                    let (wanted, connect) = match self.connect.as_deref_mut() {
+                        Some(connect) if multi => (options.connections, connect),
+                        _ => (1, &mut none as &mut dyn FnMut(usize) -> _),
+                    };
+                    self.multi = Some(Secondaries::open(&mut self.ch, wanted, connect)?);
+                }
                 Ok((v, codec, features))
             }
             Message::Abort(reason) => {
@@ -626,8 +709,8 @@ impl<S: Read + Write> Source<S> {
         }
     }
 
-    /// Sends the pages of `table`: non-zero pages as MEMORY, zero pages as ZERO ranges
-    /// (protocol ≥ 2), then ROUND_END.
+    /// Sends the pages of `table` (dealt to every connection of a multi-connection
+    /// migration, see [`crate::multi`]), then ROUND_END on the primary connection.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn send_round<M: Migratable + ?Sized>(
         &mut self,
@@ -640,7 +723,7 @@ impl<S: Read + Write> Source<S> {
         options: &mut MigrationOptions,
     ) -> Result<RoundReport, MigrationError> {
         let start = Instant::now();
-        let wire_start = self.ch.bytes_sent();
+        let wire_start = self.bytes_sent();
         let phase = if last {
             Phase::FinalRound
         } else {
@@ -652,51 +735,71 @@ impl<S: Read + Write> Source<S> {
             guest_bytes: total,
             ..RoundReport::default()
         };
-        let mut zeros: Vec<MemoryRange> = Vec::new();
-        let mut done = 0u64;
         let memory = vm.memory_source();
-        for piece in table.chunks(buf.len() as u64) {
-            let chunk = &mut buf[..piece.length as usize];
-            memory
-                .read_memory(piece.gpa, chunk)
-                .map_err(MigratableError::from)?;
-            if version >= 2 {
-                for PageRun { offset, len, zero } in page_runs(chunk) {
-                    let gpa = piece.gpa + offset as u64;
-                    let pages = (len as u64).div_ceil(PAGE_SIZE);
-                    if zero {
-                        report.zero_pages += pages;
-                        match zeros.last_mut() {
-                            Some(z) if z.gpa + z.length == gpa => z.length += len as u64,
-                            _ => zeros.push(MemoryRange::new(gpa, len as u64)),
-                        }
-                        if zeros.len() >= 4096 {
-                            self.ch.send(&Message::Zero(std::mem::take(&mut zeros)))?;
-                        }
-                    } else {
-                        report.pages += pages;
-                        self.ch.send(&Message::Memory {
-                            gpa,
-                            data: &chunk[offset..offset + len],
-                        })?;
-                    }
-                }
-            } else {
-                report.pages += piece.length.div_ceil(PAGE_SIZE);
-                self.ch.send(&Message::Memory {
-                    gpa: piece.gpa,
-                    data: chunk,
+        let rates = self.rates;
+        match (&mut self.multi, memory.as_sync()) {
+            (Some(multi), Some(shared)) => {
+                let shares = multi::shares(table, multi.count());
+                // Progress follows the primary's share, scaled to the round.
+                let scale = total as f64 / shares[0].total_bytes().max(1) as f64;
+                let others = multi.bytes_sent();
+                let chunk = buf.len();
+                let send = |ch: &mut Channel<BoxedConnection>,
+                            buf: &mut Vec<u8>,
+                            share: &MemoryRangeTable| {
+                    buf.resize(chunk, 0);
+                    let mut r = RoundReport::default();
+                    send_pages(ch, shared, share, version, buf, &mut r, &mut |_, _| {})?;
+                    Ok(r)
+                };
+                let ch = &mut self.ch;
+                let reports = multi.send_round(&shares, round, last, &send, |share| {
+                    let mut r = RoundReport::default();
+                    send_pages(
+                        ch,
+                        memory,
+                        share,
+                        version,
+                        buf,
+                        &mut r,
+                        &mut |done, sent| {
+                            let done = ((done as f64 * scale) as u64).min(total);
+                            report_progress(
+                                options,
+                                rates,
+                                phase,
+                                round,
+                                total,
+                                done,
+                                sent + others,
+                            )
+                        },
+                    )?;
+                    Ok(r)
                 })?;
+                for r in reports {
+                    report.pages += r.pages;
+                    report.zero_pages += r.zero_pages;
+                }
             }
-            done += piece.length;
-            self.progress(options, phase, round, total, done);
-        }
-        if !zeros.is_empty() {
-            self.ch.send(&Message::Zero(zeros))?;
+            _ => {
+                let others = self.multi.as_ref().map_or(0, Secondaries::bytes_sent);
+                send_pages(
+                    &mut self.ch,
+                    memory,
+                    table,
+                    version,
+                    buf,
+                    &mut report,
+                    &mut |done, sent| {
+                        report_progress(options, rates, phase, round, total, done, sent + others)
+                    },
+                )?
+            }
         }
         self.ch.send(&Message::RoundEnd { round, last })?;
         self.ch.flush()?;
-        report.wire_bytes = self.ch.bytes_sent() - wire_start;
+        report.wire_bytes = self.bytes_sent() - wire_start;
         report.duration = start.elapsed();
         tracing::info!(
             round,
@@ -710,6 +813,11 @@ impl<S: Read + Write> Source<S> {
             "round sent"
         );
         Ok(report)
+    }
+
+    /// Bytes framed on every connection so far.
+    fn bytes_sent(&self) -> u64 {
+        self.ch.bytes_sent() + self.multi.as_ref().map_or(0, Secondaries::bytes_sent)
     }
 
     pub(crate) fn expect(
@@ -781,7 +889,7 @@ impl RoundReport {
     }
 }
 
-impl<S: Read + Write> Source<S> {
+impl<S: Read + Write> Source<'_, S> {
     fn progress(
         &self,
         options: &mut MigrationOptions,
@@ -790,19 +898,88 @@ impl<S: Read + Write> Source<S> {
         total: u64,
         done: u64,
     ) {
-        if let Some(cb) = options.progress.as_mut() {
-            cb(&Progress {
-                phase,
-                round,
-                round_total: total,
-                round_done: done,
-                bytes_sent: self.ch.bytes_sent(),
-                dirty_rate: self.rates.dirty_rate,
-                bandwidth: self.rates.bandwidth,
-                throttle: self.rates.throttle,
-            });
-        }
+        let sent = self.bytes_sent();
+        report_progress(options, self.rates, phase, round, total, done, sent);
     }
+}
+
+fn report_progress(
+    options: &mut MigrationOptions,
+    rates: Rates,
+    phase: Phase,
+    round: u32,
+    total: u64,
+    done: u64,
+    bytes_sent: u64,
+) {
+    if let Some(cb) = options.progress.as_mut() {
+        cb(&Progress {
+            phase,
+            round,
+            round_total: total,
+            round_done: done,
+            bytes_sent,
+            dirty_rate: rates.dirty_rate,
+            bandwidth: rates.bandwidth,
+            throttle: rates.throttle,
+        });
+    }
+}
+
+/// Sends the pages of `table` on `ch`: non-zero pages as MEMORY, zero pages as ZERO
+/// ranges (protocol ≥ 2), counted in `report`; `on_chunk(done, bytes_sent)` after each
+/// chunk of `buf`'s size.
+fn send_pages<S: Read + Write>(
+    ch: &mut Channel<S>,
+    memory: &dyn MemorySource,
+    table: &MemoryRangeTable,
+    version: u32,
+    buf: &mut [u8],
+    report: &mut RoundReport,
+    on_chunk: &mut dyn FnMut(u64, u64),
+) -> Result<(), MigrationError> {
+    let mut zeros: Vec<MemoryRange> = Vec::new();
+    let mut done = 0u64;
+    for piece in table.chunks(buf.len() as u64) {
+        let chunk = &mut buf[..piece.length as usize];
+        memory
+            .read_memory(piece.gpa, chunk)
+            .map_err(MigratableError::from)?;
+        if version >= 2 {
+            for PageRun { offset, len, zero } in page_runs(chunk) {
+                let gpa = piece.gpa + offset as u64;
+                let pages = (len as u64).div_ceil(PAGE_SIZE);
+                if zero {
+                    report.zero_pages += pages;
+                    match zeros.last_mut() {
+                        Some(z) if z.gpa + z.length == gpa => z.length += len as u64,
+                        _ => zeros.push(MemoryRange::new(gpa, len as u64)),
+                    }
+                    if zeros.len() >= 4096 {
+                        ch.send(&Message::Zero(std::mem::take(&mut zeros)))?;
+                    }
+                } else {
+                    report.pages += pages;
+                    ch.send(&Message::Memory {
+                        gpa,
+                        data: &chunk[offset..offset + len],
+                    })?;
+                }
+            }
+        } else {
+            report.pages += piece.length.div_ceil(PAGE_SIZE);
+            ch.send(&Message::Memory {
+                gpa: piece.gpa,
+                data: chunk,
+            })?;
+        }
+        done += piece.length;
+        on_chunk(done, ch.bytes_sent());
+    }
+    if !zeros.is_empty() {
+        ch.send(&Message::Zero(zeros))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

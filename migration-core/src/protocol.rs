@@ -68,6 +68,11 @@ pub const MAX_TEXT: usize = 4096;
 pub const MAX_ZERO_RANGES: usize = 65536;
 /// Most ranges in one POSTCOPY_PENDING or RECOVER_ACK frame.
 pub const MAX_PENDING_RANGES: usize = 65536;
+/// Most connections a multi-connection migration may use, the primary included
+/// (see [`crate::multi`]).
+pub const MAX_CONNECTIONS: usize = 16;
+/// Length of a multi-connection session token.
+pub const SESSION_TOKEN_LEN: usize = 32;
 
 const HEADER: usize = 8;
 const TRAILER: usize = 8;
@@ -107,6 +112,16 @@ pub enum MessageType {
     Recover = 14,
     /// Destination → source (postcopy): the pages still missing, answering RECOVER.
     RecoverAck = 15,
+    /// Destination → source, on the primary connection: the token secondary
+    /// connections present, and the most connections allowed (multi-connection).
+    Session = 25,
+    /// Source → destination, on the primary connection: how many connections in all.
+    Connections = 26,
+    /// Source → destination, first frame of a secondary connection: the session token
+    /// and the connection's index.
+    Join = 27,
+    /// Source → destination, on a secondary connection: its share of a round is sent.
+    StripeEnd = 28,
 }
 
 impl MessageType {
@@ -128,6 +143,10 @@ impl MessageType {
             13 => PostcopyComplete,
             14 => Recover,
             15 => RecoverAck,
+            25 => Session,
+            26 => Connections,
+            27 => Join,
+            28 => StripeEnd,
             _ => return None,
         })
     }
@@ -229,6 +248,31 @@ pub enum Message<'a> {
         last: bool,
         /// Ranges of pages the destination still misses.
         ranges: Vec<MemoryRange>,
+    },
+    /// See [`MessageType::Session`].
+    Session {
+        /// Random token every secondary connection presents in its JOIN.
+        token: [u8; SESSION_TOKEN_LEN],
+        /// Most connections the destination accepts, the primary included (2 to
+        /// [`MAX_CONNECTIONS`]).
+        max_connections: u16,
+    },
+    /// See [`MessageType::Connections`]: connections in all, the primary included
+    /// (1 to [`MAX_CONNECTIONS`]).
+    Connections(u16),
+    /// See [`MessageType::Join`].
+    Join {
+        /// The token of the SESSION message.
+        token: [u8; SESSION_TOKEN_LEN],
+        /// This connection's index (1 to CONNECTIONS − 1; the primary is 0).
+        index: u16,
+    },
+    /// See [`MessageType::StripeEnd`].
+    StripeEnd {
+        /// Round number, from 0.
+        round: u32,
+        /// Whether this was the last round.
+        last: bool,
     },
 }
 
@@ -432,6 +476,10 @@ impl<'a> Message<'a> {
             Message::PostcopyComplete => MessageType::PostcopyComplete,
             Message::Recover { .. } => MessageType::Recover,
             Message::RecoverAck { .. } => MessageType::RecoverAck,
+            Message::Session { .. } => MessageType::Session,
+            Message::Connections(_) => MessageType::Connections,
+            Message::Join { .. } => MessageType::Join,
+            Message::StripeEnd { .. } => MessageType::StripeEnd,
         }
     }
 
@@ -526,6 +574,41 @@ impl<'a> Message<'a> {
                 };
                 Message::RoundEnd { round, last }
             }
+            MessageType::StripeEnd => {
+                let round = c.u32()?;
+                let last = match c.u8()? {
+                    0 => false,
+                    1 => true,
+                    v => return Err(MigrationError::malformed(format!("STRIPE_END last = {v}"))),
+                };
+                Message::StripeEnd { round, last }
+            }
+            MessageType::Session => {
+                let token = c.array()?;
+                let max_connections = c.u16()?;
+                if !(2..=MAX_CONNECTIONS).contains(&(max_connections as usize)) {
+                    return Err(MigrationError::malformed(format!(
+                        "SESSION allows {max_connections} connections (2 to {MAX_CONNECTIONS})"
+                    )));
+                }
+                Message::Session {
+                    token,
+                    max_connections,
+                }
+            }
+            MessageType::Connections => {
+                let n = c.u16()?;
+                if !(1..=MAX_CONNECTIONS).contains(&(n as usize)) {
+                    return Err(MigrationError::malformed(format!(
+                        "CONNECTIONS {n} (1 to {MAX_CONNECTIONS})"
+                    )));
+                }
+                Message::Connections(n)
+            }
+            MessageType::Join => Message::Join {
+                token: c.array()?,
+                index: c.u16()?,
+            },
             MessageType::State => {
                 let last = match c.u8()? {
                     0 => false,
@@ -619,9 +702,21 @@ impl<'a> Message<'a> {
                     out.extend_from_slice(&r.length.to_le_bytes());
                 }
             }
-            Message::RoundEnd { round, last } => {
+            Message::RoundEnd { round, last } | Message::StripeEnd { round, last } => {
                 out.extend_from_slice(&round.to_le_bytes());
                 out.push(u8::from(*last));
+            }
+            Message::Session {
+                token,
+                max_connections,
+            } => {
+                out.extend_from_slice(token);
+                out.extend_from_slice(&max_connections.to_le_bytes());
+            }
+            Message::Connections(n) => out.extend_from_slice(&n.to_le_bytes()),
+            Message::Join { token, index } => {
+                out.extend_from_slice(token);
+                out.extend_from_slice(&index.to_le_bytes());
             }
             Message::State { last, .. } => out.push(u8::from(*last)),
             Message::Ready | Message::Go | Message::Done | Message::PostcopyComplete => {}
@@ -1108,6 +1203,19 @@ mod tests {
         round_trip(Message::RecoverAck {
             last: false,
             ranges: vec![MemoryRange::new(0, 4096)],
+        });
+        round_trip(Message::Session {
+            token: [7; SESSION_TOKEN_LEN],
+            max_connections: 4,
+        });
+        round_trip(Message::Connections(3));
+        round_trip(Message::Join {
+            token: [9; SESSION_TOKEN_LEN],
+            index: 2,
+        });
+        round_trip(Message::StripeEnd {
+            round: 4,
+            last: false,
         });
     }
 

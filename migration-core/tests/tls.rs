@@ -25,7 +25,7 @@ use migration_core::{
 };
 use migration_testkit::relay::{Direction, Relay, RelayAction, RelayFault};
 use migration_testkit::test_pki::{TestCa, TestPki, Validity, TEST_CLIENT_NAME};
-use migration_testkit::FakeVm;
+use migration_testkit::{assert_source_intact, FakeVm};
 
 const MEM: u64 = 8 << 20;
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
@@ -55,28 +55,8 @@ fn source_vm() -> (FakeVm, u64) {
         .build()
         .expect("fake VM");
     vm.run_workload_writes(700).expect("workload writes");
-    vm.pause().expect("pause");
-    let digest = vm.content_digest();
-    vm.resume().expect("resume");
+    let digest = vm.paused_digest().expect("digest");
     (vm, digest)
-}
-
-fn assert_source_intact(source: &mut FakeVm, digest: u64, context: &str) {
-    assert!(source.is_running(), "{context}: source not running");
-    assert!(
-        !source.is_dirty_logging(),
-        "{context}: dirty logging left on"
-    );
-    source.pause().expect("pause");
-    assert_eq!(
-        source.content_digest(),
-        digest,
-        "{context}: source state changed"
-    );
-    source
-        .verify()
-        .unwrap_or_else(|e| panic!("{context}: source self-check: {e}"));
-    source.resume().expect("resume");
 }
 
 type DestResult = Result<(FakeVm, ReceiveReport), MigrationError>;

@@ -665,6 +665,10 @@ impl<B: DirtyBitmap> MemorySink for GuestRam<B> {
         self.mark_dirty(gpa, len);
         Ok(())
     }
+
+    fn as_sync_sink(&self) -> Option<&(dyn MemorySink + Sync)> {
+        Some(self)
+    }
 }
 
 /// One KVM memory slot: a guest region and where it lives in this process.

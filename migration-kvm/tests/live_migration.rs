@@ -92,6 +92,32 @@ fn memory_pattern_migrates_over_tcp_and_unix_while_running() -> Result<()> {
     migrate_running_guest(Guest::MemoryPattern, &unix_url(&dir, "mp.sock"))
 }
 
+/// Over two connections (multi-connection): the guest's self-check after the
+/// migration checks every page of its pattern, rewritten while precopy ran, holds its
+/// newest content.
+#[test]
+fn memory_pattern_migrates_over_two_connections_while_running() -> Result<()> {
+    require_kvm!(Ok(()));
+    let mut src = boot(Guest::MemoryPattern)?;
+    src.advance(BEFORE)?;
+    let (dst, report) = src
+        .migrate_over_connections("tcp://127.0.0.1:0", codecs(), IO_TIMEOUT, 2)
+        .context("migration over two connections")?;
+    ensure!(
+        report.features & migration_core::protocol::FEATURE_MULTI_CONNECTION != 0,
+        "two connections were not negotiated: {report:?}"
+    );
+    ensure!(report.rounds.len() >= 2, "{report:?}");
+    let m = dst.advance(AFTER)?;
+    let first = m.first_progress().unwrap_or(0);
+    let base = dst.baseline.unwrap_or(0);
+    ensure!(
+        first > base,
+        "first progress {first} after migration, source stopped at {base}"
+    );
+    Ok(())
+}
+
 #[test]
 fn timer_migrates_over_tcp_and_unix_while_running() -> Result<()> {
     require_kvm!(Ok(()));

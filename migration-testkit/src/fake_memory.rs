@@ -411,6 +411,10 @@ impl MemorySink for FakeMemory {
         region.mark(gpa - region.range.gpa, length);
         Ok(())
     }
+
+    fn as_sync_sink(&self) -> Option<&(dyn MemorySink + Sync)> {
+        Some(self)
+    }
 }
 
 /// `io::Error` for callers that want to surface a [`MemoryError`] through `io`.

@@ -835,6 +835,42 @@ impl FakeVm {
     pub fn is_dirty_logging(&self) -> bool {
         self.dirty_logging
     }
+
+    /// [`content_digest`](Self::content_digest) taken while paused (the VM is paused
+    /// and resumed around it): what [`assert_source_intact`] compares with after a
+    /// failed migration.
+    pub fn paused_digest(&mut self) -> Result<u64, MigratableError> {
+        self.pause()?;
+        let digest = self.content_digest();
+        self.resume()?;
+        Ok(digest)
+    }
+}
+
+/// Asserts that `source` survived a failed migration: running, dirty logging off,
+/// memory, devices and workload exactly as `digest` ([`FakeVm::paused_digest`] taken
+/// before the migration) says, and its workload's self-check passes. Panics with
+/// `context` and what differs otherwise (a test helper).
+pub fn assert_source_intact(source: &mut FakeVm, digest: u64, context: &str) {
+    assert!(source.is_running(), "{context}: source not running");
+    assert!(
+        !source.is_dirty_logging(),
+        "{context}: dirty logging left on"
+    );
+    if let Err(e) = source.pause() {
+        panic!("{context}: cannot pause the source: {e}");
+    }
+    assert_eq!(
+        source.content_digest(),
+        digest,
+        "{context}: source state changed"
+    );
+    if let Err(e) = source.verify() {
+        panic!("{context}: source self-check: {e}");
+    }
+    if let Err(e) = source.resume() {
+        panic!("{context}: cannot resume the source: {e}");
+    }
 }
 
 #[cfg(test)]

@@ -76,7 +76,7 @@ pub use conformance::{Conformance, ConformanceError, Property};
 pub use fake_device::{FailOn, FakeDevice, FakeDeviceState, FakeDeviceStateV1, FakeQueue};
 pub use fake_manager::FakeDeviceManager;
 pub use fake_memory::FakeMemory;
-pub use fake_vm::{FakeVm, FakeVmBuilder, WorkloadState};
+pub use fake_vm::{assert_source_intact, FakeVm, FakeVmBuilder, WorkloadState};
 pub use fault::{Fault, FaultPlan, FaultyReader, FaultyStream, FaultyWriter};
 pub use kvm::{kvm_available, skip_unless_kvm};
 pub use rng::Rng;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use migration_core::codec::CodecRegistry;
 use migration_core::destination::{receive_migration, IncomingVm};
 use migration_core::precopy::{send_migration, ConvergencePolicy, MigrationReport};
-use migration_core::protocol::MigrationError;
+use migration_core::protocol::{MigrationError, FEATURE_MULTI_CONNECTION};
 use migration_core::MigratableError;
 use migration_kvm::{ExitAction, ExitEvent, ExitHandler, KvmVm, KvmVmConfig, KvmVmError};
 
@@ -444,15 +444,31 @@ impl RunningGuest {
         codecs: CodecRegistry,
         io_timeout: Duration,
     ) -> Result<(RunningGuest, MigrationReport), RunningGuestError> {
+        self.migrate_over_connections(url, codecs, io_timeout, 1)
+    }
+
+    /// [`migrate_to`](Self::migrate_to) over `connections` connections (the
+    /// destination enables `FEATURE_MULTI_CONNECTION` when it is above 1).
+    pub fn migrate_over_connections(
+        &mut self,
+        url: &str,
+        codecs: CodecRegistry,
+        io_timeout: Duration,
+        connections: usize,
+    ) -> Result<(RunningGuest, MigrationReport), RunningGuestError> {
         let log = GuestLog::new();
         let dest_log = log.clone();
         let (tx, rx) = mpsc::channel();
         let listen = url.to_owned();
         let dest_codecs = codecs.clone();
         let dest = thread::spawn(move || {
+            let mut options = KvmVm::receive_options(dest_codecs.clone());
+            if connections > 1 {
+                options.features |= FEATURE_MULTI_CONNECTION;
+            }
             receive_migration(
                 &listen,
-                &KvmVm::receive_options(dest_codecs.clone()),
+                &options,
                 io_timeout,
                 |u| {
                     let _ = tx.send(u.to_owned());
@@ -474,6 +490,7 @@ impl RunningGuest {
         let result = target.and_then(|target| {
             let mut opts = self.vm.migration_options();
             opts.policy = ConvergencePolicy::Force;
+            opts.connections = connections;
             Ok(send_migration(
                 &mut self.vm,
                 &target,
