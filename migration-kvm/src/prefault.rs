@@ -211,6 +211,12 @@ impl MemorySink for Prefaulter {
     fn zero_memory(&self, gpa: u64, length: u64) -> Result<(), MemoryError> {
         self.memory.zero_memory(gpa, length)
     }
+
+    /// Several connections may write at once (multi-connection): the cursor moves
+    /// to the furthest write, and the thread only faults pages in.
+    fn as_sync_sink(&self) -> Option<&(dyn MemorySink + Sync)> {
+        Some(self)
+    }
 }
 
 #[cfg(test)]
