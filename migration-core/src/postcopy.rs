@@ -782,7 +782,14 @@ fn serve<M: Migratable + ?Sized, S: Duplex>(
     while !complete {
         loop {
             match rx.try_recv() {
-                Ok(msg) => handle(msg, ch, st, &mut buf, &mut complete)?,
+                Ok(msg) => {
+                    handle(msg, ch, st, &mut buf, &mut complete)?;
+                    if complete {
+                        // A destination may close as soon as it sent COMPLETE: the
+                        // reader then hangs up, which is no error any more.
+                        break;
+                    }
+                }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     return Err(MigrationError::Io(io::ErrorKind::BrokenPipe.into()))

@@ -49,13 +49,17 @@ fn postcopy() -> PostcopyOptions {
     }
 }
 
-/// A running source whose workload rewrites a 4 MiB area fast enough that most of
-/// it is dirty again when round 0 ends: those pages are left for postcopy.
+/// A running source whose workload rewrites a 4 MiB area fast enough that much of
+/// it is dirty again when round 0 ends: those pages are left for postcopy. On a
+/// loaded machine the workload thread may barely run during round 0, so 256 more
+/// writes land as it pauses: postcopy always has pages to move (one page alone
+/// left a cut "at 90 %" after the last page).
 fn busy_source() -> FakeVm {
     let vm = FakeVm::builder()
         .memory_size(MEM)
         .workload(2_000_000_000, 7)
         .workload_area(&[MemoryRange::new(0, AREA)])
+        .writes_before_pause(256)
         .codecs(codecs())
         .build()
         .expect("fake VM");

@@ -274,6 +274,7 @@ pub struct FakeVmBuilder {
     workload: WorkloadState,
     codecs: CodecRegistry,
     running: bool,
+    writes_before_pause: u64,
 }
 
 impl FakeVmBuilder {
@@ -312,6 +313,15 @@ impl FakeVmBuilder {
     /// The codecs of [`Transportable::codecs`] (default: empty).
     pub fn codecs(mut self, codecs: CodecRegistry) -> Self {
         self.codecs = codecs;
+        self
+    }
+
+    /// On every pause of a running VM, `n` more workload writes land first (default
+    /// 0), on the pausing thread: pages a guest is sure to have dirtied since the
+    /// last dirty-log read, whatever the scheduler gave the workload thread (what
+    /// postcopy's pending list is made of).
+    pub fn writes_before_pause(mut self, n: u64) -> Self {
+        self.writes_before_pause = n;
         self
     }
 
@@ -369,6 +379,7 @@ impl FakeVmBuilder {
             migrating: false,
             role: None,
             throttles: Vec::new(),
+            writes_before_pause: self.writes_before_pause,
         })
     }
 }
@@ -385,6 +396,8 @@ pub struct FakeVm {
     role: Option<MigrationRole>,
     /// Every throttle `set_throttle` set, in order.
     throttles: Vec<u8>,
+    /// See [`FakeVmBuilder::writes_before_pause`].
+    writes_before_pause: u64,
 }
 
 impl fmt::Debug for FakeVm {
@@ -438,6 +451,7 @@ impl FakeVm {
             workload: WorkloadState::default(),
             codecs: CodecRegistry::new(),
             running: true,
+            writes_before_pause: 0,
         }
     }
 
@@ -647,7 +661,15 @@ impl Pausable for FakeVm {
     fn pause(&mut self) -> Result<(), MigratableError> {
         self.shared.run.store(false, Ordering::Release);
         // Taking the lock waits for the write in progress; after this no write starts.
-        self.shared.lock().running = false;
+        let mut ctl = self.shared.lock();
+        if ctl.running && self.writes_before_pause > 0 {
+            let mut page = vec![0u8; PAGE_SIZE as usize];
+            for _ in 0..self.writes_before_pause {
+                self.shared.write_next(&mut ctl, &mut page)?;
+            }
+        }
+        ctl.running = false;
+        drop(ctl);
         self.devices.pause().map_err(|e| e.within("vm"))
     }
 
