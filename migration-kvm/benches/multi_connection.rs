@@ -10,68 +10,25 @@
 //! size, default 1024; `BENCH_RUNS`). Needs `/dev/kvm`. On a 2-core machine the
 //! connections' threads share the cores with the guest's vCPU: expect little gain.
 
+mod common;
+
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use migration_core::destination::receive_migration_with;
 use migration_core::precopy::send_migration_with;
 use migration_core::protocol::FEATURE_MULTI_CONNECTION;
 use migration_core::security::Security;
-use migration_core::{ConvergencePolicy, Migratable};
-use migration_kvm::{KvmVm, KvmVmConfig};
+use migration_core::ConvergencePolicy;
+use migration_kvm::KvmVm;
 use migration_testkit::bench::{env_or, loopback_tcp_copy, ms};
-use migration_testkit::guest::{
-    configure_vcpu, monitor_handler, write_boot_memory, Guest, PortMonitor, Verdict, TIMER_IDLE,
-};
-use migration_testkit::Rng;
+use migration_testkit::guest::{monitor_handler, Guest, PortMonitor, TIMER_IDLE};
+
+use common::{source, wait_for};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
-const FILL_START: u64 = 16 << 20;
-const BUF: usize = 2 << 20;
-
-fn wait_for(monitor: &Mutex<PortMonitor>, n: u64) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let m = monitor.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Verdict::Fail(f) = m.verdict() {
-            bail!("guest failed: {f:?}");
-        }
-        if m.progress_events() >= n {
-            return Ok(());
-        }
-        ensure!(Instant::now() < deadline, "timed out: {m:?}");
-        thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn source(size: u64) -> Result<KvmVm> {
-    let monitor = Arc::new(Mutex::new(PortMonitor::new(2)));
-    let mut vm = KvmVm::new(
-        KvmVmConfig::new(size, 1),
-        migration_serde::registry(),
-        |_| monitor_handler(monitor.clone(), None),
-    )?;
-    let ram = write_boot_memory(vm.memory().mmap(), Guest::Timer.image())?;
-    vm.with_vcpu(0, move |fd| -> Result<()> {
-        let kvm = kvm_ioctls::Kvm::new()?;
-        configure_vcpu(fd, &kvm, ram, TIMER_IDLE)?;
-        Ok(())
-    })??;
-    let mut buf = vec![0u8; BUF];
-    let mut rng = Rng::new(7);
-    let mut gpa = FILL_START;
-    while gpa < size {
-        rng.fill(&mut buf);
-        let n = (size - gpa).min(BUF as u64) as usize;
-        vm.memory_sink().write_memory(gpa, &buf[..n])?;
-        gpa += n as u64;
-    }
-    vm.start()?;
-    wait_for(&monitor, 2)?;
-    Ok(vm)
-}
 
 /// Migrates `vm` to a destination thread over `connections` connections; returns the
 /// destination VM (running, its guest checked), the time and the bytes sent.
@@ -148,7 +105,7 @@ fn main() -> Result<()> {
         raw_bw / 1e9
     );
     let counts = [1usize, 2, 4];
-    let mut vm = source(size)?;
+    let (mut vm, _) = source(size, Guest::Timer, TIMER_IDLE, true)?;
     let mut all: Vec<(usize, f64)> = Vec::new();
     for i in 0..runs * counts.len() {
         let n = counts[i % counts.len()];

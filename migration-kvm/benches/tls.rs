@@ -9,67 +9,25 @@
 //! Run: `cargo bench -p migration-kvm --bench tls` (env `BENCH_MIB`: guest size,
 //! default 1024; `BENCH_RUNS`). Needs `/dev/kvm`.
 
+mod common;
+
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use migration_core::endpoint::Endpoint;
 use migration_core::security::Security;
-use migration_core::{receive_migration_over, send_migration_over, ConvergencePolicy, Migratable};
-use migration_kvm::{KvmVm, KvmVmConfig};
+use migration_core::{receive_migration_over, send_migration_over, ConvergencePolicy};
+use migration_kvm::KvmVm;
 use migration_testkit::bench::{env_or, loopback_tcp_copy, ms};
-use migration_testkit::guest::{
-    configure_vcpu, monitor_handler, write_boot_memory, Guest, PortMonitor, Verdict, TIMER_IDLE,
-};
+use migration_testkit::guest::{monitor_handler, Guest, PortMonitor, TIMER_IDLE};
 use migration_testkit::test_pki::TestPki;
-use migration_testkit::Rng;
+
+use common::{source, wait_for};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
-const FILL_START: u64 = 16 << 20;
 const BUF: usize = 2 << 20;
-
-fn wait_for(monitor: &Mutex<PortMonitor>, n: u64) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let m = monitor.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Verdict::Fail(f) = m.verdict() {
-            bail!("guest failed: {f:?}");
-        }
-        if m.progress_events() >= n {
-            return Ok(());
-        }
-        ensure!(Instant::now() < deadline, "timed out: {m:?}");
-        thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn source(size: u64) -> Result<KvmVm> {
-    let monitor = Arc::new(Mutex::new(PortMonitor::new(2)));
-    let mut vm = KvmVm::new(
-        KvmVmConfig::new(size, 1),
-        migration_serde::registry(),
-        |_| monitor_handler(monitor.clone(), None),
-    )?;
-    let ram = write_boot_memory(vm.memory().mmap(), Guest::Timer.image())?;
-    vm.with_vcpu(0, move |fd| -> Result<()> {
-        let kvm = kvm_ioctls::Kvm::new()?;
-        configure_vcpu(fd, &kvm, ram, TIMER_IDLE)?;
-        Ok(())
-    })??;
-    let mut buf = vec![0u8; BUF];
-    let mut rng = Rng::new(7);
-    let mut gpa = FILL_START;
-    while gpa < size {
-        rng.fill(&mut buf);
-        let n = (size - gpa).min(BUF as u64) as usize;
-        vm.memory_sink().write_memory(gpa, &buf[..n])?;
-        gpa += n as u64;
-    }
-    vm.start()?;
-    wait_for(&monitor, 2)?;
-    Ok(vm)
-}
 
 struct Run {
     tls: bool,
@@ -201,7 +159,7 @@ fn main() -> Result<()> {
         tls_raw_bw / 1e9
     );
     let plain = Security::plaintext();
-    let mut vm = source(size)?;
+    let (mut vm, _) = source(size, Guest::Timer, TIMER_IDLE, true)?;
     let mut all = Vec::new();
     for i in 0..runs * 2 {
         let tls = i % 2 == 1;
