@@ -9,7 +9,7 @@
 //! holds however busy the machine is. The tests assert what the driver decides, never
 //! how fast anything ran.
 
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use migration_core::{
     receive_migration_over, send_migration_over, AutoConverge, CodecRegistry, ConvergencePolicy,
     MigrationOptions, MigrationReport, Pausable, ReceiveOptions, ReceiveReport,
 };
-use migration_testkit::shaped::Shaped;
+use migration_testkit::shaped::{Breakable, Shaped};
 use migration_testkit::FakeVm;
 
 fn codecs() -> CodecRegistry {
@@ -240,32 +240,6 @@ fn a_cancelled_auto_converge_lifts_the_throttle() {
     assert_source_runs_unthrottled(&mut source, "cancelled");
 }
 
-/// A link that breaks once `cut` is set: the socket is shut down (the destination
-/// sees the end of the stream) and every write fails.
-struct Breakable {
-    inner: Shaped<UnixStream>,
-    cut: Arc<AtomicBool>,
-}
-
-impl Read for Breakable {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read(buf)
-    }
-}
-
-impl Write for Breakable {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.cut.load(Ordering::Relaxed) {
-            let _ = self.inner.get_ref().shutdown(std::net::Shutdown::Both);
-            return Err(io::Error::other("link cut"));
-        }
-        self.inner.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 #[test]
 fn a_link_failure_while_throttled_lifts_the_throttle() {
     let mut source = busy_small_guest();
@@ -278,9 +252,8 @@ fn a_link_failure_while_throttled_lifts_the_throttle() {
             c.store(true, Ordering::Relaxed);
         }
     }));
-    let (result, dest) = migrate(&mut source, &mut opts, |s| Breakable {
-        inner: Shaped::new(s, SMALL_LINK),
-        cut,
+    let (result, dest) = migrate(&mut source, &mut opts, |s| {
+        Breakable::new(s, SMALL_LINK, cut)
     });
     let err = result.expect_err("the link broke");
     assert!(matches!(err, MigrationError::Io(_)), "{err}");

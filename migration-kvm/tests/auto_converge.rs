@@ -8,7 +8,6 @@
 //! whether it is off), never about how fast the guest ran. Skipped visibly without
 //! /dev/kvm, failing instead under `MIGRATION_REQUIRE_KVM=1`.
 
-use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,7 +22,7 @@ use migration_core::protocol::MigrationError;
 use migration_kvm::KvmVm;
 use migration_testkit::guest::{Guest, GuestLog, RunningGuest};
 use migration_testkit::require_kvm;
-use migration_testkit::shaped::Shaped;
+use migration_testkit::shaped::{Breakable, Shaped};
 
 #[allow(dead_code)] // not every test file uses every helper
 mod common;
@@ -183,31 +182,6 @@ fn a_dirtying_guest_migrates_with_auto_converge_and_the_source_is_unthrottled() 
     Ok(())
 }
 
-/// A link that breaks once `cut` is set: shut down, every write fails.
-struct Breakable {
-    inner: Shaped<UnixStream>,
-    cut: Arc<AtomicBool>,
-}
-
-impl Read for Breakable {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read(buf)
-    }
-}
-
-impl Write for Breakable {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.cut.load(Ordering::Relaxed) {
-            let _ = self.inner.get_ref().shutdown(std::net::Shutdown::Both);
-            return Err(io::Error::other("link cut"));
-        }
-        self.inner.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 #[test]
 fn a_link_broken_while_throttled_leaves_the_source_running_unthrottled() -> Result<()> {
     require_kvm!(Ok(()));
@@ -223,10 +197,7 @@ fn a_link_broken_while_throttled_leaves_the_source_running_unthrottled() -> Resu
             c.store(true, Ordering::Relaxed);
         }
     }));
-    let link = Breakable {
-        inner: Shaped::new(a, LINK),
-        cut,
-    };
+    let link = Breakable::new(a, LINK, cut);
     let err = send_migration_over(&mut src.vm, link, &mut opts).expect_err("the link broke");
     eprintln!("link cut while throttled: {err}");
     ensure!(dest.join().map_err(|_| anyhow!("panic"))?.is_err());

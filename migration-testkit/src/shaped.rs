@@ -22,6 +22,9 @@
 //! ```
 
 use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Most bytes one write hands to the inner stream (keeps the pacing smooth).
@@ -90,6 +93,44 @@ impl<S: Write> Write for Shaped<S> {
         Ok(written)
     }
 
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A shaped unix-socket link that breaks once its `cut` flag is set (by a progress
+/// callback, say, at a chosen moment of a migration): the socket is shut down, so
+/// the peer sees the end of the stream, and every later write fails.
+#[derive(Debug)]
+pub struct Breakable {
+    inner: Shaped<UnixStream>,
+    cut: Arc<AtomicBool>,
+}
+
+impl Breakable {
+    /// `stream` shaped to `bytes_per_sec`, cut when `cut` becomes true.
+    pub fn new(stream: UnixStream, bytes_per_sec: u64, cut: Arc<AtomicBool>) -> Self {
+        Self {
+            inner: Shaped::new(stream, bytes_per_sec),
+            cut,
+        }
+    }
+}
+
+impl Read for Breakable {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl Write for Breakable {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.cut.load(Ordering::Relaxed) {
+            let _ = self.inner.get_ref().shutdown(std::net::Shutdown::Both);
+            return Err(io::Error::other("link cut"));
+        }
+        self.inner.write(buf)
+    }
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
