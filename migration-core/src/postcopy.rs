@@ -42,8 +42,8 @@ use crate::migratable::{Migratable, MigrationRole};
 use crate::missing_pages::{MissingPages, PagePlacer};
 use crate::precopy::{MigrationOptions, RoundReport, Source};
 use crate::protocol::{
-    Channel, Message, MessageType, MigrationError, Received, FEATURE_POSTCOPY, MAX_PAYLOAD,
-    MAX_PENDING_RANGES, MAX_STATE,
+    Channel, Message, MessageType, MigrationError, Received, FEATURE_POSTCOPY, MAX_PENDING_RANGES,
+    MAX_STATE,
 };
 use crate::snapshot::Snapshot;
 
@@ -650,22 +650,7 @@ fn switch_over<M: Migratable + ?Sized, S: Duplex>(
             section: String::new(),
             source,
         })?;
-    let piece = MAX_PAYLOAD as usize - 1;
-    let mut chunks = state.chunks(piece).peekable();
-    if chunks.peek().is_none() {
-        source.ch.send(&Message::State {
-            last: true,
-            data: &[],
-        })?;
-    }
-    while let Some(data) = chunks.next() {
-        let last = chunks.peek().is_none();
-        source.ch.send(&Message::State { last, data })?;
-    }
-    source.expect(
-        MessageType::Ready,
-        "waiting for the destination to restore state",
-    )?;
+    source.send_state(&state)?;
     source.ch.send(&Message::Go)?;
     source.ch.flush()?;
     source.committed = true;

@@ -567,22 +567,7 @@ impl<'c, S: Read + Write> Source<'c, S> {
         tracing::info!(state_bytes = state.len(), capture = ?state_capture, "device state captured");
 
         let t = Instant::now();
-        let piece = MAX_PAYLOAD as usize - 1;
-        let mut chunks = state.chunks(piece).peekable();
-        if chunks.peek().is_none() {
-            self.ch.send(&Message::State {
-                last: true,
-                data: &[],
-            })?;
-        }
-        while let Some(data) = chunks.next() {
-            let last = chunks.peek().is_none();
-            self.ch.send(&Message::State { last, data })?;
-        }
-        self.expect(
-            MessageType::Ready,
-            "waiting for the destination to restore state",
-        )?;
+        self.send_state(&state)?;
         let state_send = t.elapsed();
 
         self.progress(options, Phase::Handover, round, 0, 0);
@@ -818,6 +803,27 @@ impl<'c, S: Read + Write> Source<'c, S> {
     /// Bytes framed on every connection so far.
     fn bytes_sent(&self) -> u64 {
         self.ch.bytes_sent() + self.multi.as_ref().map_or(0, Secondaries::bytes_sent)
+    }
+
+    /// Sends the encoded device state in STATE frames (one empty frame if there is
+    /// none) and waits for READY: the destination restored it.
+    pub(crate) fn send_state(&mut self, state: &[u8]) -> Result<(), MigrationError> {
+        let piece = MAX_PAYLOAD as usize - 1;
+        let mut chunks = state.chunks(piece).peekable();
+        if chunks.peek().is_none() {
+            self.ch.send(&Message::State {
+                last: true,
+                data: &[],
+            })?;
+        }
+        while let Some(data) = chunks.next() {
+            let last = chunks.peek().is_none();
+            self.ch.send(&Message::State { last, data })?;
+        }
+        self.expect(
+            MessageType::Ready,
+            "waiting for the destination to restore state",
+        )
     }
 
     pub(crate) fn expect(
