@@ -289,6 +289,33 @@ where
     }
 }
 
+/// Builds the VM an accepted HELLO describes with the caller's `build`, checks it
+/// has the announced layout, and tells it it is a migration's destination. A build
+/// error is the refusal the source reads.
+pub(crate) fn build_incoming<M, F>(incoming: &IncomingVm, build: F) -> Result<M, MigrationError>
+where
+    M: Migratable,
+    F: FnOnce(&IncomingVm) -> Result<M, MigratableError>,
+{
+    let mut vm = build(incoming).map_err(|e| {
+        // Said once: `Build` reads "cannot build the VM: …" already.
+        let e = match e {
+            MigratableError::Build(_) => e,
+            other => MigratableError::Build(Box::new(other)),
+        };
+        MigrationError::Rejected(e.to_string())
+    })?;
+    let layout = vm.memory_sink().regions();
+    if layout != incoming.layout {
+        return Err(MigrationError::Rejected(format!(
+            "memory layout mismatch: source {:x?}, destination built {:x?}",
+            incoming.layout, layout
+        )));
+    }
+    vm.start_migration(MigrationRole::Destination)?;
+    Ok(vm)
+}
+
 /// What the handshake settled: protocol version, codec and feature bits.
 pub(crate) struct Negotiated {
     pub(crate) version: u32,
@@ -412,22 +439,8 @@ where
         producer: hello.producer,
         features,
     };
-    let mut vm = build(&incoming).map_err(|e| {
-        // Said once: `Build` reads "cannot build the VM: …" already.
-        let e = match e {
-            MigratableError::Build(_) => e,
-            other => MigratableError::Build(Box::new(other)),
-        };
-        MigrationError::Rejected(e.to_string())
-    })?;
+    let mut vm = build_incoming(&incoming, build)?;
     let layout = vm.memory_sink().regions();
-    if layout != incoming.layout {
-        return Err(MigrationError::Rejected(format!(
-            "memory layout mismatch: source {:x?}, destination built {:x?}",
-            incoming.layout, layout
-        )));
-    }
-    vm.start_migration(MigrationRole::Destination)?;
     // Several connections: offered, enabled, possible here (a listener to accept
     // them from, a memory several threads may write).
     let multi = (features & FEATURE_MULTI_CONNECTION != 0

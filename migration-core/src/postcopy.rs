@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use crate::codec;
 use crate::convergence::Throttled;
-use crate::destination::{negotiate, IncomingVm, Negotiated, ReceiveOptions};
+use crate::destination::{build_incoming, negotiate, IncomingVm, Negotiated, ReceiveOptions};
 use crate::endpoint::{Listener, Stream};
 use crate::error::MigratableError;
 use crate::memory::{check_range, page_runs, MemoryRange, MemoryRangeTable, PageRun, PAGE_SIZE};
@@ -1213,21 +1213,8 @@ where
         producer: hello.producer,
         features,
     };
-    let mut vm = build(&incoming).map_err(|e| {
-        let e = match e {
-            MigratableError::Build(_) => e,
-            other => MigratableError::Build(Box::new(other)),
-        };
-        MigrationError::Rejected(e.to_string())
-    })?;
+    let mut vm = build_incoming(&incoming, build)?;
     let layout = vm.memory_sink().regions();
-    if layout != incoming.layout {
-        return Err(MigrationError::Rejected(format!(
-            "memory layout mismatch: source {:x?}, destination built {:x?}",
-            incoming.layout, layout
-        )));
-    }
-    vm.start_migration(MigrationRole::Destination)?;
     ch.send(&Message::HelloAck {
         version,
         codec: codec.id(),
